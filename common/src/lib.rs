@@ -4,7 +4,9 @@
 //! kernel-provided text files (`/proc`, sysfs), a monotonic clock helper and
 //! the process exit-code conventions the binaries share.
 
+pub mod base64;
 pub mod exit;
+pub mod lock;
 pub mod progress;
 pub mod sysfs;
 

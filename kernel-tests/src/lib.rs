@@ -1,1 +1,27 @@
-//! kernel-tests
+//! kernel-tests: boot a real Debian kernel in QEMU and run commands in it.
+//!
+//! The build and CI machines cannot load kernel modules and their KVM cannot
+//! boot Linux, so every livehost test that needs a real kernel (livepatch,
+//! module BTF, nested KVM) runs through this crate:
+//!
+//! ```no_run
+//! use kernel_tests::{RunOptions, GuestStatus};
+//! let out = kernel_tests::run(&RunOptions::new(["uname", "-r"])).unwrap();
+//! assert_eq!(out.status, GuestStatus::Exited(0));
+//! println!("{}", out.stdout);
+//! ```
+//!
+//! Pieces: [`kernel`] fetches and caches Debian kernels, [`initramfs`] writes
+//! the guest's root (newc cpio), [`accel`] decides between KVM and TCG,
+//! [`guest`] boots QEMU and collects the result, [`module`] builds
+//! out-of-tree modules against a guest kernel's headers.
+
+pub mod accel;
+pub mod guest;
+pub mod initramfs;
+pub mod kernel;
+pub mod module;
+
+pub use accel::{Accel, AccelChoice};
+pub use guest::{GuestStatus, RunOptions, RunOutcome, run};
+pub use kernel::{GuestKernel, KernelSpec, fetch};

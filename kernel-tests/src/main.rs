@@ -1,0 +1,215 @@
+//! `kernel-tests`: boot a Debian kernel in QEMU and run a command in it.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use kernel_tests::{AccelChoice, GuestStatus, KernelSpec, RunOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "kernel-tests",
+    version,
+    about = "Boot a real Linux kernel in QEMU and run commands in it",
+    long_about = "Boot a real Linux kernel in QEMU and run commands in it.\n\n\
+        The kernel is a Debian cloud kernel fetched with apt (cached under target/kernels) or a \
+        bzImage of your own. The guest is a busybox initramfs built on the fly with your files \
+        and modules; the command's stdout, stderr and exit status come back exactly, over a \
+        second serial port. KVM is used only when it can really boot Linux here; otherwise TCG.",
+    after_help = "Examples:\n  \
+        kernel-tests run -- uname -r\n  \
+        kernel-tests run --module kvm_amd --with-kvm -- ls -l /dev/kvm\n  \
+        kernel-tests run --file ./my.ko:/root/my.ko -- insmod /root/my.ko\n  \
+        kernel-tests run --kernel debian:trixie-cloud --json -- cat /proc/version\n  \
+        kernel-tests build-module --kernel debian:bookworm-cloud path/to/module-src\n  \
+        kernel-tests probe\n\n\
+        Exit status: the guest command's own; 124 timeout or hang, 125 kernel panic, \
+        126 guest setup failed, 1 error before booting."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a guest and run one command in it.
+    Run(RunArgs),
+    /// Fetch a kernel into the cache and print where it is.
+    Fetch {
+        #[arg(long, default_value = "debian:bookworm-cloud")]
+        kernel: KernelSpec,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build an out-of-tree module from a source directory against a guest kernel.
+    BuildModule {
+        #[arg(long, default_value = "debian:bookworm-cloud")]
+        kernel: KernelSpec,
+        /// Directory with a Kbuild or Makefile setting obj-m.
+        src: PathBuf,
+    },
+    /// Say whether KVM can boot Linux on this machine, and why.
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// debian:bookworm-cloud (6.1, default), debian:trixie-cloud (6.12), or
+    /// PATH[,modules=DIR][,config=FILE] for a bzImage of your own.
+    #[arg(long, default_value = "debian:bookworm-cloud")]
+    kernel: KernelSpec,
+    /// auto: KVM only when it really runs Linux here, else TCG.
+    #[arg(long, default_value = "auto")]
+    accel: AccelChoice,
+    /// Kernel module to load before the command (with its dependencies). Repeatable.
+    #[arg(long = "module", value_name = "NAME")]
+    modules: Vec<String>,
+    /// Copy a host file into the guest: SRC:DST. Programs bring their shared libraries. Repeatable.
+    #[arg(long = "file", value_name = "SRC:DST")]
+    files: Vec<String>,
+    /// Load KVM inside the guest (emulated SVM under TCG) so nested guests run there.
+    #[arg(long)]
+    with_kvm: bool,
+    /// Kernel config option the run needs, e.g. CONFIG_LIVEPATCH. Repeatable.
+    #[arg(long = "require", value_name = "CONFIG_X")]
+    require: Vec<String>,
+    /// The command's time limit in seconds (enforced in the guest).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
+    /// Extra kernel command-line argument. Repeatable.
+    #[arg(long = "append", value_name = "ARG")]
+    append: Vec<String>,
+    /// Save the whole serial console to this file.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Print the outcome as one JSON object instead of the command's output.
+    #[arg(long)]
+    json: bool,
+    /// The command to run in the guest (after --).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("kernel-tests: error: {e:#}");
+            std::process::exit(livehost_common::exit::ERROR);
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Fetch { kernel, json } => {
+            let k = kernel_tests::fetch(&kernel)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "version": k.version, "package_version": k.package_version,
+                        "bzimage": k.bzimage, "modules_dir": k.modules_dir,
+                        "headers_dir": k.headers_dir, "config": k.config,
+                    })
+                );
+            } else {
+                println!("kernel  {}", k.version);
+                println!("image   {}", k.bzimage.display());
+                if let Some(m) = &k.modules_dir {
+                    println!("modules {}", m.display());
+                }
+                if let Some(h) = &k.headers_dir {
+                    println!("headers {}", h.display());
+                }
+            }
+            Ok(0)
+        }
+        Cmd::BuildModule { kernel, src } => {
+            let k = kernel_tests::fetch(&kernel)?;
+            for ko in kernel_tests::module::build_all(&k, &src)? {
+                println!("{}", ko.display());
+            }
+            Ok(0)
+        }
+        Cmd::Probe { json } => {
+            let p = kernel_tests::accel::probe_kvm();
+            if json {
+                println!("{}", serde_json::to_string(&p)?);
+            } else {
+                println!(
+                    "{}: {} (probe took {} µs)",
+                    if p.usable { "KVM usable for Linux guests" } else { "KVM not usable for Linux guests" },
+                    p.reason,
+                    p.probe_us
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn run(a: RunArgs) -> Result<i32> {
+    let mut opts = RunOptions::new(a.command);
+    opts.kernel = a.kernel;
+    opts.accel = a.accel;
+    opts.modules = a.modules;
+    opts.with_kvm = a.with_kvm;
+    opts.require_config = a.require;
+    opts.timeout = Duration::from_secs(a.timeout);
+    opts.memory_mb = a.memory;
+    opts.cpus = a.cpus;
+    opts.kernel_args = a.append;
+    opts.progress = true;
+    for f in &a.files {
+        let (src, dst) = f
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--file {f:?}: expected SRC:DST"))?;
+        opts.files.push((PathBuf::from(src), dst.to_string()));
+    }
+    let out = kernel_tests::run(&opts)?;
+    if let Some(p) = &a.console {
+        std::fs::write(p, &out.console)?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print!("{}", out.stdout);
+        eprint!("{}", out.stderr);
+        let t = &out.timings;
+        eprintln!(
+            "[guest] {} on {} ({}): {:?}; boot to command {:.0} ms (QEMU {:.0} + kernel {:.0} + init {:.0}), total {:.0} ms",
+            out.kernel_version,
+            out.accel,
+            out.accel_reason,
+            out.status,
+            t.boot_to_command_ms.unwrap_or(f64::NAN),
+            t.qemu_start_ms.unwrap_or(f64::NAN),
+            t.kernel_boot_ms.unwrap_or(f64::NAN),
+            t.init_to_command_ms.unwrap_or(f64::NAN),
+            t.total_ms
+        );
+        match out.status {
+            GuestStatus::Exited(_) => {}
+            _ => {
+                eprintln!("--- last console lines:\n{}", out.console_tail(30));
+            }
+        }
+        if out.oops {
+            eprintln!("[guest] warning: the kernel printed an oops/BUG/WARNING; see the console");
+        }
+    }
+    Ok(out.status.exit_code())
+}
