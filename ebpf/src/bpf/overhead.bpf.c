@@ -1,0 +1,349 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The overhead observer's in-kernel half: aggregates KVM exits per vCPU
+ * thread and scheduler delay per cgroup into per-CPU maps. Nothing is sent
+ * per event; user space reads the maps on its own schedule. */
+#pragma clang diagnostic ignored "-Wvisibility"
+#include "vmlinux_min.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include "intf.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define TASK_RUNNING 0
+
+struct exit_start {
+	u64 ts;
+	u32 reason;
+	u32 isa;
+};
+
+struct oncpu {
+	u64 ts;
+	u64 cgid;
+	u32 pid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct exit_key);
+	__type(value, struct exit_val);
+} exit_stats SEC(".maps");
+
+/* Keyed by tid: the exit a vCPU thread is handling right now. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, u32);
+	__type(value, struct exit_start);
+} exit_start SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, u32);
+	__type(value, struct vcpu_val);
+} vcpus SEC(".maps");
+
+/* LRU: a task woken but never run again (it exited) must not pin a slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, u32);
+	__type(value, u64);
+} wake_ts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, struct oncpu);
+} oncpu SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, u64);
+	__type(value, struct cg_val);
+} cg_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct pair_key);
+	__type(value, struct pair_val);
+} pairs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DROP_SLOTS);
+	__type(key, u32);
+	__type(value, u64);
+} drops SEC(".maps");
+
+static __always_inline void drop(u32 idx)
+{
+	u64 *d = bpf_map_lookup_elem(&drops, &idx);
+	if (d)
+		(*d)++;
+}
+
+static __always_inline u32 log2_slot(u64 v)
+{
+	u32 r = 0;
+	/* Branch-free-ish binary search; the verifier needs a bounded result. */
+	if (v >> 32) { v >>= 32; r += 32; }
+	if (v >> 16) { v >>= 16; r += 16; }
+	if (v >> 8) { v >>= 8; r += 8; }
+	if (v >> 4) { v >>= 4; r += 4; }
+	if (v >> 2) { v >>= 2; r += 2; }
+	if (v >> 1) { r += 1; }
+	return r < HIST_SLOTS ? r : HIST_SLOTS - 1;
+}
+
+/* Default-hierarchy cgroup id of any task (bpf_get_current_cgroup_id only
+ * serves current, and sched_switch needs prev and next). */
+static __always_inline u64 task_cgid(struct task_struct *t)
+{
+	return BPF_CORE_READ(t, cgroups, dfl_cgrp, kn, id);
+}
+
+static __always_inline struct vcpu_val *vcpu_of(u32 tid, u32 tgid)
+{
+	struct vcpu_val *v = bpf_map_lookup_elem(&vcpus, &tid);
+	if (v)
+		return v;
+	struct vcpu_val init = { .tgid = tgid, .vcpu_id = -1 };
+	/* EEXIST from a racing insert is fine: the lookup below finds it. */
+	bpf_map_update_elem(&vcpus, &tid, &init, BPF_NOEXIST);
+	v = bpf_map_lookup_elem(&vcpus, &tid);
+	if (!v)
+		drop(DROP_VCPU);
+	return v;
+}
+
+static __always_inline void exit_add(struct exit_key *k, u64 n, u64 dur, bool timed)
+{
+	struct exit_val *v = bpf_map_lookup_elem(&exit_stats, k);
+	if (!v) {
+		struct exit_val zero = {};
+		bpf_map_update_elem(&exit_stats, k, &zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&exit_stats, k);
+		if (!v) {
+			drop(DROP_EXIT_STATS);
+			return;
+		}
+	}
+	v->count += n;
+	if (timed) {
+		v->sum_ns += dur;
+		if (dur > v->max_ns)
+			v->max_ns = dur;
+		v->hist[log2_slot(dur)]++;
+	}
+}
+
+/* The vendor exit code of the exit being traced. The vendor structs live in
+ * kvm_amd / kvm_intel (module or vmlinux BTF); the type checks below are
+ * resolved at load time, so the branch for an absent vendor is dead code
+ * the verifier never sees. */
+static __always_inline u32 exit_reason(struct kvm_vcpu *vcpu, u32 isa)
+{
+	if (isa == ISA_SVM && bpf_core_type_exists(struct vcpu_svm)) {
+		struct vcpu_svm *svm =
+			(void *)vcpu - bpf_core_field_offset(struct vcpu_svm, vcpu);
+		struct vmcb *vmcb = BPF_CORE_READ(svm, vmcb);
+		return BPF_CORE_READ(vmcb, control.exit_code);
+	}
+	if (isa == ISA_VMX && bpf_core_type_exists(struct vcpu_vmx)) {
+		struct vcpu_vmx *vmx =
+			(void *)vcpu - bpf_core_field_offset(struct vcpu_vmx, vcpu);
+		return BPF_CORE_READ(vmx, exit_reason.full) & 0xffff;
+	}
+	return 0xffffffff;
+}
+
+SEC("tp_btf/kvm_exit")
+int handle_kvm_exit(u64 *ctx)
+{
+	struct kvm_vcpu *vcpu = (void *)ctx[0];
+	u32 isa = (u32)ctx[1];
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	struct exit_start s = {
+		.ts = bpf_ktime_get_ns(),
+		.reason = exit_reason(vcpu, isa),
+		.isa = isa,
+	};
+	if (bpf_map_update_elem(&exit_start, &tid, &s, BPF_ANY))
+		drop(DROP_EXIT_START);
+	struct vcpu_val *v = vcpu_of(tid, id >> 32);
+	if (v)
+		v->vcpu_id = BPF_CORE_READ(vcpu, vcpu_id);
+	return 0;
+}
+
+/* Only ctx[0] is used: 6.1 passes (vcpu), newer kernels (vcpu, immediate_exit). */
+SEC("tp_btf/kvm_entry")
+int handle_kvm_entry(u64 *ctx)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	struct exit_start *s = bpf_map_lookup_elem(&exit_start, &tid);
+	if (!s)
+		return 0; /* first entry of this vCPU, or we attached mid-exit */
+	u64 dur = bpf_ktime_get_ns() - s->ts;
+	struct exit_key k = {
+		.tgid = id >> 32, .tid = tid, .reason = s->reason,
+		.kind = KIND_HW_EXIT, .isa = s->isa,
+	};
+	bpf_map_delete_elem(&exit_start, &tid);
+	exit_add(&k, 1, dur, true);
+	return 0;
+}
+
+SEC("tp_btf/kvm_userspace_exit")
+int handle_kvm_userspace_exit(u64 *ctx)
+{
+	u32 reason = (u32)ctx[0];
+	u64 id = bpf_get_current_pid_tgid();
+	struct exit_key k = {
+		.tgid = id >> 32, .tid = (u32)id, .reason = reason,
+		.kind = KIND_USER_EXIT,
+	};
+	vcpu_of((u32)id, id >> 32);
+	exit_add(&k, 1, 0, false);
+	return 0;
+}
+
+SEC("tp_btf/kvm_pio")
+int handle_kvm_pio(u64 *ctx)
+{
+	u32 rw = (u32)ctx[0];
+	u32 port = (u32)ctx[1];
+	u64 id = bpf_get_current_pid_tgid();
+	struct exit_key k = {
+		.tgid = id >> 32, .tid = (u32)id, .reason = port,
+		.kind = rw ? KIND_PIO_OUT : KIND_PIO_IN,
+	};
+	exit_add(&k, 1, 0, false);
+	return 0;
+}
+
+static __always_inline void record_wake(struct task_struct *p)
+{
+	u32 pid = BPF_CORE_READ(p, pid);
+	u64 ts = bpf_ktime_get_ns();
+	if (!pid)
+		return;
+	if (bpf_map_update_elem(&wake_ts, &pid, &ts, BPF_ANY))
+		drop(DROP_WAKE);
+}
+
+SEC("tp_btf/sched_wakeup")
+int handle_sched_wakeup(u64 *ctx)
+{
+	record_wake((struct task_struct *)ctx[0]);
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int handle_sched_wakeup_new(u64 *ctx)
+{
+	record_wake((struct task_struct *)ctx[0]);
+	return 0;
+}
+
+static __always_inline struct cg_val *cg_of(u64 cgid)
+{
+	struct cg_val *c = bpf_map_lookup_elem(&cg_stats, &cgid);
+	if (c)
+		return c;
+	struct cg_val zero = {};
+	bpf_map_update_elem(&cg_stats, &cgid, &zero, BPF_NOEXIST);
+	c = bpf_map_lookup_elem(&cg_stats, &cgid);
+	if (!c)
+		drop(DROP_CGROUP);
+	return c;
+}
+
+static __always_inline struct pair_val *pair_of(u64 victim, u64 culprit)
+{
+	struct pair_key k = { .victim = victim, .culprit = culprit };
+	struct pair_val *p = bpf_map_lookup_elem(&pairs, &k);
+	if (p)
+		return p;
+	struct pair_val zero = {};
+	bpf_map_update_elem(&pairs, &k, &zero, BPF_NOEXIST);
+	p = bpf_map_lookup_elem(&pairs, &k);
+	if (!p)
+		drop(DROP_PAIR);
+	return p;
+}
+
+SEC("tp_btf/sched_switch")
+int handle_sched_switch(u64 *ctx)
+{
+	struct task_struct *prev = (void *)ctx[1];
+	struct task_struct *next = (void *)ctx[2];
+	u32 prev_state = (u32)ctx[3];
+	u64 now = bpf_ktime_get_ns();
+	u32 zero = 0;
+	u32 prev_pid = BPF_CORE_READ(prev, pid);
+	u32 next_pid = BPF_CORE_READ(next, pid);
+	/* The idle task is nobody's cgroup: culprit 0 means "CPU was idle". */
+	u64 prev_cg = prev_pid ? task_cgid(prev) : 0;
+	u64 next_cg = next_pid ? task_cgid(next) : 0;
+
+	struct oncpu *o = bpf_map_lookup_elem(&oncpu, &zero);
+	if (!o)
+		return 0;
+	if (prev_pid && o->ts && o->pid == prev_pid) {
+		struct cg_val *c = cg_of(prev_cg);
+		if (c)
+			c->cpu_ns += now - o->ts;
+	}
+
+	if (prev_pid && prev_state == TASK_RUNNING) {
+		/* Involuntary: prev goes back on the run queue now. */
+		if (bpf_map_update_elem(&wake_ts, &prev_pid, &now, BPF_ANY))
+			drop(DROP_WAKE);
+		struct pair_val *p = pair_of(prev_cg, next_cg);
+		if (p)
+			p->preemptions++;
+	}
+
+	if (next_pid) {
+		u64 *ts = bpf_map_lookup_elem(&wake_ts, &next_pid);
+		if (ts) {
+			u64 delta = now > *ts ? now - *ts : 0;
+			bpf_map_delete_elem(&wake_ts, &next_pid);
+			struct cg_val *c = cg_of(next_cg);
+			if (c) {
+				c->rq_count++;
+				c->rq_sum_ns += delta;
+				if (delta > c->rq_max_ns)
+					c->rq_max_ns = delta;
+				c->hist[log2_slot(delta)]++;
+			}
+			/* Blame whoever held this CPU until the wait ended. */
+			struct pair_val *p = pair_of(next_cg, prev_cg);
+			if (p) {
+				p->wait_count++;
+				p->wait_ns += delta;
+			}
+			struct vcpu_val *v = bpf_map_lookup_elem(&vcpus, &next_pid);
+			if (v) {
+				__sync_fetch_and_add(&v->rq_count, 1);
+				__sync_fetch_and_add(&v->rq_sum_ns, delta);
+				if (delta > v->rq_max_ns)
+					v->rq_max_ns = delta;
+			}
+		}
+	}
+	o->ts = now;
+	o->cgid = next_cg;
+	o->pid = next_pid;
+	return 0;
+}

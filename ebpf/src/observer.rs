@@ -1,0 +1,425 @@
+//! Loading, attaching and reading the BPF side.
+//!
+//! One `Observer` owns the BPF object and its links; dropping it detaches
+//! every program and closes every map (nothing is pinned), so an error at
+//! any point leaves the kernel as it was.
+
+use crate::skel::types::{cg_val, exit_key, exit_val, pair_key, pair_val, vcpu_val};
+use crate::skel::{OverheadSkel, OverheadSkelBuilder};
+use anyhow::{Context, Result, bail};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags};
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Which tracepoint each program needs, and whether it is part of the VM or
+/// the container half.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    Vm,
+    Sched,
+}
+
+pub const PROGRAMS: [(&str, &str, Group); 7] = [
+    ("handle_kvm_exit", "kvm_exit", Group::Vm),
+    ("handle_kvm_entry", "kvm_entry", Group::Vm),
+    ("handle_kvm_userspace_exit", "kvm_userspace_exit", Group::Vm),
+    ("handle_kvm_pio", "kvm_pio", Group::Vm),
+    ("handle_sched_wakeup", "sched_wakeup", Group::Sched),
+    ("handle_sched_wakeup_new", "sched_wakeup_new", Group::Sched),
+    ("handle_sched_switch", "sched_switch", Group::Sched),
+];
+
+pub const DROP_NAMES: [&str; 6] = [
+    "exit_stats",
+    "exit_start",
+    "vcpus",
+    "cgroups",
+    "pairs",
+    "wakeups",
+];
+
+#[derive(Debug, Clone)]
+pub struct ObserverOptions {
+    /// Where kernel BTF lives (`/sys/kernel/btf`); tracepoint presence is
+    /// checked there, in vmlinux and module BTF.
+    pub btf_dir: PathBuf,
+    /// Load the KVM programs.
+    pub vms: bool,
+    /// Load the scheduler programs.
+    pub containers: bool,
+}
+
+impl Default for ObserverOptions {
+    fn default() -> Self {
+        ObserverOptions {
+            btf_dir: PathBuf::from("/sys/kernel/btf"),
+            vms: true,
+            containers: true,
+        }
+    }
+}
+
+/// A program left out, and why (shown to the user, exported in JSON).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Skipped {
+    pub program: String,
+    pub tracepoint: String,
+    pub reason: String,
+}
+
+pub struct Observer {
+    skel: OverheadSkel<'static>,
+    links: Vec<Link>,
+    pub attached: Vec<String>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Raw cumulative map contents, summed over CPUs.
+#[derive(Debug, Clone, Default)]
+pub struct RawSnapshot {
+    pub mono_ns: u64,
+    pub exits: HashMap<ExitKey, ExitVal>,
+    pub vcpus: HashMap<u32, VcpuVal>,
+    pub cgroups: HashMap<u64, CgVal>,
+    pub pairs: HashMap<(u64, u64), PairVal>,
+    pub drops: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExitKey {
+    pub tgid: u32,
+    pub tid: u32,
+    pub kind: u16,
+    pub isa: u16,
+    pub reason: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExitVal {
+    pub count: u64,
+    pub sum_ns: u64,
+    pub max_ns: u64,
+    pub hist: [u64; 32],
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VcpuVal {
+    pub tgid: u32,
+    pub vcpu_id: i32,
+    pub rq_count: u64,
+    pub rq_sum_ns: u64,
+    pub rq_max_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CgVal {
+    pub cpu_ns: u64,
+    pub rq_count: u64,
+    pub rq_sum_ns: u64,
+    pub rq_max_ns: u64,
+    pub hist: [u64; 32],
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PairVal {
+    pub wait_count: u64,
+    pub wait_ns: u64,
+    pub preemptions: u64,
+}
+
+static LIBBPF_LOG: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn libbpf_log(_level: libbpf_rs::PrintLevel, msg: String) {
+    if let Ok(mut log) = LIBBPF_LOG.lock() {
+        if log.len() > 200 {
+            log.remove(0);
+        }
+        log.push(msg.trim_end().to_string());
+    }
+}
+
+fn take_libbpf_log() -> String {
+    let lines = LIBBPF_LOG.lock().map(|mut l| std::mem::take(&mut *l)).unwrap_or_default();
+    let tail: Vec<_> = lines.iter().rev().take(15).rev().cloned().collect();
+    tail.join("\n")
+}
+
+/// Effective capability bits from /proc/self/status.
+fn effective_caps() -> Option<u64> {
+    let status = livehost_common::sysfs::read_text("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+    u64::from_str_radix(line["CapEff:".len()..].trim(), 16).ok()
+}
+
+const CAP_SYS_ADMIN: u64 = 21;
+const CAP_PERFMON: u64 = 38;
+const CAP_BPF: u64 = 39;
+
+/// Refuse early, with the fix, when the process cannot load tracing programs.
+pub fn check_privileges() -> Result<()> {
+    let Some(caps) = effective_caps() else {
+        return Ok(()); // cannot tell; let the kernel decide
+    };
+    let has = |c: u64| caps & (1 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    bail!(
+        "overhead needs CAP_BPF and CAP_PERFMON (or root) to load tracing programs; \
+         run it with sudo, or `setcap cap_bpf,cap_perfmon+ep $(which overhead)`"
+    )
+}
+
+/// True when some BTF file in `dir` (vmlinux or a module's) defines the
+/// tracepoint's `btf_trace_<name>` typedef, which is what tp_btf attaches to.
+/// A byte search of the string section is enough: the name exists there
+/// exactly when the typedef does, and it cannot panic on odd files.
+pub fn tracepoint_in_btf(dir: &Path, name: &str) -> bool {
+    let needle = format!("\0btf_trace_{name}\0");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    for e in entries.flatten() {
+        let Ok(data) = std::fs::read(e.path()) else {
+            continue;
+        };
+        if data.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Copy a map value's bytes into a skeleton struct.
+fn pod<T: Copy + Default>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: T is one of the skeleton's #[repr(C)] plain-data structs
+    // (integers and arrays only, any bit pattern valid); the length was
+    // checked and read_unaligned copes with the Vec's alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
+}
+
+fn as_bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: T is a #[repr(C)] plain-data key without padding (checked by
+    // the layout of intf.h: every key is made of naturally aligned fields
+    // filling the struct), so all its bytes are initialised.
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+}
+
+impl Observer {
+    /// Check the environment, load and attach. Any failure detaches what was
+    /// attached (the links are dropped) before returning the error.
+    pub fn start(opts: &ObserverOptions) -> Result<Observer> {
+        check_privileges()?;
+        let vmlinux = opts.btf_dir.join("vmlinux");
+        if !vmlinux.exists() {
+            bail!(
+                "this kernel exposes no BTF ({} is missing): overhead's programs are \
+                 tp_btf programs and need a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+                vmlinux.display()
+            );
+        }
+        libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Info, libbpf_log)));
+
+        let mut skipped = Vec::new();
+        let mut wanted = Vec::new();
+        for (prog, tp, group) in PROGRAMS {
+            let enabled = match group {
+                Group::Vm => opts.vms,
+                Group::Sched => opts.containers || opts.vms,
+            };
+            if !enabled {
+                skipped.push(Skipped {
+                    program: prog.into(),
+                    tracepoint: tp.into(),
+                    reason: "not requested (filter)".into(),
+                });
+                continue;
+            }
+            if !tracepoint_in_btf(&opts.btf_dir, tp) {
+                let why = match group {
+                    Group::Vm => "tracepoint absent from kernel and module BTF (kvm not built in or module not loaded)",
+                    Group::Sched => "tracepoint absent from kernel BTF",
+                };
+                skipped.push(Skipped {
+                    program: prog.into(),
+                    tracepoint: tp.into(),
+                    reason: why.into(),
+                });
+                continue;
+            }
+            wanted.push(prog);
+        }
+        let sched_ok = ["handle_sched_switch", "handle_sched_wakeup"]
+            .iter()
+            .all(|p| wanted.contains(p));
+        if opts.containers && !sched_ok {
+            bail!(
+                "this kernel lacks the sched_switch/sched_wakeup tracepoints in BTF ({}); \
+                 container observation is impossible here",
+                opts.btf_dir.display()
+            );
+        }
+        if opts.vms && !opts.containers && !wanted.iter().any(|p| p.contains("kvm")) {
+            bail!(
+                "no KVM tracepoint is available (KVM is not built in and no kvm module is \
+                 loaded); load kvm_intel or kvm_amd, or drop --vm-only"
+            );
+        }
+
+        // The skeleton borrows its open object for 'static; the box is a
+        // pointer-sized handle, and the object it points to is freed when the
+        // skeleton drops, so leaking the box costs a few bytes per observer.
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = OverheadSkelBuilder::default()
+            .open(storage)
+            .context("cannot open the embedded BPF object")?;
+        for mut prog in open.open_object_mut().progs_mut() {
+            let name = prog.name().to_string_lossy().into_owned();
+            prog.set_autoload(wanted.contains(&name.as_str()));
+        }
+        let skel = open.load().map_err(|e| {
+            anyhow::anyhow!(
+                "the kernel refused to load the BPF programs: {e}\nlibbpf said:\n{}",
+                take_libbpf_log()
+            )
+        })?;
+        let mut obs = Observer {
+            skel,
+            links: Vec::new(),
+            attached: Vec::new(),
+            skipped,
+        };
+        for name in wanted {
+            let link = {
+                let prog = obs
+                    .skel
+                    .object_mut()
+                    .progs_mut()
+                    .find(|p| p.name() == name)
+                    .with_context(|| format!("program {name} missing from the BPF object"))?;
+                prog.attach()
+            };
+            match link {
+                Ok(l) => {
+                    obs.links.push(l);
+                    obs.attached.push(name.to_string());
+                }
+                Err(e) => bail!(
+                    "cannot attach {name}: {e}; nothing is left attached\nlibbpf said:\n{}",
+                    take_libbpf_log()
+                ),
+            }
+        }
+        Ok(obs)
+    }
+
+    /// File descriptors of the attached programs, for run-time statistics.
+    pub fn program_fds(&self) -> Vec<(String, i32)> {
+        use std::os::fd::{AsFd, AsRawFd};
+        self.skel
+            .object()
+            .progs()
+            .filter(|p| self.attached.iter().any(|a| p.name() == a.as_str()))
+            .map(|p| (p.name().to_string_lossy().into_owned(), p.as_fd().as_raw_fd()))
+            .collect()
+    }
+
+    /// Read every map, summing per-CPU values.
+    pub fn snapshot(&self) -> Result<RawSnapshot> {
+        let maps = &self.skel.maps;
+        let mut snap = RawSnapshot {
+            mono_ns: livehost_common::monotonic_ns(),
+            ..Default::default()
+        };
+        for kb in maps.exit_stats.keys() {
+            let Some(k) = pod::<exit_key>(&kb) else { continue };
+            let Some(per_cpu) = maps.exit_stats.lookup_percpu(&kb, MapFlags::ANY)? else {
+                continue; // deleted meanwhile
+            };
+            let mut v = ExitVal::default();
+            for b in per_cpu {
+                let Some(c) = pod::<exit_val>(&b) else { continue };
+                v.count += c.count;
+                v.sum_ns += c.sum_ns;
+                v.max_ns = v.max_ns.max(c.max_ns);
+                for (a, b) in v.hist.iter_mut().zip(c.hist.iter()) {
+                    *a += b;
+                }
+            }
+            let key = ExitKey {
+                tgid: k.tgid,
+                tid: k.tid,
+                kind: k.kind,
+                isa: k.isa,
+                reason: k.reason,
+            };
+            snap.exits.insert(key, v);
+        }
+        for kb in maps.vcpus.keys() {
+            let Some(tid) = pod::<u32>(&kb) else { continue };
+            let Some(b) = maps.vcpus.lookup(&kb, MapFlags::ANY)? else {
+                continue;
+            };
+            let Some(v) = pod::<vcpu_val>(&b) else { continue };
+            snap.vcpus.insert(
+                tid,
+                VcpuVal {
+                    tgid: v.tgid,
+                    vcpu_id: v.vcpu_id,
+                    rq_count: v.rq_count,
+                    rq_sum_ns: v.rq_sum_ns,
+                    rq_max_ns: v.rq_max_ns,
+                },
+            );
+        }
+        for kb in maps.cg_stats.keys() {
+            let Some(id) = pod::<u64>(&kb) else { continue };
+            let Some(per_cpu) = maps.cg_stats.lookup_percpu(&kb, MapFlags::ANY)? else {
+                continue;
+            };
+            let mut v = CgVal::default();
+            for b in per_cpu {
+                let Some(c) = pod::<cg_val>(&b) else { continue };
+                v.cpu_ns += c.cpu_ns;
+                v.rq_count += c.rq_count;
+                v.rq_sum_ns += c.rq_sum_ns;
+                v.rq_max_ns = v.rq_max_ns.max(c.rq_max_ns);
+                for (a, b) in v.hist.iter_mut().zip(c.hist.iter()) {
+                    *a += b;
+                }
+            }
+            snap.cgroups.insert(id, v);
+        }
+        for kb in maps.pairs.keys() {
+            let Some(k) = pod::<pair_key>(&kb) else { continue };
+            let Some(per_cpu) = maps.pairs.lookup_percpu(&kb, MapFlags::ANY)? else {
+                continue;
+            };
+            let mut v = PairVal::default();
+            for b in per_cpu {
+                let Some(c) = pod::<pair_val>(&b) else { continue };
+                v.wait_count += c.wait_count;
+                v.wait_ns += c.wait_ns;
+                v.preemptions += c.preemptions;
+            }
+            snap.pairs.insert((k.victim, k.culprit), v);
+        }
+        for (i, name) in DROP_NAMES.iter().enumerate() {
+            let key = i as u32;
+            let total = maps
+                .drops
+                .lookup_percpu(as_bytes(&key), MapFlags::ANY)?
+                .map(|per_cpu| per_cpu.iter().filter_map(|b| pod::<u64>(b)).sum())
+                .unwrap_or(0);
+            snap.drops.push((name.to_string(), total));
+        }
+        Ok(snap)
+    }
+}
