@@ -47,14 +47,14 @@ impl FileLock {
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(err).with_context(|| format!("cannot lock {}", path.display()));
             }
-            if let Some(t) = timeout {
-                if start.elapsed() >= t {
-                    bail!(
-                        "{} is locked by another process (waited {:.1}s); wait for it to finish",
-                        path.display(),
-                        t.as_secs_f64()
-                    );
-                }
+            if let Some(t) = timeout
+                && start.elapsed() >= t
+            {
+                bail!(
+                    "{} is locked by another process (waited {:.1}s); wait for it to finish",
+                    path.display(),
+                    t.as_secs_f64()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -40,7 +40,13 @@ impl Progress {
         let secs = self.start.elapsed().as_secs_f64();
         let mut err = std::io::stderr().lock();
         if self.tty {
-            let _ = write!(err, "\r\x1b[2K[{} {:>5.1}s] {}", self.label, secs, msg.as_ref());
+            let _ = write!(
+                err,
+                "\r\x1b[2K[{} {:>5.1}s] {}",
+                self.label,
+                secs,
+                msg.as_ref()
+            );
         } else {
             let _ = writeln!(err, "[{} {:>5.1}s] {}", self.label, secs, msg.as_ref());
         }

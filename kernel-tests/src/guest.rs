@@ -170,7 +170,11 @@ impl RunOutcome {
 
 /// Boot a guest, run the command, return what happened.
 pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
-    let progress = if opts.progress { Progress::new("guest") } else { Progress::silent() };
+    let progress = if opts.progress {
+        Progress::new("guest")
+    } else {
+        Progress::silent()
+    };
     let result = run_with(opts, &progress);
     progress.finish();
     result
@@ -245,7 +249,9 @@ fn run_with(opts: &RunOptions, progress: &Progress) -> Result<RunOutcome> {
         Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
     };
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     // SAFETY: prctl in the child before exec; async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -258,7 +264,9 @@ fn run_with(opts: &RunOptions, progress: &Progress) -> Result<RunOutcome> {
     let _slot = qemu_slot(progress)?;
     progress.step(format!("booting {} under {}", kernel.version, accel));
     let launched = Instant::now();
-    let child = cmd.spawn().with_context(|| format!("cannot start {}", qemu.display()))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", qemu.display()))?;
     let mut guard = ChildGuard(Some(child));
 
     // Boot budget: TCG boots in seconds, but a loaded CI machine is slow;
@@ -304,15 +312,20 @@ fn run_with(opts: &RunOptions, progress: &Progress) -> Result<RunOutcome> {
         }
     }
 
-    let console = String::from_utf8_lossy(&std::fs::read(&console_log).unwrap_or_default())
-        .replace('\r', "");
-    let result_text = String::from_utf8_lossy(&std::fs::read(&result_log).unwrap_or_default())
-        .replace('\r', "");
+    let console =
+        String::from_utf8_lossy(&std::fs::read(&console_log).unwrap_or_default()).replace('\r', "");
+    let result_text =
+        String::from_utf8_lossy(&std::fs::read(&result_log).unwrap_or_default()).replace('\r', "");
     let frame = parse_result(&result_text);
     let panic = console.contains("Kernel panic - not syncing");
-    let oops = ["Oops:", "BUG:", "general protection fault", "------------[ cut here ]"]
-        .iter()
-        .any(|m| console.contains(m) || frame.dmesg.contains(m));
+    let oops = [
+        "Oops:",
+        "BUG:",
+        "general protection fault",
+        "------------[ cut here ]",
+    ]
+    .iter()
+    .any(|m| console.contains(m) || frame.dmesg.contains(m));
 
     let status = if let Some(s) = frame.status.clone() {
         s
@@ -395,11 +408,14 @@ impl RunDir {
     fn new() -> Result<Self> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
-        let path = cache_dir()
-            .join("runs")
-            .join(format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let path = cache_dir().join("runs").join(format!(
+            "{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         Ok(RunDir { path })
     }
 }
@@ -430,12 +446,17 @@ impl Drop for ChildGuard {
 /// tests, several test binaries): TCG guests are CPU-bound and
 /// oversubscribing makes every one of them slower and flakier.
 fn qemu_slot(progress: &Progress) -> Result<FileLock> {
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(1);
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .max(1);
     let dir = cache_dir().join("slots");
     let mut told = false;
     loop {
         for i in 0..n {
-            if let Ok(l) = FileLock::acquire_within(&dir.join(format!("qemu-{i}.lock")), Some(Duration::ZERO)) {
+            if let Ok(l) =
+                FileLock::acquire_within(&dir.join(format!("qemu-{i}.lock")), Some(Duration::ZERO))
+            {
                 return Ok(l);
             }
         }
@@ -497,7 +518,11 @@ fn parse_result(text: &str) -> Frame {
             (Some("LIVEHOST-CMD"), Some(u)) => f.uptime_cmd = u.parse().ok(),
             (Some("LIVEHOST-CMD-END"), Some(u)) => f.uptime_end = u.parse().ok(),
             (Some("LIVEHOST-SETUP-FAILED"), _) => {
-                f.setup_failure = Some(line.trim_start_matches("LIVEHOST-SETUP-FAILED").trim().to_string())
+                f.setup_failure = Some(
+                    line.trim_start_matches("LIVEHOST-SETUP-FAILED")
+                        .trim()
+                        .to_string(),
+                )
             }
             (Some("status"), Some("timeout")) => f.status = Some(GuestStatus::Timeout),
             (Some("status"), Some(n)) => f.status = n.parse().ok().map(GuestStatus::Exited),
@@ -570,11 +595,30 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn build_initramfs(opts: &RunOptions, kernel: &GuestKernel, modules: &[String], out: &Path) -> Result<()> {
+fn build_initramfs(
+    opts: &RunOptions,
+    kernel: &GuestKernel,
+    modules: &[String],
+    out: &Path,
+) -> Result<()> {
     let mut ir = Initramfs::new();
     for d in [
-        "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/etc",
-        "/var", "/mnt", "/lib", "/lib64", "/livehost",
+        "/bin",
+        "/sbin",
+        "/usr/bin",
+        "/usr/sbin",
+        "/proc",
+        "/sys",
+        "/dev",
+        "/tmp",
+        "/run",
+        "/root",
+        "/etc",
+        "/var",
+        "/mnt",
+        "/lib",
+        "/lib64",
+        "/livehost",
     ] {
         ir.dir(d)?;
     }
@@ -593,28 +637,47 @@ fn build_initramfs(opts: &RunOptions, kernel: &GuestKernel, modules: &[String], 
     }
     ir.symlink("/bin/sh", "busybox")?;
     ir.file("/init", INIT.as_bytes().to_vec(), 0o755)?;
-    ir.file("/etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n".to_vec(), 0o644)?;
+    ir.file(
+        "/etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+        0o644,
+    )?;
     ir.file("/etc/group", b"root:x:0:\n".to_vec(), 0o644)?;
     ir.file("/etc/hostname", b"livehost-guest\n".to_vec(), 0o644)?;
 
     // Modules in load order, decompressed if Debian shipped them compressed
     // (busybox insmod takes plain .ko files only).
-    let order = if modules.is_empty() { Vec::new() } else { module_order(kernel, modules)? };
+    let order = if modules.is_empty() {
+        Vec::new()
+    } else {
+        module_order(kernel, modules)?
+    };
     let mut listed = Vec::new();
     if let Some(mdir) = &kernel.modules_dir {
         for rel in &order {
             let host = mdir.join(rel);
             let plain = strip_compression(rel);
             let data = read_module(&host)?;
-            ir.file(&format!("/lib/modules/{}/{}", kernel.version, plain), data, 0o644)?;
+            ir.file(
+                &format!("/lib/modules/{}/{}", kernel.version, plain),
+                data,
+                0o644,
+            )?;
             listed.push(plain);
         }
     }
-    ir.file("/livehost/modules", format!("{}\n", listed.join("\n")).into_bytes(), 0o644)?;
+    ir.file(
+        "/livehost/modules",
+        format!("{}\n", listed.join("\n")).into_bytes(),
+        0o644,
+    )?;
 
     for (host, guest) in &opts.files {
         if !host.exists() {
-            bail!("file to copy into the guest does not exist: {}", host.display());
+            bail!(
+                "file to copy into the guest does not exist: {}",
+                host.display()
+            );
         }
         ir.copy_program(host, guest)
             .with_context(|| format!("cannot put {} into the guest", host.display()))?;
@@ -622,10 +685,21 @@ fn build_initramfs(opts: &RunOptions, kernel: &GuestKernel, modules: &[String], 
     let script = if opts.command.len() == 1 {
         opts.command[0].clone()
     } else {
-        format!("exec {}", opts.command.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "))
+        format!(
+            "exec {}",
+            opts.command
+                .iter()
+                .map(|a| shell_quote(a))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
     };
     ir.file("/livehost/cmd", format!("{script}\n").into_bytes(), 0o755)?;
-    ir.file("/livehost/timeout", format!("{}\n", opts.timeout.as_secs().max(1)).into_bytes(), 0o644)?;
+    ir.file(
+        "/livehost/timeout",
+        format!("{}\n", opts.timeout.as_secs().max(1)).into_bytes(),
+        0o644,
+    )?;
     if !opts.env.is_empty() {
         let env: String = opts
             .env
@@ -698,7 +772,9 @@ pub fn module_order(kernel: &GuestKernel, wanted: &[String]) -> Result<Vec<Strin
         .with_context(|| format!("cannot read {}/modules.dep", mdir.display()))?;
     let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
     for line in dep_text.lines() {
-        let Some((m, rest)) = line.split_once(':') else { continue };
+        let Some((m, rest)) = line.split_once(':') else {
+            continue;
+        };
         let d = rest.split_whitespace().map(str::to_string).collect();
         deps.insert(module_key(m), (m.to_string(), d));
     }

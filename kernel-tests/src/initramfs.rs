@@ -27,7 +27,10 @@ fn normalize(guest: &str) -> Result<String> {
     if !guest.starts_with('/') {
         bail!("guest path {guest:?} must be absolute");
     }
-    let parts: Vec<&str> = guest.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    let parts: Vec<&str> = guest
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
     if parts.contains(&"..") {
         bail!("guest path {guest:?} must not contain '..'");
     }
@@ -66,7 +69,9 @@ impl Initramfs {
     pub fn symlink(&mut self, guest: &str, target: &str) -> Result<()> {
         let p = normalize(guest)?;
         self.parents(&p);
-        self.nodes.entry(p).or_insert(Node::Symlink(target.to_string()));
+        self.nodes
+            .entry(p)
+            .or_insert(Node::Symlink(target.to_string()));
         Ok(())
     }
 
@@ -77,19 +82,27 @@ impl Initramfs {
     /// Copy a host file, keeping its permission bits.
     pub fn copy(&mut self, host: &Path, guest: &str) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(host).with_context(|| format!("cannot read {}", host.display()))?;
+        let meta =
+            std::fs::metadata(host).with_context(|| format!("cannot read {}", host.display()))?;
         if meta.is_dir() {
             return self.copy_tree(host, guest);
         }
-        let data = std::fs::read(host).with_context(|| format!("cannot read {}", host.display()))?;
+        let data =
+            std::fs::read(host).with_context(|| format!("cannot read {}", host.display()))?;
         self.file(guest, data, meta.permissions().mode() & 0o7777)
     }
 
     fn copy_tree(&mut self, host: &Path, guest: &str) -> Result<()> {
         self.dir(guest)?;
-        for e in std::fs::read_dir(host).with_context(|| format!("cannot list {}", host.display()))? {
+        for e in
+            std::fs::read_dir(host).with_context(|| format!("cannot list {}", host.display()))?
+        {
             let e = e?;
-            let g = format!("{}/{}", guest.trim_end_matches('/'), e.file_name().to_string_lossy());
+            let g = format!(
+                "{}/{}",
+                guest.trim_end_matches('/'),
+                e.file_name().to_string_lossy()
+            );
             let ft = e.file_type()?;
             if ft.is_symlink() {
                 let t = std::fs::read_link(e.path())?;
@@ -119,8 +132,7 @@ impl Initramfs {
 
     /// Write the archive in newc format.
     pub fn write_to(&self, mut w: impl Write) -> Result<()> {
-        let mut ino = 1u32;
-        for (path, node) in &self.nodes {
+        for (ino, (path, node)) in (1u32..).zip(self.nodes.iter()) {
             let name = path.trim_start_matches('/');
             let (mode, data): (u32, &[u8]) = match node {
                 Node::Dir => (0o040755, &[]),
@@ -128,14 +140,14 @@ impl Initramfs {
                 Node::Symlink(t) => (0o120777, t.as_bytes()),
             };
             write_entry(&mut w, ino, mode, name, data)?;
-            ino += 1;
         }
         write_entry(&mut w, 0, 0, "TRAILER!!!", &[])?;
         Ok(())
     }
 
     pub fn write_file(&self, path: &Path) -> Result<()> {
-        let f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let f = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         let mut w = std::io::BufWriter::new(f);
         self.write_to(&mut w)?;
         w.flush()?;
@@ -177,7 +189,8 @@ pub fn shared_libraries(prog: &Path) -> Result<Vec<PathBuf>> {
     let head = {
         use std::io::Read;
         let mut b = [0u8; 4];
-        let mut f = std::fs::File::open(prog).with_context(|| format!("cannot open {}", prog.display()))?;
+        let mut f =
+            std::fs::File::open(prog).with_context(|| format!("cannot open {}", prog.display()))?;
         let n = f.read(&mut b)?;
         b[..n].to_vec()
     };
@@ -189,7 +202,9 @@ pub fn shared_libraries(prog: &Path) -> Result<Vec<PathBuf>> {
         .output()
         .context("cannot run ldd (from libc-bin)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    if text.contains("not a dynamic executable") || String::from_utf8_lossy(&out.stderr).contains("not a dynamic") {
+    if text.contains("not a dynamic executable")
+        || String::from_utf8_lossy(&out.stderr).contains("not a dynamic")
+    {
         return Ok(Vec::new());
     }
     let mut libs = BTreeSet::new();
@@ -200,10 +215,18 @@ pub fn shared_libraries(prog: &Path) -> Result<Vec<PathBuf>> {
             let rest = rest.trim();
             if rest.starts_with("not found") {
                 missing.push(name.trim().to_string());
-            } else if let Some(p) = rest.split_whitespace().next().filter(|p| p.starts_with('/')) {
+            } else if let Some(p) = rest
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
+            {
                 libs.insert(PathBuf::from(p));
             }
-        } else if let Some(p) = line.split_whitespace().next().filter(|p| p.starts_with('/')) {
+        } else if let Some(p) = line
+            .split_whitespace()
+            .next()
+            .filter(|p| p.starts_with('/'))
+        {
             libs.insert(PathBuf::from(p)); // the interpreter
         }
     }
@@ -250,10 +273,16 @@ mod tests {
         i.write_file(&arc).unwrap();
         let out = Command::new("sh")
             .arg("-c")
-            .arg(format!("cd {} && cpio -id < x.cpio 2>&1 && cat a/link", dir.path().display()))
+            .arg(format!(
+                "cd {} && cpio -id < x.cpio 2>&1 && cat a/link",
+                dir.path().display()
+            ))
             .output()
             .unwrap();
-        assert!(String::from_utf8_lossy(&out.stdout).contains("hello"), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("hello"),
+            "{out:?}"
+        );
     }
 
     #[test]
@@ -272,6 +301,9 @@ mod tests {
         }
         let ls = Path::new("/bin/ls");
         let libs = shared_libraries(ls).unwrap();
-        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")), "{libs:?}");
+        assert!(
+            libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
+            "{libs:?}"
+        );
     }
 }

@@ -96,7 +96,9 @@ impl FromStr for KernelSpec {
             match p.split_once('=') {
                 Some(("modules", v)) => modules = Some(PathBuf::from(v)),
                 Some(("config", v)) => config = Some(PathBuf::from(v)),
-                _ => bail!("kernel {s:?}: unknown option {p:?} (expected modules=DIR or config=FILE)"),
+                _ => bail!(
+                    "kernel {s:?}: unknown option {p:?} (expected modules=DIR or config=FILE)"
+                ),
             }
         }
         if !bzimage.is_file() {
@@ -139,8 +141,10 @@ impl GuestKernel {
     pub fn config_value(&self, name: &str) -> Option<String> {
         let text = std::fs::read_to_string(self.config.as_ref()?).ok()?;
         let key = format!("{name}=");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&key).map(|v| v.trim_matches('"').to_string()))
+        text.lines().find_map(|l| {
+            l.strip_prefix(&key)
+                .map(|v| v.trim_matches('"').to_string())
+        })
     }
 
     /// Fail with the list of missing options when the config lacks any of
@@ -207,7 +211,11 @@ pub fn fetch_with(spec: &KernelSpec, progress: &Progress) -> Result<GuestKernel>
     }
 }
 
-fn local_kernel(bzimage: &Path, modules: Option<&Path>, config: Option<&Path>) -> Result<GuestKernel> {
+fn local_kernel(
+    bzimage: &Path,
+    modules: Option<&Path>,
+    config: Option<&Path>,
+) -> Result<GuestKernel> {
     if !bzimage.is_file() {
         bail!("kernel image {} does not exist", bzimage.display());
     }
@@ -218,13 +226,13 @@ fn local_kernel(bzimage: &Path, modules: Option<&Path>, config: Option<&Path>) -
             .ok_or_else(|| anyhow!("modules dir {} has no name", m.display()))?,
         None => bzimage_version(bzimage).unwrap_or_else(|| "unknown".into()),
     };
-    if let Some(m) = modules {
-        if !m.join("modules.dep").is_file() {
-            bail!(
-                "{} has no modules.dep: run `depmod -b ROOT {version}` on its tree first",
-                m.display()
-            );
-        }
+    if let Some(m) = modules
+        && !m.join("modules.dep").is_file()
+    {
+        bail!(
+            "{} has no modules.dep: run `depmod -b ROOT {version}` on its tree first",
+            m.display()
+        );
     }
     Ok(GuestKernel {
         version,
@@ -258,7 +266,12 @@ struct PrivateApt {
 impl PrivateApt {
     fn new(cache: &Path, suite: DebianSuite) -> Result<Self> {
         let dir = cache.join("apt").join(suite.name());
-        for sub in ["lists/partial", "cache/archives/partial", "etc/preferences.d", "etc/sources.list.d"] {
+        for sub in [
+            "lists/partial",
+            "cache/archives/partial",
+            "etc/preferences.d",
+            "etc/sources.list.d",
+        ] {
             std::fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }
@@ -293,14 +306,11 @@ impl PrivateApt {
         ]
     }
 
+    /// Time since our last successful `update` (apt stamps list files with
+    /// the server's dates, so we keep our own stamp).
     fn lists_age(&self) -> Option<Duration> {
-        let entries = std::fs::read_dir(self.dir.join("lists")).ok()?;
-        entries
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
-            .filter_map(|e| e.metadata().ok()?.modified().ok())
-            .max()
-            .and_then(|m| SystemTime::now().duration_since(m).ok())
+        let m = self.dir.join("updated").metadata().ok()?.modified().ok()?;
+        SystemTime::now().duration_since(m).ok()
     }
 
     fn update(&self) -> Result<()> {
@@ -310,13 +320,17 @@ impl PrivateApt {
             .output()
             .context("cannot run apt-get: is this a Debian system with apt?")?;
         let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() || stderr.contains("Failed to fetch") || stderr.contains("Could not resolve") {
+        if !out.status.success()
+            || stderr.contains("Failed to fetch")
+            || stderr.contains("Could not resolve")
+        {
             bail!(
                 "apt-get update for the private Debian package lists failed; check the network to \
                  deb.debian.org:\n{}",
                 stderr.trim()
             );
         }
+        std::fs::write(self.dir.join("updated"), b"")?;
         Ok(())
     }
 
@@ -359,7 +373,13 @@ impl PrivateApt {
 
     /// Download `pkg` at `version` into `dest`, re-fetching a cached file
     /// whose SHA-256 does not match the archive's.
-    fn download(&self, pkg: &str, version: &str, dest: &Path, progress: &Progress) -> Result<PathBuf> {
+    fn download(
+        &self,
+        pkg: &str,
+        version: &str,
+        dest: &Path,
+        progress: &Progress,
+    ) -> Result<PathBuf> {
         let filename = self.field(pkg, version, "Filename")?;
         let sha = self.field(pkg, version, "SHA256")?;
         let base = Path::new(&filename)
@@ -370,7 +390,10 @@ impl PrivateApt {
             if sha256_file(&path)? == sha {
                 return Ok(path);
             }
-            progress.note(format!("{} is corrupt (checksum mismatch); fetching it again", path.display()));
+            progress.note(format!(
+                "{} is corrupt (checksum mismatch); fetching it again",
+                path.display()
+            ));
             std::fs::remove_file(&path)?;
         }
         progress.step(format!("downloading {pkg} {version}"));
@@ -388,7 +411,10 @@ impl PrivateApt {
         }
         if sha256_file(&path)? != sha {
             let _ = std::fs::remove_file(&path);
-            bail!("downloaded {} does not match the archive's SHA-256; try again", path.display());
+            bail!(
+                "downloaded {} does not match the archive's SHA-256; try again",
+                path.display()
+            );
         }
         Ok(path)
     }
@@ -396,7 +422,8 @@ impl PrivateApt {
 
 fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     std::io::copy(&mut f, &mut h)?;
     Ok(format!("{:x}", h.finalize()))
 }
@@ -416,9 +443,14 @@ fn fetch_debian(suite: DebianSuite, cache: &Path, progress: &Progress) -> Result
     std::fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
     let _lock = livehost_common::lock::FileLock::acquire(&cache.join(".fetch.lock"))?;
     let apt = PrivateApt::new(cache, suite)?;
-    let stale = apt.lists_age().is_none_or(|age| age > Duration::from_secs(24 * 3600));
+    let stale = apt
+        .lists_age()
+        .is_none_or(|age| age > Duration::from_secs(24 * 3600));
     if stale {
-        progress.step(format!("updating private package lists for Debian {}", suite.name()));
+        progress.step(format!(
+            "updating private package lists for Debian {}",
+            suite.name()
+        ));
         if let Err(e) = apt.update() {
             // Offline with a kernel already cached: use it rather than fail.
             if let Some(k) = newest_cached(cache, suite) {
@@ -448,7 +480,11 @@ fn fetch_debian(suite: DebianSuite, cache: &Path, progress: &Progress) -> Result
 
     // Prefer the unsigned image: same kernel, no secure-boot wrapper.
     let unsigned = format!("linux-image-{abi}-unsigned");
-    let image_pkg = if apt.candidate(&unsigned).is_some() { unsigned } else { format!("linux-image-{abi}") };
+    let image_pkg = if apt.candidate(&unsigned).is_some() {
+        unsigned
+    } else {
+        format!("linux-image-{abi}")
+    };
     let headers_pkg = format!("linux-headers-{abi}");
     let mut pkgs = vec![image_pkg, headers_pkg.clone()];
     let hver = apt
@@ -472,7 +508,10 @@ fn fetch_debian(suite: DebianSuite, cache: &Path, progress: &Progress) -> Result
     let _ = std::fs::remove_dir_all(&kdir);
     std::fs::create_dir_all(&root)?;
     for f in &files {
-        progress.step(format!("unpacking {}", f.file_name().unwrap_or_default().to_string_lossy()));
+        progress.step(format!(
+            "unpacking {}",
+            f.file_name().unwrap_or_default().to_string_lossy()
+        ));
         let st = Command::new("dpkg")
             .args(["-x"])
             .arg(f)
@@ -480,7 +519,10 @@ fn fetch_debian(suite: DebianSuite, cache: &Path, progress: &Progress) -> Result
             .status()
             .context("cannot run dpkg -x")?;
         if !st.success() {
-            bail!("dpkg -x {} failed: the file may be corrupt; delete it and retry", f.display());
+            bail!(
+                "dpkg -x {} failed: the file may be corrupt; delete it and retry",
+                f.display()
+            );
         }
     }
     progress.step("running depmod");
@@ -553,23 +595,32 @@ mod tests {
 
     #[test]
     fn parses_names() {
-        assert_eq!(KernelSpec::from_str("debian:bookworm-cloud").unwrap(), KernelSpec::default());
+        assert_eq!(
+            KernelSpec::from_str("debian:bookworm-cloud").unwrap(),
+            KernelSpec::default()
+        );
         assert_eq!(
             KernelSpec::from_str("debian:trixie-cloud").unwrap(),
             KernelSpec::Debian {
                 suite: DebianSuite::Trixie
             }
         );
-        let e = KernelSpec::from_str("debian:sid-cloud").unwrap_err().to_string();
+        let e = KernelSpec::from_str("debian:sid-cloud")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown kernel"), "{e}");
-        let e = KernelSpec::from_str("/nonexistent/bzImage").unwrap_err().to_string();
+        let e = KernelSpec::from_str("/nonexistent/bzImage")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no such file"), "{e}");
     }
 
     #[test]
     fn depends_are_split() {
         assert_eq!(
-            depends_names("linux-headers-6.1.0-56-common (= 6.1.192-2), linux-kbuild-6.1 (>= 6.1.192-2), a | b"),
+            depends_names(
+                "linux-headers-6.1.0-56-common (= 6.1.192-2), linux-kbuild-6.1 (>= 6.1.192-2), a | b"
+            ),
             vec!["linux-headers-6.1.0-56-common", "linux-kbuild-6.1", "a"]
         );
     }

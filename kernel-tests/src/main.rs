@@ -22,7 +22,7 @@ use std::time::Duration;
         kernel-tests run --file ./my.ko:/root/my.ko -- insmod /root/my.ko\n  \
         kernel-tests run --kernel debian:trixie-cloud --json -- cat /proc/version\n  \
         kernel-tests build-module --kernel debian:bookworm-cloud path/to/module-src\n  \
-        kernel-tests probe\n\n\
+        kernel-tests probe          # exit 0 when KVM can boot Linux here\n\n\
         Exit status: the guest command's own; 124 timeout or hang, 125 kernel panic, \
         126 guest setup failed, 1 error before booting."
 )]
@@ -146,17 +146,41 @@ fn real_main(cli: Cli) -> Result<i32> {
         }
         Cmd::Probe { json } => {
             let p = kernel_tests::accel::probe_kvm();
+            let lm = kernel_tests::accel::probe_long_mode();
             if json {
-                println!("{}", serde_json::to_string(&p)?);
+                let lm = match &lm {
+                    Ok(l) => serde_json::to_value(l)?,
+                    Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({ "linux_boot": p, "long_mode": lm })
+                );
             } else {
                 println!(
                     "{}: {} (probe took {} µs)",
-                    if p.usable { "KVM usable for Linux guests" } else { "KVM not usable for Linux guests" },
+                    if p.usable {
+                        "KVM usable for Linux guests"
+                    } else {
+                        "KVM not usable for Linux guests"
+                    },
                     p.reason,
                     p.probe_us
                 );
+                match lm {
+                    Ok(l) => println!(
+                        "64-bit guest: ran to its first exit in {} µs after VM creation{}",
+                        l.create_to_first_exit_us,
+                        if l.halted {
+                            ", then halted"
+                        } else {
+                            ", but did not halt as expected"
+                        }
+                    ),
+                    Err(e) => println!("64-bit guest: failed: {e:#}"),
+                }
             }
-            Ok(0)
+            Ok(if p.usable { 0 } else { 1 })
         }
     }
 }

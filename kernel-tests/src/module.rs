@@ -14,7 +14,10 @@ pub fn build(kernel: &GuestKernel, src: &Path) -> Result<PathBuf> {
     let mut kos = build_all(kernel, src)?;
     match kos.len() {
         1 => Ok(kos.remove(0)),
-        n => bail!("{} produced {n} modules; use module::build_all", src.display()),
+        n => bail!(
+            "{} produced {n} modules; use module::build_all",
+            src.display()
+        ),
     }
 }
 
@@ -43,7 +46,9 @@ pub fn build_all(kernel: &GuestKernel, src: &Path) -> Result<Vec<PathBuf>> {
         h.update(kernel.version.as_bytes());
         h.finalize()
     });
-    let build = cache_dir().join("modules").join(format!("{name}-{}", &key[..12]));
+    let build = cache_dir()
+        .join("modules")
+        .join(format!("{name}-{}", &key[..12]));
     let _lock = livehost_common::lock::FileLock::acquire(&build.with_extension("lock"))?;
     let _ = std::fs::remove_dir_all(&build);
     std::fs::create_dir_all(&build)?;
@@ -75,7 +80,10 @@ pub fn build_all(kernel: &GuestKernel, src: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     kos.sort();
     if kos.is_empty() {
-        bail!("building {} produced no .ko (does its Kbuild set obj-m?)", src.display());
+        bail!(
+            "building {} produced no .ko (does its Kbuild set obj-m?)",
+            src.display()
+        );
     }
     Ok(kos)
 }

@@ -1,0 +1,137 @@
+//! End-to-end tests of the harness: real QEMU, real Debian kernel.
+//! They need root-free QEMU and the network (first run) or a warm cache.
+
+use kernel_tests::{GuestStatus, KernelSpec, RunOptions};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn opts(cmd: &str) -> RunOptions {
+    let mut o = RunOptions::new([cmd]);
+    o.timeout = Duration::from_secs(60);
+    o
+}
+
+#[test]
+fn uname_matches_the_fetched_kernel_and_status_comes_back() {
+    let k = kernel_tests::fetch(&KernelSpec::default()).unwrap();
+    // One boot checks several facts: the version, byte-exact stdout with
+    // awkward bytes, stderr kept apart, the exit status.
+    let out = kernel_tests::run(&opts(
+        "uname -r; printf 'tab\\there\\n\\001\\377end'; echo to-stderr >&2; exit 7",
+    ))
+    .unwrap();
+    assert_eq!(
+        out.status,
+        GuestStatus::Exited(7),
+        "{}",
+        out.console_tail(30)
+    );
+    let (first, rest) = out.stdout.split_once('\n').unwrap();
+    assert_eq!(first, k.version);
+    assert!(rest.starts_with("tab\there\n\u{1}"), "{rest:?}");
+    assert_eq!(out.stderr, "to-stderr\n");
+    assert_eq!(out.kernel_version, k.version);
+    assert!(out.timings.kernel_boot_ms.unwrap() > 0.0);
+    assert!(!out.accel_reason.is_empty());
+}
+
+#[test]
+fn success_is_zero_and_argv_form_quotes() {
+    let o = RunOptions::new(["sh", "-c", "echo \"$0\" \"$1\"", "quoted arg", "it's"]);
+    let out = kernel_tests::run(&o).unwrap();
+    assert_eq!(out.success().unwrap(), "quoted arg it's\n");
+}
+
+#[test]
+fn a_command_past_its_timeout_is_reported_as_timeout() {
+    let mut o = opts("echo started; sleep 600; echo never");
+    o.timeout = Duration::from_secs(3);
+    let t = Instant::now();
+    let out = kernel_tests::run(&o).unwrap();
+    assert_eq!(out.status, GuestStatus::Timeout);
+    assert_eq!(out.stdout, "started\n");
+    // Ended by the guest-side timeout, not the host's long backstop.
+    assert!(t.elapsed() < Duration::from_secs(90), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_kernel_panic_is_reported_as_panic() {
+    let out = kernel_tests::run(&opts(
+        "echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger; sleep 5",
+    ))
+    .unwrap();
+    assert_eq!(out.status, GuestStatus::Panic, "{}", out.console_tail(30));
+    assert!(
+        out.console.contains("sysrq triggered crash"),
+        "{}",
+        out.console_tail(30)
+    );
+}
+
+#[test]
+fn missing_kernel_feature_is_refused_before_booting() {
+    let mut o = opts("true");
+    o.require_config = vec![
+        "CONFIG_LIVEPATCH".into(),
+        "CONFIG_LIVEHOST_DOES_NOT_EXIST".into(),
+    ];
+    let err = kernel_tests::run(&o).unwrap_err().to_string();
+    assert!(
+        err.contains("lacks CONFIG_LIVEHOST_DOES_NOT_EXIST"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("CONFIG_LIVEPATCH,"),
+        "LIVEPATCH is set in Debian's kernel: {err}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let e = kernel_tests::run(&opts("true").file("/nonexistent/file", "/x")).unwrap_err();
+    assert!(format!("{e:#}").contains("does not exist"), "{e:#}");
+    let mut o = opts("true");
+    o.modules = vec!["no_such_module_livehost".into()];
+    let e = kernel_tests::run(&o).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("does not exist for kernel"),
+        "{e:#}"
+    );
+    let e = "debian:potato-cloud".parse::<KernelSpec>().unwrap_err();
+    assert!(e.to_string().contains("unknown kernel"));
+}
+
+#[test]
+fn a_module_built_from_repo_sources_loads_in_the_guest() {
+    let k = kernel_tests::fetch(&KernelSpec::default()).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hello");
+    let ko = kernel_tests::module::build(&k, &src).unwrap();
+    let out = kernel_tests::run(
+        &opts("insmod /root/livehost_hello.ko && grep livehost_hello /proc/modules && dmesg | grep 'livehost_hello: loaded'")
+            .file(ko, "/root/livehost_hello.ko"),
+    )
+    .unwrap();
+    let stdout = out.success().unwrap();
+    assert!(stdout.starts_with("livehost_hello "), "{stdout}");
+}
+
+#[test]
+fn modules_load_with_their_dependencies() {
+    let mut o = opts("grep -E '^(kvm|kvm_amd) ' /proc/modules | cut -d' ' -f1 | sort; ls /dev/kvm");
+    o.with_kvm = true;
+    // Also run a 64-bit guest to its first exit on the guest's KVM (nested,
+    // emulated SVM under TCG): the path hardware-exit tests rely on.
+    o.files.push((
+        env!("CARGO_BIN_EXE_kernel-tests").into(),
+        "/usr/bin/kernel-tests".into(),
+    ));
+    o.command = vec!["grep -E '^(kvm|kvm_amd) ' /proc/modules | cut -d' ' -f1 | sort; ls /dev/kvm; kernel-tests probe --json; true".into()];
+    let out = kernel_tests::run(&o).unwrap();
+    let stdout = out.success().unwrap();
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("kvm"));
+    assert_eq!(lines.next(), Some("kvm_amd"));
+    assert_eq!(lines.next(), Some("/dev/kvm"));
+    let probe: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(probe["long_mode"]["halted"], true, "{probe}");
+}
