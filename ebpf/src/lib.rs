@@ -4,8 +4,12 @@
 //! kernel by tp_btf programs and read out periodically.
 
 pub mod cgroup;
+pub mod kvm_guest;
 pub mod observer;
+pub mod prom;
 pub mod reasons;
+pub mod tui;
+pub mod report;
 
 pub mod skel {
     #![allow(clippy::all, unused, non_camel_case_types, non_snake_case, missing_docs)]
