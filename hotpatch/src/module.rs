@@ -1,0 +1,670 @@
+//! Reading a kernel module file (`.ko`) without trusting it.
+//!
+//! Everything here works on bytes that may be truncated, random or hostile:
+//! every offset is checked, nothing indexes without a bound, and a parse
+//! failure is an error naming what was wrong, never a panic.
+//!
+//! The functions a livepatch replaces are not listed anywhere in the module's
+//! metadata; they live in `struct klp_patch` / `klp_object` / `klp_func`
+//! initialisers in a data section. Rather than hard-coding those structs'
+//! sizes (they change between kernel versions and configs), we follow the
+//! relocations that fill their pointer fields, relying only on the field order
+//! that has been stable since 5.5: `klp_patch {mod, objs, states, replace}`,
+//! `klp_object {name, funcs}`, `klp_func {old_name, new_func, old_sympos}`.
+
+use anyhow::{Context, Result, bail};
+use goblin::elf::{Elf, header, section_header, sym};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Trailer the kernel's sign-file appends after the signature.
+pub const SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
+/// `struct module_signature` that precedes the magic: algo, hash, id_type,
+/// signer_len, key_id_len, pad[3], sig_len (big endian u32).
+const SIG_INFO_LEN: usize = 12;
+/// Section index the kernel reserves for livepatch symbols (`.klp.sym.*`).
+pub const SHN_LIVEPATCH: u32 = 0xff20;
+/// Offset of `name` in `struct module` on 64-bit kernels: after
+/// `enum module_state state` (padded to 8) and `struct list_head list`.
+const THIS_MODULE_NAME_OFFSET: usize = 24;
+/// `MODULE_NAME_LEN` (64 - sizeof(unsigned long)).
+const MODULE_NAME_LEN: usize = 56;
+/// Longest string we accept from a module's string tables.
+const MAX_STR: usize = 512;
+/// Bigger than any module we expect; keeps a wrong path from eating memory.
+pub const MAX_MODULE_SIZE: u64 = 256 << 20;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Signature {
+    /// `PKCS#7` for every kernel since 4.x; other ids are reported raw.
+    pub id_type: String,
+    pub signature_len: u32,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PatchedFunction {
+    /// The kernel function being replaced (`klp_func.old_name`).
+    pub name: String,
+    /// Which of several same-named symbols (0 = the only one).
+    pub sympos: u64,
+    /// The module's replacement function, when its symbol could be named.
+    pub replacement: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PatchedObject {
+    /// `vmlinux` or the name of the module being patched.
+    pub name: String,
+    pub functions: Vec<PatchedFunction>,
+}
+
+/// A `.klp.sym.<object>.<name>,<sympos>` symbol: a reference the kernel
+/// resolves when the patched object is present (klp-convert/kpatch output).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct KlpSymbol {
+    pub object: String,
+    pub name: String,
+    pub sympos: u64,
+}
+
+/// Everything `inspect` reports about a module file.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleInfo {
+    pub size: u64,
+    pub sha256: String,
+    /// From `.gnu.linkonce.this_module` (what the kernel will call it), else
+    /// from modinfo `name=`.
+    pub name: Option<String>,
+    /// The first `vermagic=` entry: the one the kernel checks.
+    pub vermagic: Option<String>,
+    pub livepatch: bool,
+    pub license: Option<String>,
+    pub depends: Vec<String>,
+    pub srcversion: Option<String>,
+    pub description: Option<String>,
+    pub signature: Option<Signature>,
+    /// `klp_patch.replace` (atomic replace), when the patch struct was found.
+    pub replace: Option<bool>,
+    pub objects: Vec<PatchedObject>,
+    /// Objects named by `.klp.rela.<object>.<section>` sections.
+    pub klp_rela_objects: Vec<String>,
+    pub klp_symbols: Vec<KlpSymbol>,
+    /// Every modinfo key=value pair, in file order.
+    pub modinfo: Vec<(String, String)>,
+    /// Things that are odd but not fatal (duplicate vermagic, a patch struct
+    /// that could not be followed, ...).
+    pub warnings: Vec<String>,
+}
+
+impl ModuleInfo {
+    pub fn modinfo_all(&self, key: &str) -> Vec<&str> {
+        self.modinfo
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// Every (object, function) this module replaces.
+    pub fn functions(&self) -> impl Iterator<Item = (&str, &PatchedFunction)> {
+        self.objects
+            .iter()
+            .flat_map(|o| o.functions.iter().map(move |f| (o.name.as_str(), f)))
+    }
+}
+
+/// Read and inspect a module file, bounding the read.
+pub fn inspect_file(path: &Path) -> Result<ModuleInfo> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    if meta.len() > MAX_MODULE_SIZE {
+        bail!(
+            "{} is {} bytes, more than the {} MiB any kernel module should be",
+            path.display(),
+            meta.len(),
+            MAX_MODULE_SIZE >> 20
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    inspect(&bytes).with_context(|| format!("{} is not a usable kernel module", path.display()))
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Split off an appended signature, returning the ELF part.
+fn split_signature(bytes: &[u8]) -> Result<(&[u8], Option<Signature>)> {
+    if !bytes.ends_with(SIG_MAGIC) {
+        return Ok((bytes, None));
+    }
+    let before_magic = bytes.len() - SIG_MAGIC.len();
+    let info_start = before_magic.checked_sub(SIG_INFO_LEN).context(
+        "file ends with the module-signature marker but is too short to hold a signature",
+    )?;
+    let info = &bytes[info_start..before_magic];
+    let id_type = info[2];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]);
+    let elf_len = info_start.checked_sub(sig_len as usize).with_context(|| {
+        format!("signature trailer claims {sig_len} bytes but only {info_start} precede it")
+    })?;
+    let id_type = match id_type {
+        0 => "PGP".to_string(),
+        1 => "X.509".to_string(),
+        2 => "PKCS#7".to_string(),
+        n => format!("unknown ({n})"),
+    };
+    Ok((
+        &bytes[..elf_len],
+        Some(Signature {
+            id_type,
+            signature_len: sig_len,
+        }),
+    ))
+}
+
+/// Parse with goblin. goblin aims never to panic, but this is the one place
+/// fully untrusted bytes meet third-party code, so a panic there is turned
+/// into an error instead of taking the whole process (or a daemon) down.
+fn parse_elf(bytes: &[u8]) -> Result<Elf<'_>> {
+    match std::panic::catch_unwind(|| Elf::parse(bytes)) {
+        Ok(Ok(elf)) => Ok(elf),
+        Ok(Err(e)) => bail!("malformed ELF: {e}"),
+        Err(_) => bail!("malformed ELF: the ELF parser gave up on it"),
+    }
+}
+
+/// Inspect module bytes.
+pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo> {
+    if bytes.is_empty() {
+        bail!("the file is empty");
+    }
+    if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
+        bail!("not an ELF file (it does not start with \\x7fELF)");
+    }
+    let (elf_bytes, signature) = split_signature(bytes)?;
+    let elf = parse_elf(elf_bytes)?;
+    if elf.header.e_type != header::ET_REL {
+        bail!(
+            "ELF type is {}, but kernel modules are relocatable objects (ET_REL)",
+            header::et_to_str(elf.header.e_type)
+        );
+    }
+    let view = View::new(&elf, elf_bytes);
+
+    let modinfo_idx = view
+        .section_by_name(".modinfo")
+        .context("no .modinfo section: this is an object file, not a kernel module (.ko)")?;
+    let modinfo = parse_modinfo(view.data(modinfo_idx).unwrap_or(&[]));
+    let first = |k: &str| {
+        modinfo
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+
+    let mut warnings = Vec::new();
+    let vermagics = modinfo.iter().filter(|(k, _)| k == "vermagic").count();
+    if vermagics > 1 {
+        warnings.push(format!(
+            "modinfo holds {vermagics} vermagic entries; the kernel checks only the first"
+        ));
+    }
+
+    let this_module_name = view
+        .section_by_name(".gnu.linkonce.this_module")
+        .and_then(|i| view.data(i))
+        .and_then(|d| d.get(THIS_MODULE_NAME_OFFSET..))
+        .and_then(|d| c_string(&d[..d.len().min(MODULE_NAME_LEN)]))
+        .filter(|s| is_module_name(s));
+    let modinfo_name = first("name");
+    if let (Some(a), Some(b)) = (&this_module_name, &modinfo_name)
+        && a != b
+    {
+        warnings.push(format!(
+            "module name differs: struct module says {a:?}, modinfo says {b:?}"
+        ));
+    }
+
+    let (klp_rela_objects, klp_symbols) = view.klp_sections();
+    let (replace, objects) = match view.klp_patch() {
+        Ok(found) => found,
+        Err(e) => {
+            if first("livepatch").as_deref() == Some("Y") {
+                warnings.push(format!("could not follow the klp_patch structure: {e}"));
+            }
+            (None, Vec::new())
+        }
+    };
+
+    Ok(ModuleInfo {
+        size: bytes.len() as u64,
+        sha256: sha256_hex(bytes),
+        name: this_module_name.or(modinfo_name),
+        vermagic: first("vermagic"),
+        livepatch: first("livepatch").as_deref() == Some("Y"),
+        license: first("license"),
+        depends: first("depends")
+            .map(|d| {
+                d.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        srcversion: first("srcversion"),
+        description: first("description"),
+        signature,
+        replace,
+        objects,
+        klp_rela_objects,
+        klp_symbols,
+        modinfo,
+        warnings,
+    })
+}
+
+fn parse_modinfo(data: &[u8]) -> Vec<(String, String)> {
+    data.split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            let s = String::from_utf8_lossy(s);
+            let (k, v) = s.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// A NUL-terminated string at the start of `data`, if it has a terminator
+/// within `MAX_STR` bytes and is printable.
+fn c_string(data: &[u8]) -> Option<String> {
+    let end = data.iter().take(MAX_STR).position(|&b| b == 0)?;
+    let s = std::str::from_utf8(&data[..end]).ok()?;
+    if s.chars().all(|c| !c.is_control()) {
+        Some(s.to_string())
+    } else {
+        None
+    }
+}
+
+fn is_module_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Where a relocated pointer points.
+#[derive(Debug, Clone)]
+enum Target {
+    /// Into one of the module's sections.
+    Local { section: usize, offset: u64 },
+    /// An undefined symbol the kernel resolves at load (e.g. `__this_module`
+    /// is defined, but `printk` is not).
+    Extern(String),
+}
+
+struct View<'a> {
+    elf: &'a Elf<'a>,
+    bytes: &'a [u8],
+    /// (section, offset) -> target, for relocations applied to allocated data.
+    relocs: HashMap<(usize, u64), Target>,
+    /// Named defined symbols by (section, value), for naming targets.
+    names: HashMap<(usize, u64), String>,
+    /// Defined object symbols by section: (value, size), to bound arrays.
+    objects: HashMap<usize, Vec<(u64, u64)>>,
+    this_module: Option<(usize, u64)>,
+}
+
+impl<'a> View<'a> {
+    fn new(elf: &'a Elf<'a>, bytes: &'a [u8]) -> Self {
+        let nsec = elf.section_headers.len();
+        let mut names = HashMap::new();
+        let mut objects: HashMap<usize, Vec<(u64, u64)>> = HashMap::new();
+        let mut this_module = None;
+        for s in elf.syms.iter() {
+            let shndx = s.st_shndx;
+            if shndx == section_header::SHN_UNDEF as usize || shndx >= nsec {
+                continue;
+            }
+            let Some(name) = elf.strtab.get_at(s.st_name) else {
+                continue;
+            };
+            if name.is_empty() {
+                continue;
+            }
+            match s.st_type() {
+                sym::STT_FUNC => {
+                    names.insert((shndx, s.st_value), name.to_string());
+                }
+                sym::STT_OBJECT => {
+                    objects
+                        .entry(shndx)
+                        .or_default()
+                        .push((s.st_value, s.st_size));
+                    if name == "__this_module" {
+                        this_module = Some((shndx, s.st_value));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut v = View {
+            elf,
+            bytes,
+            relocs: HashMap::new(),
+            names,
+            objects,
+            this_module,
+        };
+        v.relocs = v.collect_relocs();
+        v
+    }
+
+    fn section_name(&self, idx: usize) -> Option<&'a str> {
+        let sh = self.elf.section_headers.get(idx)?;
+        self.elf.shdr_strtab.get_at(sh.sh_name)
+    }
+
+    fn section_by_name(&self, name: &str) -> Option<usize> {
+        (0..self.elf.section_headers.len()).find(|&i| self.section_name(i) == Some(name))
+    }
+
+    /// A section's bytes, if it has file contents inside the buffer.
+    fn data(&self, idx: usize) -> Option<&'a [u8]> {
+        let sh = self.elf.section_headers.get(idx)?;
+        if sh.sh_type == section_header::SHT_NOBITS {
+            return None;
+        }
+        let start = usize::try_from(sh.sh_offset).ok()?;
+        let len = usize::try_from(sh.sh_size).ok()?;
+        self.bytes.get(start..start.checked_add(len)?)
+    }
+
+    fn collect_relocs(&self) -> HashMap<(usize, u64), Target> {
+        let mut out = HashMap::new();
+        for (rel_idx, relocs) in &self.elf.shdr_relocs {
+            let Some(sh) = self.elf.section_headers.get(*rel_idx) else {
+                continue;
+            };
+            let target_sec = sh.sh_info as usize;
+            let Some(target) = self.elf.section_headers.get(target_sec) else {
+                continue;
+            };
+            // Only data the kernel keeps in memory can hold klp structs; the
+            // livepatch-specific .klp.rela.* sections are resolved by the
+            // kernel later and are reported separately.
+            if target.sh_flags & u64::from(section_header::SHF_ALLOC) == 0 {
+                continue;
+            }
+            if self
+                .section_name(*rel_idx)
+                .is_some_and(|n| n.starts_with(".klp.rela."))
+            {
+                continue;
+            }
+            for r in relocs.iter() {
+                let Some(s) = self.elf.syms.get(r.r_sym) else {
+                    continue;
+                };
+                let addend = r.r_addend.unwrap_or(0);
+                let t = if s.st_type() == sym::STT_SECTION {
+                    Target::Local {
+                        section: s.st_shndx,
+                        offset: addend as u64,
+                    }
+                } else if s.st_shndx != section_header::SHN_UNDEF as usize
+                    && s.st_shndx < self.elf.section_headers.len()
+                {
+                    Target::Local {
+                        section: s.st_shndx,
+                        offset: s.st_value.wrapping_add(addend as u64),
+                    }
+                } else {
+                    let name = self.elf.strtab.get_at(s.st_name).unwrap_or("?");
+                    Target::Extern(name.to_string())
+                };
+                out.insert((target_sec, r.r_offset), t);
+            }
+        }
+        out
+    }
+
+    fn flags(&self, idx: usize) -> u64 {
+        self.elf.section_headers.get(idx).map_or(0, |s| s.sh_flags)
+    }
+
+    /// The string a relocation points at, if it points into a string section.
+    fn string_at(&self, t: &Target) -> Option<String> {
+        let Target::Local { section, offset } = t else {
+            return None;
+        };
+        let name = self.section_name(*section)?;
+        let strings = self.flags(*section) & u64::from(section_header::SHF_STRINGS) != 0
+            || name.starts_with(".rodata");
+        if !strings {
+            return None;
+        }
+        let data = self.data(*section)?;
+        c_string(data.get(usize::try_from(*offset).ok()?..)?)
+    }
+
+    /// The function a relocation points at, if it points into code.
+    fn function_at(&self, t: &Target) -> Option<String> {
+        match t {
+            Target::Local { section, offset } => {
+                if self.flags(*section) & u64::from(section_header::SHF_EXECINSTR) == 0 {
+                    return None;
+                }
+                Some(
+                    self.names
+                        .get(&(*section, *offset))
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            format!(
+                                "{}+{:#x}",
+                                self.section_name(*section).unwrap_or("?"),
+                                offset
+                            )
+                        }),
+                )
+            }
+            Target::Extern(n) => Some(n.clone()),
+        }
+    }
+
+    fn u64_at(&self, section: usize, offset: u64) -> Option<u64> {
+        let d = self.data(section)?;
+        let o = usize::try_from(offset).ok()?;
+        let b: [u8; 8] = d.get(o..o.checked_add(8)?)?.try_into().ok()?;
+        Some(if self.elf.little_endian {
+            u64::from_le_bytes(b)
+        } else {
+            u64::from_be_bytes(b)
+        })
+    }
+
+    /// `klp_func` entries start where a string pointer is followed by a code
+    /// pointer.
+    fn is_func_entry(&self, section: usize, off: u64) -> bool {
+        let name = self
+            .relocs
+            .get(&(section, off))
+            .and_then(|t| self.string_at(t));
+        let func = self
+            .relocs
+            .get(&(section, off + 8))
+            .and_then(|t| self.function_at(t));
+        name.is_some() && func.is_some()
+    }
+
+    /// End of the array starting at `start`: the size of the object symbol
+    /// there when the module kept one, else unbounded (the caller stops at
+    /// the first entry that does not match).
+    fn array_end(&self, section: usize, start: u64) -> u64 {
+        self.objects
+            .get(&section)
+            .and_then(|v| v.iter().find(|(val, _)| *val == start))
+            .map_or(u64::MAX, |(v, s)| v.saturating_add(*s))
+    }
+
+    /// Entries of an array at (section, start) matching `is_entry`, walking
+    /// 8-byte steps: arrays end with a zeroed terminator, so when the array
+    /// has no sized symbol we stop at the first gap wider than the stride
+    /// the first two entries establish.
+    fn array_entries(
+        &self,
+        section: usize,
+        start: u64,
+        is_entry: impl Fn(u64) -> bool,
+    ) -> Vec<u64> {
+        let end = self.array_end(section, start);
+        let sec_len = self
+            .elf
+            .section_headers
+            .get(section)
+            .map_or(0, |s| s.sh_size);
+        let end = end.min(sec_len);
+        let mut found = Vec::new();
+        let mut off = start;
+        while off < end && found.len() < 4096 {
+            if is_entry(off) {
+                if found.len() >= 2 {
+                    let stride = found[1] - found[0];
+                    if off - found[found.len() - 1] != stride {
+                        break;
+                    }
+                }
+                found.push(off);
+            } else if end == u64::MAX || end == sec_len {
+                // No size known: a long gap means we left the array.
+                if let Some(&last) = found.last()
+                    && off - last > 1024
+                {
+                    break;
+                }
+            }
+            off += 8;
+        }
+        found
+    }
+
+    /// Find `struct klp_patch` (its `mod` field points at `__this_module`
+    /// and its `objs` at an array of objects) and walk it.
+    fn klp_patch(&self) -> Result<(Option<bool>, Vec<PatchedObject>)> {
+        let this_module = self.this_module.context("no __this_module symbol")?;
+        let mut candidates: Vec<(usize, u64)> = self
+            .relocs
+            .iter()
+            .filter(|(_, t)| {
+                matches!(t, Target::Local { section, offset } if (*section, *offset) == this_module)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        candidates.sort();
+        for (sec, p) in candidates {
+            let Some(Target::Local {
+                section: osec,
+                offset: objs,
+            }) = self.relocs.get(&(sec, p + 8))
+            else {
+                continue;
+            };
+            let (osec, objs) = (*osec, *objs);
+            let is_obj = |off: u64| match self.relocs.get(&(osec, off + 8)) {
+                Some(Target::Local { section, offset }) => self.is_func_entry(*section, *offset),
+                _ => false,
+            };
+            let obj_offs = self.array_entries(osec, objs, is_obj);
+            if obj_offs.is_empty() {
+                continue;
+            }
+            let mut objects = Vec::new();
+            for o in obj_offs {
+                let name = self
+                    .relocs
+                    .get(&(osec, o))
+                    .and_then(|t| self.string_at(t))
+                    .unwrap_or_else(|| "vmlinux".to_string());
+                let Some(Target::Local {
+                    section: fsec,
+                    offset: fstart,
+                }) = self.relocs.get(&(osec, o + 8))
+                else {
+                    continue;
+                };
+                let (fsec, fstart) = (*fsec, *fstart);
+                let functions = self
+                    .array_entries(fsec, fstart, |off| self.is_func_entry(fsec, off))
+                    .into_iter()
+                    .filter_map(|f| {
+                        let name = self
+                            .relocs
+                            .get(&(fsec, f))
+                            .and_then(|t| self.string_at(t))?;
+                        let replacement = self
+                            .relocs
+                            .get(&(fsec, f + 8))
+                            .and_then(|t| self.function_at(t));
+                        Some(PatchedFunction {
+                            name,
+                            sympos: self.u64_at(fsec, f + 16).unwrap_or(0),
+                            replacement,
+                        })
+                    })
+                    .collect();
+                objects.push(PatchedObject { name, functions });
+            }
+            // `replace` is the bool after mod, objs and states.
+            let replace = self
+                .data(sec)
+                .and_then(|d| d.get(usize::try_from(p).ok()?.checked_add(24)?))
+                .map(|&b| b != 0);
+            return Ok((replace, objects));
+        }
+        bail!("no struct klp_patch (a THIS_MODULE pointer followed by an objects array) found")
+    }
+
+    /// Objects named by `.klp.rela.*` sections and `.klp.sym.*` symbols.
+    fn klp_sections(&self) -> (Vec<String>, Vec<KlpSymbol>) {
+        let mut objs = BTreeMap::new();
+        for i in 0..self.elf.section_headers.len() {
+            if let Some(rest) = self
+                .section_name(i)
+                .and_then(|n| n.strip_prefix(".klp.rela."))
+                && let Some((obj, _)) = rest.split_once('.')
+            {
+                objs.insert(obj.to_string(), ());
+            }
+        }
+        let mut syms = Vec::new();
+        for s in self.elf.syms.iter() {
+            if s.st_shndx != SHN_LIVEPATCH as usize {
+                continue;
+            }
+            let Some(rest) = self
+                .elf
+                .strtab
+                .get_at(s.st_name)
+                .and_then(|n| n.strip_prefix(".klp.sym."))
+            else {
+                continue;
+            };
+            let Some((obj, namepos)) = rest.split_once('.') else {
+                continue;
+            };
+            let (name, pos) = namepos.rsplit_once(',').unwrap_or((namepos, "0"));
+            syms.push(KlpSymbol {
+                object: obj.to_string(),
+                name: name.to_string(),
+                sympos: pos.parse().unwrap_or(0),
+            });
+        }
+        (objs.into_keys().collect(), syms)
+    }
+}

@@ -1,0 +1,342 @@
+//! hotpatch's own state: an exclusive lock so two runs never interleave, a
+//! JSON-lines journal of every change, records of what hotpatch loaded, and
+//! the per-kernel set of installed modules re-applied at boot.
+
+use crate::paths::Paths;
+use anyhow::{Context, Result, bail};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Held for the duration of an operation; released on drop.
+pub struct Lock {
+    _flock: Flock<File>,
+}
+
+/// Take the state directory's lock, waiting up to `wait` for another run to
+/// finish; the error names the holder so the user knows whom to wait for.
+pub fn lock(paths: &Paths, wait: Duration) -> Result<Lock> {
+    std::fs::create_dir_all(&paths.state)
+        .with_context(|| format!("cannot create state directory {}", paths.state.display()))?;
+    let path = paths.lock();
+    let deadline = Instant::now() + wait;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut fl) => {
+                // The pid is informational (for the error below); the flock is
+                // what excludes, and the kernel drops it if we die.
+                let _ = fl.set_len(0);
+                let _ = fl.rewind();
+                let _ = write!(fl, "{}", std::process::id());
+                return Ok(Lock { _flock: fl });
+            }
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                file = f;
+                if Instant::now() >= deadline {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    bail!(
+                        "another hotpatch run (pid {}) holds {}; waited {:.0?}. Let it finish, or check it is still alive",
+                        holder.trim(),
+                        path.display(),
+                        wait
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err((_, e)) => bail!("cannot lock {}: {e}", path.display()),
+        }
+    }
+}
+
+pub fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Who is doing this: the sudo caller when there is one, else the user.
+pub fn actor() -> String {
+    if let Ok(u) = std::env::var("SUDO_USER") {
+        return u;
+    }
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| {
+            p.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
+            })
+        })
+        .unwrap_or_else(|| format!("uid {uid}"))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub time: f64,
+    pub user: String,
+    pub op: String,
+    pub module: Option<String>,
+    pub sha256: Option<String>,
+    /// ok, refused, rolled-back, error, stalled, forced
+    pub result: String,
+    pub duration_ms: Option<f64>,
+    pub detail: serde_json::Value,
+}
+
+/// Append one line to the journal. A failure to journal is reported but does
+/// not undo the operation it records (that already happened in the kernel).
+pub fn journal(paths: &Paths, e: &JournalEntry) -> Result<()> {
+    std::fs::create_dir_all(&paths.state)?;
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(paths.journal())
+        .with_context(|| format!("cannot open journal {}", paths.journal().display()))?;
+    let mut line = serde_json::to_string(e)?;
+    line.push('\n');
+    // One write call per line so concurrent appenders never interleave a line.
+    f.write_all(line.as_bytes())?;
+    Ok(())
+}
+
+pub fn read_journal(paths: &Paths) -> Result<Vec<JournalEntry>> {
+    let text = match std::fs::read_to_string(paths.journal()) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).context("cannot read journal"),
+    };
+    // A torn last line (power loss) is skipped, not fatal.
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// What hotpatch loaded under a module name, so later runs can tell whether
+/// a loaded patch is a given file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoadedRecord {
+    pub name: String,
+    pub sha256: String,
+    pub path: String,
+    pub replace: Option<bool>,
+    pub loaded_at: f64,
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().context("path has no parent")?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, data).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}
+
+pub fn loaded_record(paths: &Paths, name: &str) -> Option<LoadedRecord> {
+    let t = std::fs::read_to_string(paths.loaded_dir().join(format!("{name}.json"))).ok()?;
+    serde_json::from_str(&t).ok()
+}
+
+pub fn save_loaded(paths: &Paths, r: &LoadedRecord) -> Result<()> {
+    write_atomic(
+        &paths.loaded_dir().join(format!("{}.json", r.name)),
+        &serde_json::to_vec_pretty(r)?,
+    )
+}
+
+pub fn forget_loaded(paths: &Paths, name: &str) {
+    let _ = std::fs::remove_file(paths.loaded_dir().join(format!("{name}.json")));
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Installed {
+    pub name: String,
+    /// File name inside the release's directory.
+    pub file: String,
+    pub sha256: String,
+    pub installed_at: f64,
+    pub installed_by: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub kernel: String,
+    /// Load order at boot: install order, so stacks rebuild as they were.
+    pub modules: Vec<Installed>,
+}
+
+pub fn manifest_path(paths: &Paths, release: &str) -> PathBuf {
+    paths.installed_dir(release).join("manifest.json")
+}
+
+pub fn read_manifest(paths: &Paths, release: &str) -> Result<Manifest> {
+    let p = manifest_path(paths, release);
+    match std::fs::read_to_string(&p) {
+        Ok(t) => serde_json::from_str(&t)
+            .with_context(|| format!("{} is corrupt; fix or delete it and reinstall", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest {
+            kernel: release.to_string(),
+            modules: Vec::new(),
+        }),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+    }
+}
+
+pub fn write_manifest(paths: &Paths, m: &Manifest) -> Result<()> {
+    write_atomic(
+        &manifest_path(paths, &m.kernel),
+        &serde_json::to_vec_pretty(m)?,
+    )
+}
+
+/// Copy `file` into the release's directory and add it to the manifest,
+/// replacing an earlier install of the same module name.
+pub fn install(
+    paths: &Paths,
+    release: &str,
+    name: &str,
+    sha256: &str,
+    file: &Path,
+) -> Result<Installed> {
+    let mut m = read_manifest(paths, release)?;
+    let dir = paths.installed_dir(release);
+    let fname = format!("{name}.ko");
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    write_atomic(&dir.join(&fname), &bytes)?;
+    let entry = Installed {
+        name: name.to_string(),
+        file: fname,
+        sha256: sha256.to_string(),
+        installed_at: now_unix(),
+        installed_by: actor(),
+        source: std::fs::canonicalize(file)
+            .unwrap_or_else(|_| file.to_path_buf())
+            .display()
+            .to_string(),
+    };
+    m.modules.retain(|e| e.name != name);
+    m.modules.push(entry.clone());
+    write_manifest(paths, &m)?;
+    Ok(entry)
+}
+
+pub fn uninstall(paths: &Paths, release: &str, name: &str) -> Result<Installed> {
+    let mut m = read_manifest(paths, release)?;
+    let Some(pos) = m.modules.iter().position(|e| e.name == name) else {
+        let have: Vec<&str> = m.modules.iter().map(|e| e.name.as_str()).collect();
+        bail!(
+            "{name} is not installed for kernel {release} (installed: {})",
+            if have.is_empty() {
+                "none".to_string()
+            } else {
+                have.join(", ")
+            }
+        );
+    };
+    let e = m.modules.remove(pos);
+    write_manifest(paths, &m)?;
+    let _ = std::fs::remove_file(paths.installed_dir(release).join(&e.file));
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp_paths() -> (tempfile::TempDir, Paths) {
+        let d = tempfile::tempdir().unwrap();
+        let p = Paths {
+            state: d.path().join("state"),
+            ..Paths::default()
+        };
+        (d, p)
+    }
+
+    #[test]
+    fn lock_excludes_second_taker_and_names_holder() {
+        let (_d, p) = tmp_paths();
+        let held = lock(&p, Duration::from_millis(10)).unwrap();
+        let err = lock(&p, Duration::from_millis(100))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(&std::process::id().to_string()), "{err}");
+        drop(held);
+        assert!(lock(&p, Duration::from_millis(10)).is_ok());
+    }
+
+    #[test]
+    fn journal_appends_and_skips_torn_line() {
+        let (_d, p) = tmp_paths();
+        let e = JournalEntry {
+            time: 1.0,
+            user: "t".into(),
+            op: "load".into(),
+            module: Some("m".into()),
+            sha256: None,
+            result: "ok".into(),
+            duration_ms: Some(3.0),
+            detail: serde_json::json!({}),
+        };
+        journal(&p, &e).unwrap();
+        journal(&p, &e).unwrap();
+        let mut f = OpenOptions::new().append(true).open(p.journal()).unwrap();
+        f.write_all(b"{\"time\": 3, \"us").unwrap();
+        let j = read_journal(&p).unwrap();
+        assert_eq!(j.len(), 2);
+        assert_eq!(j[1].op, "load");
+    }
+
+    #[test]
+    fn install_replaces_same_name_and_uninstall_removes() {
+        let (d, p) = tmp_paths();
+        let ko = d.path().join("a.ko");
+        std::fs::write(&ko, b"one").unwrap();
+        install(&p, "6.1", "a", "h1", &ko).unwrap();
+        std::fs::write(&ko, b"two").unwrap();
+        install(&p, "6.1", "a", "h2", &ko).unwrap();
+        install(&p, "6.1", "b", "h3", &ko).unwrap();
+        let m = read_manifest(&p, "6.1").unwrap();
+        assert_eq!(m.modules.len(), 2);
+        assert_eq!(m.modules[1].name, "b");
+        assert_eq!(m.modules[0].sha256, "h2");
+        assert_eq!(
+            std::fs::read(p.installed_dir("6.1").join("a.ko")).unwrap(),
+            b"two"
+        );
+        uninstall(&p, "6.1", "a").unwrap();
+        assert!(!p.installed_dir("6.1").join("a.ko").exists());
+        let err = uninstall(&p, "6.1", "zz").unwrap_err().to_string();
+        assert!(err.contains("installed: b"), "{err}");
+        // Other kernels are separate.
+        assert!(read_manifest(&p, "6.2").unwrap().modules.is_empty());
+    }
+
+    #[test]
+    fn corrupt_manifest_is_a_clear_error() {
+        let (_d, p) = tmp_paths();
+        std::fs::create_dir_all(p.installed_dir("6.1")).unwrap();
+        std::fs::write(manifest_path(&p, "6.1"), b"{nope").unwrap();
+        let e = format!("{:#}", read_manifest(&p, "6.1").unwrap_err());
+        assert!(e.contains("corrupt"), "{e}");
+    }
+}
