@@ -23,7 +23,9 @@ fn main() {
         .clang_args(["-Isrc/bpf", "-Wall", "-Wno-visibility"])
         .build_and_generate(out.join("overhead.skel.rs"));
     if let Err(e) = result {
-        panic!("building {SRC} with {clang} failed: {e:#}\n(install clang-19, libelf-dev, zlib1g-dev, pkg-config)");
+        panic!(
+            "building {SRC} with {clang} failed: {e:#}\n(install clang-19, libelf-dev, zlib1g-dev, pkg-config)"
+        );
     }
     println!("cargo:rerun-if-changed=src/bpf");
     println!("cargo:rerun-if-env-changed=LIVEHOST_CLANG");

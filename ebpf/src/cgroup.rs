@@ -83,7 +83,9 @@ impl Resolver {
             let Ok(md) = std::fs::metadata(&dir) else {
                 continue;
             };
-            let rel = dir.strip_prefix(&root).map(|p| p.to_string_lossy().into_owned());
+            let rel = dir
+                .strip_prefix(&root)
+                .map(|p| p.to_string_lossy().into_owned());
             let rel = format!("/{}", rel.unwrap_or_default());
             self.paths.insert(md.ino(), rel);
             let Ok(rd) = std::fs::read_dir(&dir) else {
@@ -281,7 +283,10 @@ mod tests {
 garbage line\n - \n";
         let m = parse_mountinfo(text);
         assert_eq!(m.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
-        assert_eq!(m.v1_cpu.as_deref(), Some(Path::new("/sys/fs/cgroup/cpu,cpuacct")));
+        assert_eq!(
+            m.v1_cpu.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/cpu,cpuacct"))
+        );
         let m = parse_mountinfo("\u{0}\u{1}xx - \n");
         assert!(m.v2.is_none() && m.v1_cpu.is_none());
     }
@@ -327,13 +332,27 @@ garbage line\n - \n";
     #[test]
     fn cpu_stat_and_pressure() {
         let mut f = CpuFiles::default();
-        parse_cpu_stat("usage_usec 10\nnr_periods 7\nnr_throttled 3\nthrottled_usec 1500\n", false, &mut f);
-        assert_eq!((f.nr_periods, f.nr_throttled, f.throttled_usec), (Some(7), Some(3), Some(1500)));
+        parse_cpu_stat(
+            "usage_usec 10\nnr_periods 7\nnr_throttled 3\nthrottled_usec 1500\n",
+            false,
+            &mut f,
+        );
+        assert_eq!(
+            (f.nr_periods, f.nr_throttled, f.throttled_usec),
+            (Some(7), Some(3), Some(1500))
+        );
         let mut f = CpuFiles::default();
-        parse_cpu_stat("nr_periods 7\nnr_throttled 2\nthrottled_time 5000000\n", true, &mut f);
+        parse_cpu_stat(
+            "nr_periods 7\nnr_throttled 2\nthrottled_time 5000000\n",
+            true,
+            &mut f,
+        );
         assert_eq!(f.throttled_usec, Some(5000));
         let mut f = CpuFiles::default();
-        parse_pressure("some avg10=1.50 avg60=0.00 avg300=0.00 total=12345\nfull avg10=0 total=1\n", &mut f);
+        parse_pressure(
+            "some avg10=1.50 avg60=0.00 avg300=0.00 total=12345\nfull avg10=0 total=1\n",
+            &mut f,
+        );
         assert_eq!(f.pressure_some_avg10, Some(1.5));
         assert_eq!(f.pressure_some_total_usec, Some(12345));
         let mut f = CpuFiles::default();

@@ -50,7 +50,10 @@ impl GuestMem {
             )
         };
         if ptr == libc::MAP_FAILED {
-            bail!("cannot map guest memory: {}", std::io::Error::last_os_error());
+            bail!(
+                "cannot map guest memory: {}",
+                std::io::Error::last_os_error()
+            );
         }
         Ok(GuestMem { ptr, len })
     }

@@ -8,10 +8,16 @@ pub mod kvm_guest;
 pub mod observer;
 pub mod prom;
 pub mod reasons;
-pub mod tui;
 pub mod report;
+pub mod tui;
 
 pub mod skel {
-    #![allow(clippy::all, unused, non_camel_case_types, non_snake_case, missing_docs)]
+    #![allow(
+        clippy::all,
+        unused,
+        non_camel_case_types,
+        non_snake_case,
+        missing_docs
+    )]
     include!(concat!(env!("OUT_DIR"), "/overhead.skel.rs"));
 }

@@ -135,7 +135,9 @@ struct Setup {
 fn setup(c: &Common) -> Result<Setup, (i32, anyhow::Error)> {
     let refuse = |e: anyhow::Error| (exit::REFUSED, e);
     if !(c.noisy_p99_ms.is_finite() && c.noisy_p99_ms > 0.0) {
-        return Err(refuse(anyhow::anyhow!("--noisy-p99-ms must be a positive number of milliseconds")));
+        return Err(refuse(anyhow::anyhow!(
+            "--noisy-p99-ms must be a positive number of milliseconds"
+        )));
     }
     let mut resolver = Resolver::new();
     let mut filter = Filter {
@@ -146,7 +148,9 @@ fn setup(c: &Common) -> Result<Setup, (i32, anyhow::Error)> {
     };
     if let Some(pid) = c.pid {
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            return Err(refuse(anyhow::anyhow!("no process with pid {pid} (check `ps -p {pid}`)")));
+            return Err(refuse(anyhow::anyhow!(
+                "no process with pid {pid} (check `ps -p {pid}`)"
+            )));
         }
         if let Some(path) = report::pid_cgroup_path(pid)
             && let Ok(id) = resolver.lookup(&path)
@@ -182,10 +186,21 @@ fn programs(o: &Observer) -> Programs {
     }
 }
 
+/// Tell the user (on stderr) what is being observed; scripts may wait for
+/// the "attached" line before starting a workload.
 fn notes(o: &Observer) {
+    let p = livehost_common::progress::Progress::new("overhead");
     for s in &o.skipped {
-        eprintln!("overhead: note: {} not attached ({}): {}", s.program, s.tracepoint, s.reason);
+        p.note(format!(
+            "note: {} not attached ({}): {}",
+            s.program, s.tracepoint, s.reason
+        ));
     }
+    p.note(format!(
+        "attached {} programs: {}",
+        o.attached.len(),
+        o.attached.join(", ")
+    ));
 }
 
 fn check_interval(name: &str, v: f64) -> Result<Duration> {
@@ -200,31 +215,56 @@ fn run(cli: Cli) -> Result<(), (i32, anyhow::Error)> {
     let err = |e: anyhow::Error| (exit::ERROR, e);
     install_signals();
     match cli.cmd {
-        Cmd::Record { common, interval, duration, json } => {
+        Cmd::Record {
+            common,
+            interval,
+            duration,
+            json,
+        } => {
             let iv = check_interval("interval", interval).map_err(usage)?;
             let total = check_interval("duration", duration).map_err(usage)?;
             let mut s = setup(&common)?;
-            notes(&s.observer);
+            // Baseline first: a workload started on the "attached" note must
+            // land in the first interval, not in the baseline.
             let mut prev = s.observer.snapshot().map_err(err)?;
+            notes(&s.observer);
             let start = Instant::now();
             let mut out = std::io::stdout().lock();
             while !STOP.load(Ordering::SeqCst) && start.elapsed() + iv / 2 < total {
                 sleep_interruptible(iv);
                 let cur = s.observer.snapshot().map_err(err)?;
-                let r = report::build(&cur, Some(&prev), &mut s.resolver, programs(&s.observer), &s.ropts);
+                let r = report::build(
+                    &cur,
+                    Some(&prev),
+                    &mut s.resolver,
+                    programs(&s.observer),
+                    &s.ropts,
+                );
                 let line = if json {
-                    serde_json::to_string(&r).context("encoding JSON").map_err(err)? + "\n"
+                    serde_json::to_string(&r)
+                        .context("encoding JSON")
+                        .map_err(err)?
+                        + "\n"
                 } else {
                     report::render_text(&r, 20) + "\n"
                 };
-                if out.write_all(line.as_bytes()).and_then(|_| out.flush()).is_err() {
+                if out
+                    .write_all(line.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_err()
+                {
                     break; // reader went away (head, closed pipe)
                 }
                 prev = cur;
             }
             Ok(())
         }
-        Cmd::Top { common, interval, iterations, rows } => {
+        Cmd::Top {
+            common,
+            interval,
+            iterations,
+            rows,
+        } => {
             let iv = check_interval("interval", interval).map_err(usage)?;
             let mut s = setup(&common)?;
             let tty = std::io::stdout().is_terminal();
@@ -242,27 +282,49 @@ fn run(cli: Cli) -> Result<(), (i32, anyhow::Error)> {
                 })
                 .map_err(err);
             }
-            notes(&s.observer);
             let mut prev = s.observer.snapshot().map_err(err)?;
+            notes(&s.observer);
             let mut n = 0;
             while !STOP.load(Ordering::SeqCst) && iterations.is_none_or(|m| n < m) {
                 sleep_interruptible(iv);
                 let cur = s.observer.snapshot().map_err(err)?;
-                let r = report::build(&cur, Some(&prev), &mut s.resolver, programs(&s.observer), &s.ropts);
+                let r = report::build(
+                    &cur,
+                    Some(&prev),
+                    &mut s.resolver,
+                    programs(&s.observer),
+                    &s.ropts,
+                );
                 println!("{}", report::render_text(&r, rows));
                 prev = cur;
                 n += 1;
             }
             Ok(())
         }
-        Cmd::Serve { common, listen, duration } => {
-            let total = duration.map(|d| check_interval("duration", d)).transpose().map_err(usage)?;
+        Cmd::Serve {
+            common,
+            listen,
+            duration,
+        } => {
+            let total = duration
+                .map(|d| check_interval("duration", d))
+                .transpose()
+                .map_err(usage)?;
             // Bind before loading BPF: a busy port must not cost an attach/detach.
             let listener = prom::bind(&listen).map_err(|e| (exit::REFUSED, e))?;
             let mut s = setup(&common)?;
             notes(&s.observer);
-            listener.set_nonblocking(true).context("listener").map_err(err)?;
-            eprintln!("overhead: serving Prometheus metrics on http://{}/metrics", listener.local_addr().map(|a| a.to_string()).unwrap_or(listen));
+            listener
+                .set_nonblocking(true)
+                .context("listener")
+                .map_err(err)?;
+            eprintln!(
+                "overhead: serving Prometheus metrics on http://{}/metrics",
+                listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or(listen)
+            );
             let start = Instant::now();
             while !STOP.load(Ordering::SeqCst) && total.is_none_or(|t| start.elapsed() < t) {
                 match listener.accept() {

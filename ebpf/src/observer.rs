@@ -142,7 +142,10 @@ fn libbpf_log(_level: libbpf_rs::PrintLevel, msg: String) {
 }
 
 fn take_libbpf_log() -> String {
-    let lines = LIBBPF_LOG.lock().map(|mut l| std::mem::take(&mut *l)).unwrap_or_default();
+    let lines = LIBBPF_LOG
+        .lock()
+        .map(|mut l| std::mem::take(&mut *l))
+        .unwrap_or_default();
     let tail: Vec<_> = lines.iter().rev().take(15).rev().cloned().collect();
     tail.join("\n")
 }
@@ -173,24 +176,26 @@ pub fn check_privileges() -> Result<()> {
     )
 }
 
-/// True when some BTF file in `dir` (vmlinux or a module's) defines the
-/// tracepoint's `btf_trace_<name>` typedef, which is what tp_btf attaches to.
-/// A byte search of the string section is enough: the name exists there
-/// exactly when the typedef does, and it cannot panic on odd files.
-pub fn tracepoint_in_btf(dir: &Path, name: &str) -> bool {
-    let needle = format!("\0btf_trace_{name}\0");
+/// The tracepoints that some BTF file in `dir` (vmlinux or a module's)
+/// defines a `btf_trace_<name>` typedef for, which is what tp_btf attaches
+/// to. Collected from the NUL-separated string sections: a name is there
+/// exactly when the typedef is, and splitting bytes cannot panic on odd files.
+pub fn btf_tracepoints(dir: &Path) -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
+        return out;
     };
     for e in entries.flatten() {
         let Ok(data) = std::fs::read(e.path()) else {
             continue;
         };
-        if data.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-            return true;
+        for s in data.split(|b| *b == 0) {
+            if let Some(name) = s.strip_prefix(b"btf_trace_") {
+                out.insert(String::from_utf8_lossy(name).into_owned());
+            }
         }
     }
-    false
+    out
 }
 
 /// Copy a map value's bytes into a skeleton struct.
@@ -226,6 +231,7 @@ impl Observer {
         }
         libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Info, libbpf_log)));
 
+        let available = btf_tracepoints(&opts.btf_dir);
         let mut skipped = Vec::new();
         let mut wanted = Vec::new();
         for (prog, tp, group) in PROGRAMS {
@@ -241,9 +247,11 @@ impl Observer {
                 });
                 continue;
             }
-            if !tracepoint_in_btf(&opts.btf_dir, tp) {
+            if !available.contains(tp) {
                 let why = match group {
-                    Group::Vm => "tracepoint absent from kernel and module BTF (kvm not built in or module not loaded)",
+                    Group::Vm => {
+                        "tracepoint absent from kernel and module BTF (kvm not built in or module not loaded)"
+                    }
                     Group::Sched => "tracepoint absent from kernel BTF",
                 };
                 skipped.push(Skipped {
@@ -327,7 +335,12 @@ impl Observer {
             .object()
             .progs()
             .filter(|p| self.attached.iter().any(|a| p.name() == a.as_str()))
-            .map(|p| (p.name().to_string_lossy().into_owned(), p.as_fd().as_raw_fd()))
+            .map(|p| {
+                (
+                    p.name().to_string_lossy().into_owned(),
+                    p.as_fd().as_raw_fd(),
+                )
+            })
             .collect()
     }
 
@@ -339,13 +352,17 @@ impl Observer {
             ..Default::default()
         };
         for kb in maps.exit_stats.keys() {
-            let Some(k) = pod::<exit_key>(&kb) else { continue };
+            let Some(k) = pod::<exit_key>(&kb) else {
+                continue;
+            };
             let Some(per_cpu) = maps.exit_stats.lookup_percpu(&kb, MapFlags::ANY)? else {
                 continue; // deleted meanwhile
             };
             let mut v = ExitVal::default();
             for b in per_cpu {
-                let Some(c) = pod::<exit_val>(&b) else { continue };
+                let Some(c) = pod::<exit_val>(&b) else {
+                    continue;
+                };
                 v.count += c.count;
                 v.sum_ns += c.sum_ns;
                 v.max_ns = v.max_ns.max(c.max_ns);
@@ -367,7 +384,9 @@ impl Observer {
             let Some(b) = maps.vcpus.lookup(&kb, MapFlags::ANY)? else {
                 continue;
             };
-            let Some(v) = pod::<vcpu_val>(&b) else { continue };
+            let Some(v) = pod::<vcpu_val>(&b) else {
+                continue;
+            };
             snap.vcpus.insert(
                 tid,
                 VcpuVal {
@@ -398,13 +417,17 @@ impl Observer {
             snap.cgroups.insert(id, v);
         }
         for kb in maps.pairs.keys() {
-            let Some(k) = pod::<pair_key>(&kb) else { continue };
+            let Some(k) = pod::<pair_key>(&kb) else {
+                continue;
+            };
             let Some(per_cpu) = maps.pairs.lookup_percpu(&kb, MapFlags::ANY)? else {
                 continue;
             };
             let mut v = PairVal::default();
             for b in per_cpu {
-                let Some(c) = pod::<pair_val>(&b) else { continue };
+                let Some(c) = pod::<pair_val>(&b) else {
+                    continue;
+                };
                 v.wait_count += c.wait_count;
                 v.wait_ns += c.wait_ns;
                 v.preemptions += c.preemptions;

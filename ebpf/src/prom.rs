@@ -12,11 +12,16 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn labels(pairs: &[(&str, String)]) -> String {
-    let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}=\"{}\"", esc(v))).collect();
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+        .collect();
     format!("{{{}}}", inner.join(","))
 }
 
@@ -61,7 +66,12 @@ pub fn render(
             let v = &snap.exits[k];
             let (kind, reason) = match k.kind {
                 0 => ("hw", reasons::hw_exit_name(k.isa, k.reason)),
-                1 => ("user", reasons::kvm_exit_name(k.reason).map(str::to_string).unwrap_or_else(|| k.reason.to_string())),
+                1 => (
+                    "user",
+                    reasons::kvm_exit_name(k.reason)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| k.reason.to_string()),
+                ),
                 2 => ("pio_in", format!("{:#x}", k.reason)),
                 _ => ("pio_out", format!("{:#x}", k.reason)),
             };
@@ -71,7 +81,14 @@ pub fn render(
                 ("vcpu", vcpu.to_string()),
                 ("tid", k.tid.to_string()),
                 ("kind", kind.to_string()),
-                ("isa", if k.kind == 0 { reasons::isa_name(k.isa).to_string() } else { String::new() }),
+                (
+                    "isa",
+                    if k.kind == 0 {
+                        reasons::isa_name(k.isa).to_string()
+                    } else {
+                        String::new()
+                    },
+                ),
                 ("reason", reason),
             ];
             let _ = writeln!(o, "overhead_kvm_exits_total{} {}", labels(&l), v.count);
@@ -82,7 +99,13 @@ pub fn render(
         o.push_str("# HELP overhead_kvm_exit_duration_seconds Time from kvm_exit to the next kvm_entry on the same thread.\n# TYPE overhead_kvm_exit_duration_seconds histogram\n");
         for (l, v) in hw {
             let l: Vec<_> = l.into_iter().filter(|(k, _)| *k != "kind").collect();
-            histogram(&mut o, "overhead_kvm_exit_duration_seconds", &l, &v.hist, v.sum_ns);
+            histogram(
+                &mut o,
+                "overhead_kvm_exit_duration_seconds",
+                &l,
+                &v.hist,
+                v.sum_ns,
+            );
         }
         o.push_str("# HELP overhead_vcpu_runqueue_delay_seconds_total Time vCPU threads waited for a CPU (the guest's steal time).\n# TYPE overhead_vcpu_runqueue_delay_seconds_total counter\n");
         let mut tids: Vec<_> = snap.vcpus.iter().collect();
@@ -96,7 +119,12 @@ pub fn render(
                 ("vcpu", v.vcpu_id.to_string()),
                 ("tid", tid.to_string()),
             ];
-            let _ = writeln!(o, "overhead_vcpu_runqueue_delay_seconds_total{} {}", labels(&l), v.rq_sum_ns as f64 / 1e9);
+            let _ = writeln!(
+                o,
+                "overhead_vcpu_runqueue_delay_seconds_total{} {}",
+                labels(&l),
+                v.rq_sum_ns as f64 / 1e9
+            );
         }
     }
     if cg_on {
@@ -116,12 +144,23 @@ pub fn render(
             .collect();
         o.push_str("# HELP overhead_cgroup_cpu_seconds_total CPU time of the cgroup's tasks, from sched_switch.\n# TYPE overhead_cgroup_cpu_seconds_total counter\n");
         for (id, l) in &named {
-            let _ = writeln!(o, "overhead_cgroup_cpu_seconds_total{} {}", labels(l), snap.cgroups[id].cpu_ns as f64 / 1e9);
+            let _ = writeln!(
+                o,
+                "overhead_cgroup_cpu_seconds_total{} {}",
+                labels(l),
+                snap.cgroups[id].cpu_ns as f64 / 1e9
+            );
         }
         o.push_str("# HELP overhead_cgroup_runqueue_latency_seconds Wakeup/preemption to running, per cgroup.\n# TYPE overhead_cgroup_runqueue_latency_seconds histogram\n");
         for (id, l) in &named {
             let v = &snap.cgroups[id];
-            histogram(&mut o, "overhead_cgroup_runqueue_latency_seconds", l, &v.hist, v.rq_sum_ns);
+            histogram(
+                &mut o,
+                "overhead_cgroup_runqueue_latency_seconds",
+                l,
+                &v.hist,
+                v.rq_sum_ns,
+            );
         }
         o.push_str("# HELP overhead_cgroup_preempted_wait_seconds_total Run-queue wait of a cgroup, by the cgroup holding the CPU when the wait ended (by_class: same, other, host, idle).\n# TYPE overhead_cgroup_preempted_wait_seconds_total counter\n");
         let mut pairs: Vec<_> = snap.pairs.iter().collect();
@@ -146,10 +185,29 @@ pub fn render(
                 "other"
             };
             let mut l = vl.clone();
-            l.push(("by", if *culprit == 0 { "idle".into() } else { resolver.path(*culprit).unwrap_or_else(|| format!("#{culprit}")) }));
+            l.push((
+                "by",
+                if *culprit == 0 {
+                    "idle".into()
+                } else {
+                    resolver
+                        .path(*culprit)
+                        .unwrap_or_else(|| format!("#{culprit}"))
+                },
+            ));
             l.push(("by_class", class.into()));
-            let _ = writeln!(o, "overhead_cgroup_preempted_wait_seconds_total{} {}", labels(&l), v.wait_ns as f64 / 1e9);
-            let _ = writeln!(preempt_lines, "overhead_cgroup_preemptions_total{} {}", labels(&l), v.preemptions);
+            let _ = writeln!(
+                o,
+                "overhead_cgroup_preempted_wait_seconds_total{} {}",
+                labels(&l),
+                v.wait_ns as f64 / 1e9
+            );
+            let _ = writeln!(
+                preempt_lines,
+                "overhead_cgroup_preemptions_total{} {}",
+                labels(&l),
+                v.preemptions
+            );
         }
         o.push_str("# HELP overhead_cgroup_preemptions_total Times a cgroup's task was preempted, by the cgroup that got the CPU.\n# TYPE overhead_cgroup_preemptions_total counter\n");
         o.push_str(&preempt_lines);
@@ -159,13 +217,27 @@ pub fn render(
         for (_, l) in &named {
             let f = cgroup::cpu_files(&resolver.mounts, &l[0].1);
             if let Some(n) = f.nr_throttled {
-                let _ = writeln!(thr, "overhead_cgroup_throttled_periods_total{} {n}", labels(l));
+                let _ = writeln!(
+                    thr,
+                    "overhead_cgroup_throttled_periods_total{} {n}",
+                    labels(l)
+                );
             }
             if let Some(u) = f.throttled_usec {
-                let _ = writeln!(thr_s, "overhead_cgroup_throttled_seconds_total{} {}", labels(l), u as f64 / 1e6);
+                let _ = writeln!(
+                    thr_s,
+                    "overhead_cgroup_throttled_seconds_total{} {}",
+                    labels(l),
+                    u as f64 / 1e6
+                );
             }
             if let Some(u) = f.pressure_some_total_usec {
-                let _ = writeln!(psi, "overhead_cgroup_cpu_pressure_some_seconds_total{} {}", labels(l), u as f64 / 1e6);
+                let _ = writeln!(
+                    psi,
+                    "overhead_cgroup_cpu_pressure_some_seconds_total{} {}",
+                    labels(l),
+                    u as f64 / 1e6
+                );
             }
         }
         o.push_str("# HELP overhead_cgroup_throttled_periods_total nr_throttled from cpu.stat (v2, or v1 cpu controller).\n# TYPE overhead_cgroup_throttled_periods_total counter\n");
@@ -177,11 +249,19 @@ pub fn render(
     }
     o.push_str("# HELP overhead_drops_total Map updates lost because a BPF map was full (numbers are incomplete when non-zero).\n# TYPE overhead_drops_total counter\n");
     for (name, n) in &snap.drops {
-        let _ = writeln!(o, "overhead_drops_total{} {n}", labels(&[("map", name.clone())]));
+        let _ = writeln!(
+            o,
+            "overhead_drops_total{} {n}",
+            labels(&[("map", name.clone())])
+        );
     }
     o.push_str("# HELP overhead_program_attached BPF programs attached by this observer.\n# TYPE overhead_program_attached gauge\n");
     for p in attached {
-        let _ = writeln!(o, "overhead_program_attached{} 1", labels(&[("program", p.clone())]));
+        let _ = writeln!(
+            o,
+            "overhead_program_attached{} 1",
+            labels(&[("program", p.clone())])
+        );
     }
     o
 }
@@ -221,13 +301,22 @@ pub fn handle(mut stream: TcpStream, body: impl FnOnce() -> String) -> Result<()
     let first = req.lines().next().unwrap_or("");
     let mut parts = first.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, text) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body())
-    } else if method == "GET" && path == "/" {
-        ("200 OK", "text/plain", "overhead exporter: metrics at /metrics\n".to_string())
-    } else {
-        ("404 Not Found", "text/plain", "not found; try /metrics\n".to_string())
-    };
+    let (status, ctype, text) =
+        if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body())
+        } else if method == "GET" && path == "/" {
+            (
+                "200 OK",
+                "text/plain",
+                "overhead exporter: metrics at /metrics\n".to_string(),
+            )
+        } else {
+            (
+                "404 Not Found",
+                "text/plain",
+                "not found; try /metrics\n".to_string(),
+            )
+        };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         text.len()

@@ -94,8 +94,9 @@ pub fn vmx_reason_name(code: u32) -> Option<&'static str> {
 
 const SVM_CR_DR: [&str; 4] = ["read_cr", "write_cr", "read_dr", "write_dr"];
 const EXC_NAMES: [&str; 32] = [
-    "DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "09", "TS", "NP", "SS", "GP", "PF", "15",
-    "MF", "AC", "MC", "XM", "VE", "CP", "22", "23", "24", "25", "26", "27", "HV", "VC", "SX", "31",
+    "DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "09", "TS", "NP", "SS", "GP", "PF",
+    "15", "MF", "AC", "MC", "XM", "VE", "CP", "22", "23", "24", "25", "26", "27", "HV", "VC", "SX",
+    "31",
 ];
 
 /// SVM names. Ranged codes (CR/DR accesses, exceptions) are generated, so the
@@ -173,12 +174,47 @@ pub fn svm_reason_name(code: u32) -> Option<String> {
 
 pub fn kvm_exit_name(code: u32) -> Option<&'static str> {
     const NAMES: [&str; 41] = [
-        "UNKNOWN", "EXCEPTION", "IO", "HYPERCALL", "DEBUG", "HLT", "MMIO", "IRQ_WINDOW_OPEN",
-        "SHUTDOWN", "FAIL_ENTRY", "INTR", "SET_TPR", "TPR_ACCESS", "S390_SIEIC", "S390_RESET",
-        "DCR", "NMI", "INTERNAL_ERROR", "OSI", "PAPR_HCALL", "S390_UCONTROL", "WATCHDOG",
-        "S390_TSCH", "EPR", "SYSTEM_EVENT", "S390_STSI", "IOAPIC_EOI", "HYPERV", "ARM_NISV",
-        "X86_RDMSR", "X86_WRMSR", "DIRTY_RING_FULL", "AP_RESET_HOLD", "X86_BUS_LOCK", "XEN",
-        "RISCV_SBI", "RISCV_CSR", "NOTIFY", "LOONGARCH_IOCSR", "MEMORY_FAULT", "TDX",
+        "UNKNOWN",
+        "EXCEPTION",
+        "IO",
+        "HYPERCALL",
+        "DEBUG",
+        "HLT",
+        "MMIO",
+        "IRQ_WINDOW_OPEN",
+        "SHUTDOWN",
+        "FAIL_ENTRY",
+        "INTR",
+        "SET_TPR",
+        "TPR_ACCESS",
+        "S390_SIEIC",
+        "S390_RESET",
+        "DCR",
+        "NMI",
+        "INTERNAL_ERROR",
+        "OSI",
+        "PAPR_HCALL",
+        "S390_UCONTROL",
+        "WATCHDOG",
+        "S390_TSCH",
+        "EPR",
+        "SYSTEM_EVENT",
+        "S390_STSI",
+        "IOAPIC_EOI",
+        "HYPERV",
+        "ARM_NISV",
+        "X86_RDMSR",
+        "X86_WRMSR",
+        "DIRTY_RING_FULL",
+        "AP_RESET_HOLD",
+        "X86_BUS_LOCK",
+        "XEN",
+        "RISCV_SBI",
+        "RISCV_CSR",
+        "NOTIFY",
+        "LOONGARCH_IOCSR",
+        "MEMORY_FAULT",
+        "TDX",
     ];
     NAMES.get(code as usize).copied()
 }

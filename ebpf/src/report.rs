@@ -145,7 +145,11 @@ pub fn hist_quantile(hist: &[u64; 32], q: f64, max: u64) -> u64 {
     for (i, &c) in hist.iter().enumerate() {
         seen += c;
         if seen >= want {
-            let upper = if i >= 63 { u64::MAX } else { (1u64 << (i + 1)) - 1 };
+            let upper = if i >= 63 {
+                u64::MAX
+            } else {
+                (1u64 << (i + 1)) - 1
+            };
             return if max > 0 { upper.min(max) } else { upper };
         }
     }
@@ -195,7 +199,11 @@ pub fn pid_cgroup_path(pid: u32) -> Option<String> {
 
 fn exit_row(k: &ExitKey, v: &ExitVal) -> ExitRow {
     let (kind, isa, name) = match k.kind {
-        0 => ("hw", reasons::isa_name(k.isa), reasons::hw_exit_name(k.isa, k.reason)),
+        0 => (
+            "hw",
+            reasons::isa_name(k.isa),
+            reasons::hw_exit_name(k.isa, k.reason),
+        ),
         1 => (
             "user",
             "kvm",
@@ -229,7 +237,9 @@ pub fn build(
     opts: &ReportOptions,
 ) -> Report {
     let f = &opts.filter;
-    let interval_ns = prev.map(|p| cur.mono_ns.saturating_sub(p.mono_ns)).unwrap_or(0);
+    let interval_ns = prev
+        .map(|p| cur.mono_ns.saturating_sub(p.mono_ns))
+        .unwrap_or(0);
     let ts_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -246,7 +256,11 @@ pub fn build(
             if d.count == 0 {
                 continue;
             }
-            vms.entry(k.tgid).or_default().entry(k.tid).or_default().push(exit_row(k, &d));
+            vms.entry(k.tgid)
+                .or_default()
+                .entry(k.tid)
+                .or_default()
+                .push(exit_row(k, &d));
         }
         // vCPU threads that only waited this interval still deserve a row.
         for (tid, v) in &cur.vcpus {
@@ -267,10 +281,17 @@ pub fn build(
                 .map(|(tid, mut exits)| {
                     exits.sort_by(|a, b| b.sum_ns.cmp(&a.sum_ns).then(b.count.cmp(&a.count)));
                     let v = cur.vcpus.get(&tid).copied().unwrap_or_default();
-                    let pv = prev.and_then(|p| p.vcpus.get(&tid)).copied().unwrap_or_default();
+                    let pv = prev
+                        .and_then(|p| p.vcpus.get(&tid))
+                        .copied()
+                        .unwrap_or_default();
                     VcpuRow {
                         tid,
-                        vcpu_id: if cur.vcpus.contains_key(&tid) { v.vcpu_id } else { -1 },
+                        vcpu_id: if cur.vcpus.contains_key(&tid) {
+                            v.vcpu_id
+                        } else {
+                            -1
+                        },
                         comm: comm(tid),
                         rq_delay_ns: v.rq_sum_ns.saturating_sub(pv.rq_sum_ns),
                         rq_waits: v.rq_count.saturating_sub(pv.rq_count),
@@ -283,16 +304,26 @@ pub fn build(
                 comm: comm(pid),
                 exits: vcpus
                     .iter()
-                    .flat_map(|v| v.exits.iter().filter(|e| e.kind == "hw" || e.kind == "user"))
+                    .flat_map(|v| {
+                        v.exits
+                            .iter()
+                            .filter(|e| e.kind == "hw" || e.kind == "user")
+                    })
                     .map(|e| e.count)
                     .sum(),
-                exit_ns: vcpus.iter().flat_map(|v| v.exits.iter()).map(|e| e.sum_ns).sum(),
+                exit_ns: vcpus
+                    .iter()
+                    .flat_map(|v| v.exits.iter())
+                    .map(|e| e.sum_ns)
+                    .sum(),
                 rq_delay_ns: vcpus.iter().map(|v| v.rq_delay_ns).sum(),
                 vcpus,
             }
         })
         .collect();
-    vm_rows.sort_by(|a, b| (b.exit_ns + b.rq_delay_ns, b.exits).cmp(&(a.exit_ns + a.rq_delay_ns, a.exits)));
+    vm_rows.sort_by(|a, b| {
+        (b.exit_ns + b.rq_delay_ns, b.exits).cmp(&(a.exit_ns + a.rq_delay_ns, a.exits))
+    });
 
     // Cgroups.
     let root = resolver.root_id();
@@ -300,7 +331,10 @@ pub fn build(
     let mut cg_rows = Vec::new();
     if !f.vm_only {
         for ((victim, culprit), v) in &cur.pairs {
-            let p = prev.and_then(|p| p.pairs.get(&(*victim, *culprit))).copied().unwrap_or_default();
+            let p = prev
+                .and_then(|p| p.pairs.get(&(*victim, *culprit)))
+                .copied()
+                .unwrap_or_default();
             let wait_ns = v.wait_ns.saturating_sub(p.wait_ns);
             let waits = v.wait_count.saturating_sub(p.wait_count);
             let preemptions = v.preemptions.saturating_sub(p.preemptions);
@@ -337,7 +371,7 @@ pub fn build(
             }
             let path = resolver.path(*id);
             let mut preempted_by = by_victim.remove(id).unwrap_or_default();
-            preempted_by.sort_by(|a, b| b.wait_ns.cmp(&a.wait_ns));
+            preempted_by.sort_by_key(|p| std::cmp::Reverse(p.wait_ns));
             let rq_p99_ns = hist_quantile(&d.hist, 0.99, d.rq_max_ns);
             let noisy = rq_p99_ns > opts.noisy_p99_ns && d.rq_count >= opts.noisy_min_waits;
             cg_rows.push(CgroupRow {
@@ -359,7 +393,7 @@ pub fn build(
             });
         }
     }
-    cg_rows.sort_by(|a, b| (b.rq_sum_ns, b.cpu_ns).cmp(&(a.rq_sum_ns, a.cpu_ns)));
+    cg_rows.sort_by_key(|c| std::cmp::Reverse((c.rq_sum_ns, c.cpu_ns)));
     let noisy = cg_rows
         .iter()
         .filter(|c| c.noisy)
@@ -402,7 +436,12 @@ fn us(ns: u64) -> String {
 pub fn render_text(r: &Report, max_rows: usize) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(s, "interval {:.2}s  drops {}", r.interval_s, r.drops.values().sum::<u64>());
+    let _ = writeln!(
+        s,
+        "interval {:.2}s  drops {}",
+        r.interval_s,
+        r.drops.values().sum::<u64>()
+    );
     if !r.programs.skipped.is_empty() {
         for sk in &r.programs.skipped {
             let _ = writeln!(s, "note: {} skipped: {}", sk.tracepoint, sk.reason);
@@ -422,13 +461,24 @@ pub fn render_text(r: &Report, max_rows: usize) -> String {
                 .take(3)
                 .map(|e| {
                     if e.sum_ns > 0 {
-                        format!("{}/{} {} {}", e.kind, e.name, e.count, us(e.sum_ns / e.count.max(1)))
+                        format!(
+                            "{}/{} {} {}",
+                            e.kind,
+                            e.name,
+                            e.count,
+                            us(e.sum_ns / e.count.max(1))
+                        )
                     } else {
                         format!("{}/{} {}", e.kind, e.name, e.count)
                     }
                 })
                 .collect();
-            let exits: u64 = v.exits.iter().filter(|e| e.kind == "hw" || e.kind == "user").map(|e| e.count).sum();
+            let exits: u64 = v
+                .exits
+                .iter()
+                .filter(|e| e.kind == "hw" || e.kind == "user")
+                .map(|e| e.count)
+                .sum();
             let exit_ns: u64 = v.exits.iter().map(|e| e.sum_ns).sum();
             let _ = writeln!(
                 s,
@@ -475,7 +525,10 @@ pub fn render_text(r: &Report, max_rows: usize) -> String {
             ms(c.rq_sum_ns),
             us(c.rq_p50_ns),
             us(c.rq_p99_ns),
-            c.cpu_files.nr_throttled.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+            c.cpu_files
+                .nr_throttled
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into()),
             by.join(", "),
             if c.noisy { "  NOISY" } else { "" }
         );
@@ -492,7 +545,11 @@ pub fn render_text(r: &Report, max_rows: usize) -> String {
             n.path.clone().unwrap_or_else(|| n.cgroup_id.to_string()),
             us(n.rq_p99_ns),
             us(n.threshold_ns),
-            if who.is_empty() { "-".to_string() } else { who.join(", ") }
+            if who.is_empty() {
+                "-".to_string()
+            } else {
+                who.join(", ")
+            }
         );
     }
     s

@@ -30,8 +30,17 @@ pub fn run(
 }
 
 fn terminal_rows() -> usize {
-    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ fills the winsize we pass; failure leaves it zeroed.
     let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0;
-    if ok && ws.ws_row > 0 { ws.ws_row as usize } else { 40 }
+    if ok && ws.ws_row > 0 {
+        ws.ws_row as usize
+    } else {
+        40
+    }
 }

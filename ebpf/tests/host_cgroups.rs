@@ -44,7 +44,10 @@ fn hog(cg: &Path) -> util::KillOnDrop {
 
 fn run_delay_ns(pid: u32) -> u64 {
     let t = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).expect("schedstat");
-    t.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("run_delay")
+    t.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("run_delay")
 }
 
 fn cpus_allowed(pid: u32) -> String {
@@ -87,7 +90,10 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
             && report::pid_cgroup_path(vpid).is_some_and(|p| p.ends_with("-victim"));
         ok.then_some(())
     });
-    assert!(settled.is_some(), "hogs did not settle on CPU 0 in their cgroups");
+    assert!(
+        settled.is_some(),
+        "hogs did not settle on CPU 0 in their cgroups"
+    );
     std::thread::sleep(Duration::from_millis(200));
 
     let d0 = run_delay_ns(vpid);
@@ -98,7 +104,12 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
     drop(victim);
     drop(noisy);
 
-    let waited = |s: &RawSnapshot, culprit: u64| s.pairs.get(&(victim_id, culprit)).map(|v| v.wait_ns).unwrap_or(0);
+    let waited = |s: &RawSnapshot, culprit: u64| {
+        s.pairs
+            .get(&(victim_id, culprit))
+            .map(|v| v.wait_ns)
+            .unwrap_or(0)
+    };
     let total = |s: &RawSnapshot| s.cgroups.get(&victim_id).map(|v| v.rq_sum_ns).unwrap_or(0);
     let by_noisy = waited(&s1, noisy_id) - waited(&s0, noisy_id);
     let bpf_total = total(&s1) - total(&s0);
@@ -110,7 +121,10 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
         kernel_total as f64 / 1e6
     );
     // Two hogs sharing one CPU: the victim waits roughly half the window.
-    assert!(kernel_total > 300_000_000, "victim barely waited ({kernel_total} ns): no contention?");
+    assert!(
+        kernel_total > 300_000_000,
+        "victim barely waited ({kernel_total} ns): no contention?"
+    );
     assert!(
         by_noisy * 10 >= bpf_total * 6,
         "at least 60% of the victim's wait must be behind the noisy cgroup: {by_noisy} of {bpf_total} ns"
@@ -131,16 +145,44 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
         &s1,
         Some(&s0),
         &mut resolver,
-        Programs { attached: obs.attached.clone(), skipped: vec![] },
-        &ReportOptions { noisy_p99_ns: 1_000_000, noisy_min_waits: 5, ..Default::default() },
+        Programs {
+            attached: obs.attached.clone(),
+            skipped: vec![],
+        },
+        &ReportOptions {
+            noisy_p99_ns: 1_000_000,
+            noisy_min_waits: 5,
+            ..Default::default()
+        },
     );
-    let row = r.cgroups.iter().find(|c| c.id == victim_id).expect("victim row");
-    assert_eq!(row.path.as_deref(), Some(format!("/livehost-test-{tag}-victim").as_str()));
-    let top = row.preempted_by.first().expect("someone preempted the victim");
+    let row = r
+        .cgroups
+        .iter()
+        .find(|c| c.id == victim_id)
+        .expect("victim row");
+    assert_eq!(
+        row.path.as_deref(),
+        Some(format!("/livehost-test-{tag}-victim").as_str())
+    );
+    let top = row
+        .preempted_by
+        .first()
+        .expect("someone preempted the victim");
     assert_eq!(top.cgroup_id, noisy_id);
     assert_eq!(top.class, "other");
-    assert!(row.cpu_ns > 200_000_000, "the victim ran too: {} ns", row.cpu_ns);
+    assert!(
+        row.cpu_ns > 200_000_000,
+        "the victim ran too: {} ns",
+        row.cpu_ns
+    );
     // A few-ms CFS slice puts p99 above 1 ms: flagged, noisy cgroup named.
-    let n = r.noisy.iter().find(|n| n.cgroup_id == victim_id).expect("victim flagged as noisy-neighbour victim");
-    assert_eq!(n.top_preempters.first().map(|p| p.cgroup_id), Some(noisy_id));
+    let n = r
+        .noisy
+        .iter()
+        .find(|n| n.cgroup_id == victim_id)
+        .expect("victim flagged as noisy-neighbour victim");
+    assert_eq!(
+        n.top_preempters.first().map(|p| p.cgroup_id),
+        Some(noisy_id)
+    );
 }

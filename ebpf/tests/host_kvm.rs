@@ -18,12 +18,17 @@ fn counts_exactly_n_userspace_io_exits_for_the_vcpu_thread() {
     })
     .expect("observer starts");
     assert!(
-        obs.attached.iter().any(|p| p == "handle_kvm_userspace_exit"),
+        obs.attached
+            .iter()
+            .any(|p| p == "handle_kvm_userspace_exit"),
         "kvm_userspace_exit must attach on this host: {:?}",
         obs.skipped
     );
     const N: u32 = 3000;
-    let run = std::thread::spawn(|| run_pio_guest(N)).join().unwrap().expect("guest runs");
+    let run = std::thread::spawn(|| run_pio_guest(N))
+        .join()
+        .unwrap()
+        .expect("guest runs");
     assert_eq!(run.io_exits, N as u64, "the VMM itself saw N port writes");
     let snap = obs.snapshot().unwrap();
     let key = |kind: u16, reason: u32| ExitKey {
@@ -36,18 +41,41 @@ fn counts_exactly_n_userspace_io_exits_for_the_vcpu_thread() {
     let io = snap.exits.get(&key(1, KVM_EXIT_IO)).map(|v| v.count);
     let hlt = snap.exits.get(&key(1, KVM_EXIT_HLT)).map(|v| v.count);
     let pio = snap.exits.get(&key(3, PORT as u32)).map(|v| v.count);
-    assert_eq!(io, Some(N as u64), "user-space IO exits for tid {}", run.tid);
+    assert_eq!(
+        io,
+        Some(N as u64),
+        "user-space IO exits for tid {}",
+        run.tid
+    );
     assert_eq!(hlt, Some(1), "one HLT exit ends the guest");
     assert_eq!(pio, Some(N as u64), "kvm_pio writes to port {PORT:#x}");
     // Nothing for this tid under any other reason but the ones the guest does.
     let others: Vec<_> = snap
         .exits
         .iter()
-        .filter(|(k, _)| k.tid == run.tid && ![key(1, KVM_EXIT_IO), key(1, KVM_EXIT_HLT), key(3, PORT as u32)].contains(k))
+        .filter(|(k, _)| {
+            k.tid == run.tid
+                && ![
+                    key(1, KVM_EXIT_IO),
+                    key(1, KVM_EXIT_HLT),
+                    key(3, PORT as u32),
+                ]
+                .contains(k)
+        })
         .collect();
-    assert!(others.is_empty(), "unexpected exits for the vCPU thread: {others:?}");
-    assert!(snap.vcpus.contains_key(&run.tid), "the vCPU thread is tracked");
-    assert!(snap.drops.iter().all(|(_, n)| *n == 0), "no drops: {:?}", snap.drops);
+    assert!(
+        others.is_empty(),
+        "unexpected exits for the vCPU thread: {others:?}"
+    );
+    assert!(
+        snap.vcpus.contains_key(&run.tid),
+        "the vCPU thread is tracked"
+    );
+    assert!(
+        snap.drops.iter().all(|(_, n)| *n == 0),
+        "no drops: {:?}",
+        snap.drops
+    );
 }
 
 #[test]
@@ -74,7 +102,10 @@ fn missing_kvm_tracepoints_are_skipped_with_a_note() {
     })
     .expect("sched programs still load");
     let skipped: Vec<_> = obs.skipped.iter().map(|s| s.tracepoint.as_str()).collect();
-    assert_eq!(skipped, ["kvm_exit", "kvm_entry", "kvm_userspace_exit", "kvm_pio"]);
+    assert_eq!(
+        skipped,
+        ["kvm_exit", "kvm_entry", "kvm_userspace_exit", "kvm_pio"]
+    );
     assert!(obs.attached.iter().all(|p| p.starts_with("handle_sched")));
     // And --vm-only on such a kernel is refused with the fix.
     let err = Observer::start(&ObserverOptions {

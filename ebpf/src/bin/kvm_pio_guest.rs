@@ -6,12 +6,17 @@
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 2 || args[1] == "--help" || args[1] == "-h" {
-        eprintln!("usage: kvm-pio-guest N [--delay-ms MS]\n  runs a real-mode KVM guest that writes port {:#x} exactly N times, then HLT",
-            livehost_ebpf::kvm_guest::PORT);
+        eprintln!(
+            "usage: kvm-pio-guest N [--delay-ms MS]\n  runs a real-mode KVM guest that writes port {:#x} exactly N times, then HLT",
+            livehost_ebpf::kvm_guest::PORT
+        );
         std::process::exit(if args.len() < 2 { 2 } else { 0 });
     }
     let Ok(n) = args[1].parse::<u32>() else {
-        eprintln!("kvm-pio-guest: N must be a positive integer, got {:?}", args[1]);
+        eprintln!(
+            "kvm-pio-guest: N must be a positive integer, got {:?}",
+            args[1]
+        );
         std::process::exit(2);
     };
     if args.get(2).map(String::as_str) == Some("--delay-ms") {

@@ -24,7 +24,10 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<(S
     let mut s = TcpStream::connect_timeout(&addr.parse().expect("addr"), timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = Vec::new();
     s.take(64 << 20).read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf).into_owned();
