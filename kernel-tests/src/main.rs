@@ -49,6 +49,18 @@ enum Cmd {
         /// Directory with a Kbuild or Makefile setting obj-m.
         src: PathBuf,
     },
+    /// Benchmark boot-to-command time: boot N guests running `true`, report
+    /// the median and minimum of each phase (QEMU start, kernel boot, init).
+    BenchBoot {
+        #[arg(long, default_value = "debian:bookworm-cloud")]
+        kernel: KernelSpec,
+        #[arg(long, default_value = "auto")]
+        accel: AccelChoice,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Say whether KVM can boot Linux on this machine, and why.
     Probe {
         #[arg(long)]
@@ -144,6 +156,12 @@ fn real_main(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::BenchBoot {
+            kernel,
+            accel,
+            runs,
+            json,
+        } => bench_boot(kernel, accel, runs, json),
         Cmd::Probe { json } => {
             let p = kernel_tests::accel::probe_kvm();
             let lm = kernel_tests::accel::probe_long_mode();
@@ -236,4 +254,62 @@ fn run(a: RunArgs) -> Result<i32> {
         }
     }
     Ok(out.status.exit_code())
+}
+
+fn bench_boot(kernel: KernelSpec, accel: AccelChoice, runs: usize, json: bool) -> Result<i32> {
+    let mut opts = RunOptions::new(["true"]);
+    opts.kernel = kernel;
+    opts.accel = accel;
+    let mut phases: Vec<[f64; 5]> = Vec::new();
+    let mut last = None;
+    for i in 0..runs.max(1) {
+        eprintln!("[bench-boot] run {}/{}", i + 1, runs.max(1));
+        let out = kernel_tests::run(&opts)?;
+        out.success()?;
+        let t = &out.timings;
+        phases.push([
+            t.boot_to_command_ms.unwrap_or(f64::NAN),
+            t.qemu_start_ms.unwrap_or(f64::NAN),
+            t.kernel_boot_ms.unwrap_or(f64::NAN),
+            t.init_to_command_ms.unwrap_or(f64::NAN),
+            t.total_ms,
+        ]);
+        last = Some(out);
+    }
+    let last = last.expect("at least one run");
+    let names = ["boot_to_command_ms", "qemu_start_ms", "kernel_boot_ms", "init_to_command_ms", "total_ms"];
+    let mut summary = serde_json::Map::new();
+    for (i, n) in names.iter().enumerate() {
+        let mut v: Vec<f64> = phases.iter().map(|p| p[i]).collect();
+        v.sort_by(f64::total_cmp);
+        summary.insert(
+            n.to_string(),
+            serde_json::json!({ "median": v[v.len() / 2], "min": v[0], "max": v[v.len() - 1] }),
+        );
+    }
+    let doc = serde_json::json!({
+        "kernel": last.kernel_version,
+        "accel": last.accel,
+        "accel_reason": last.accel_reason,
+        "runs": phases.len(),
+        "phases": summary,
+    });
+    if json {
+        println!("{doc}");
+    } else {
+        println!("boot to command, {} runs, kernel {} under {}", phases.len(), last.kernel_version, last.accel);
+        println!("{:<22} {:>9} {:>9} {:>9}", "phase", "median", "min", "max");
+        for n in names {
+            let p = &doc["phases"][n];
+            println!(
+                "{:<22} {:>7.0}ms {:>7.0}ms {:>7.0}ms",
+                n,
+                p["median"].as_f64().unwrap_or(f64::NAN),
+                p["min"].as_f64().unwrap_or(f64::NAN),
+                p["max"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        println!("({})", last.accel_reason);
+    }
+    Ok(0)
 }
