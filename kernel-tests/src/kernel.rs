@@ -525,6 +525,11 @@ fn fetch_debian(suite: DebianSuite, cache: &Path, progress: &Progress) -> Result
             );
         }
     }
+    // Trixie and later ship a merged /usr (modules in usr/lib/modules); give
+    // depmod and our own lookups the classic lib/ path.
+    if !root.join("lib").exists() && root.join("usr/lib").is_dir() {
+        std::os::unix::fs::symlink("usr/lib", root.join("lib"))?;
+    }
     progress.step("running depmod");
     let st = Command::new("depmod")
         .arg("-b")

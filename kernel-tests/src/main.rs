@@ -277,7 +277,13 @@ fn bench_boot(kernel: KernelSpec, accel: AccelChoice, runs: usize, json: bool) -
         last = Some(out);
     }
     let last = last.expect("at least one run");
-    let names = ["boot_to_command_ms", "qemu_start_ms", "kernel_boot_ms", "init_to_command_ms", "total_ms"];
+    let names = [
+        "boot_to_command_ms",
+        "qemu_start_ms",
+        "kernel_boot_ms",
+        "init_to_command_ms",
+        "total_ms",
+    ];
     let mut summary = serde_json::Map::new();
     for (i, n) in names.iter().enumerate() {
         let mut v: Vec<f64> = phases.iter().map(|p| p[i]).collect();
@@ -297,7 +303,12 @@ fn bench_boot(kernel: KernelSpec, accel: AccelChoice, runs: usize, json: bool) -
     if json {
         println!("{doc}");
     } else {
-        println!("boot to command, {} runs, kernel {} under {}", phases.len(), last.kernel_version, last.accel);
+        println!(
+            "boot to command, {} runs, kernel {} under {}",
+            phases.len(),
+            last.kernel_version,
+            last.accel
+        );
         println!("{:<22} {:>9} {:>9} {:>9}", "phase", "median", "min", "max");
         for n in names {
             let p = &doc["phases"][n];

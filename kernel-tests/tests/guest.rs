@@ -135,3 +135,19 @@ fn modules_load_with_their_dependencies() {
     let probe: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
     assert_eq!(probe["long_mode"]["halted"], true, "{probe}");
 }
+
+#[test]
+fn the_second_suite_boots_through_the_private_apt_config() {
+    // Debian 13's kernel: merged /usr and xz-compressed modules.
+    let spec: KernelSpec = "debian:trixie-cloud".parse().unwrap();
+    let k = kernel_tests::fetch(&spec).unwrap();
+    assert!(k.version.starts_with("6.12"), "{}", k.version);
+    let mut o = opts("uname -r; grep -c '^kvm ' /proc/modules");
+    o.kernel = spec;
+    o.modules = vec!["kvm".into()];
+    let out = kernel_tests::run(&o).unwrap();
+    assert_eq!(out.success().unwrap(), format!("{}\n1\n", k.version));
+    // The host's apt sources were not touched.
+    let sources = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    assert!(!sources.contains("trixie"));
+}
