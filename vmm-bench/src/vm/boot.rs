@@ -1,0 +1,297 @@
+//! Whole runs: the unikernel with the workload, and raw code blobs (probe,
+//! bad-guest tests, the exit round-trip comparison).
+
+use super::vcpu::Observed;
+use super::{Kvm, Mode, Phases, RunEnd, RunError, Vm, elf, layout, us};
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// The unikernel image built by build.rs.
+pub static UNIKERNEL: &[u8] = include_bytes!(env!("VMM_BENCH_UNIKERNEL"));
+
+#[derive(Debug, Clone)]
+pub struct UnikernelRun<'a> {
+    pub image: &'a [u8],
+    pub kib: u64,
+    pub seed: u64,
+    pub loop_n: u64,
+    pub timeout: Duration,
+}
+
+impl Default for UnikernelRun<'_> {
+    fn default() -> Self {
+        UnikernelRun {
+            image: UNIKERNEL,
+            kib: 64,
+            seed: vmm_bench_workload::DEFAULT_SEED,
+            loop_n: 1000,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What one unikernel boot in our VMM measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnikernelReport {
+    pub checksum: u64,
+    pub ram_bytes: u64,
+    pub phases: Phases,
+    /// Launch (before KVM_CREATE_VM) to the guest's boot-timer write, host clock.
+    pub boot_timer_us: f64,
+    /// Launch to the first exit of any kind, host clock.
+    pub first_exit_us: f64,
+    /// Launch to the final HLT, host clock.
+    pub total_us: f64,
+    pub tsc_khz: Option<u32>,
+    /// Guest-reported boot: first instruction to the boot-timer write, from
+    /// the guest's TSC and the vCPU's TSC rate.
+    pub guest_boot_us: Option<f64>,
+    pub guest_workload_us: Option<f64>,
+    pub guest_port_exit_ns: Option<f64>,
+    pub guest_cpuid_ns: Option<f64>,
+    pub guest_call_ns: Option<f64>,
+    pub loop_n: u64,
+    pub exits: super::ExitCounts,
+    pub serial: String,
+    /// Process RSS minus the guest RAM that is resident: the VMM's own cost.
+    pub vmm_overhead_bytes: Option<u64>,
+}
+
+/// Boot the unikernel in our VMM in 64-bit mode and run the workload.
+pub fn run_unikernel(kvm: &Kvm, cfg: &UnikernelRun) -> Result<UnikernelReport> {
+    if cfg.kib == 0 || cfg.kib > 2 << 20 {
+        bail!("workload size {} KiB is out of range (1..2097152)", cfg.kib);
+    }
+    let ram = (layout::BUF_BASE + (cfg.kib << 10)).next_multiple_of(1 << 20) as usize + (1 << 20);
+    let launch = Instant::now();
+    let mut phases = Phases::default();
+    let vm = Vm::new(kvm, ram, &mut phases)?;
+    let t = Instant::now();
+    let img = elf::parse(cfg.image, ram).context("refusing the unikernel image")?;
+    elf::load(&vm, cfg.image, &img)?;
+    for (off, v) in [
+        (layout::mb::MAGIC, layout::MAILBOX_MAGIC),
+        (layout::mb::BUF_ADDR, layout::BUF_BASE),
+        (layout::mb::BUF_LEN, cfg.kib << 10),
+        (layout::mb::SEED, cfg.seed),
+        (layout::mb::LOOP_N, cfg.loop_n),
+    ] {
+        vm.write(layout::MAILBOX + off, &v.to_le_bytes())?;
+    }
+    phases.load_us = us(t.elapsed());
+    let t = Instant::now();
+    let mut vcpu = vm.vcpu(kvm, Mode::Long, img.entry)?;
+    phases.vcpu_us = us(t.elapsed());
+    let mut obs = Observed::default();
+    let end = vcpu.run(cfg.timeout, &mut obs)?;
+    let total_us = us(launch.elapsed());
+    if end != RunEnd::Halted {
+        bail!("unikernel ended with {end:?} instead of HLT; serial: {}", obs.serial);
+    }
+    let rd = |o| vm.read_u64(layout::MAILBOX + o);
+    if rd(layout::mb::DONE)? != 1 {
+        bail!(
+            "unikernel halted without reporting results; serial output: {:?}",
+            obs.serial
+        );
+    }
+    let checksum = rd(layout::mb::CHECKSUM)?;
+    if obs.mmio_result != Some(checksum) {
+        bail!(
+            "checksum over MMIO ({:?}) differs from the mailbox ({checksum:#x})",
+            obs.mmio_result
+        );
+    }
+    let khz = vcpu.tsc_khz.filter(|&k| k > 0);
+    let cyc_us = |c: u64| khz.map(|k| c as f64 / k as f64 * 1000.0);
+    let per_ns = |c: u64| {
+        khz.map(|k| c as f64 / k as f64 * 1e6 / cfg.loop_n.max(1) as f64)
+    };
+    let rss = crate::host::self_rss_bytes();
+    let resident = vm.resident_guest_bytes();
+    Ok(UnikernelReport {
+        checksum,
+        ram_bytes: ram as u64,
+        boot_timer_us: obs
+            .boot_timer
+            .map(|t| us(t - launch))
+            .context("the unikernel never wrote the boot timer")?,
+        first_exit_us: obs.first_exit.map(|t| us(t - launch)).unwrap_or(total_us),
+        total_us,
+        tsc_khz: khz,
+        guest_boot_us: cyc_us(
+            rd(layout::mb::TSC_READY)?.saturating_sub(rd(layout::mb::TSC_ENTRY)?),
+        ),
+        guest_workload_us: cyc_us(rd(layout::mb::WORKLOAD_CYC)?),
+        guest_port_exit_ns: per_ns(rd(layout::mb::PORT_CYC)?),
+        guest_cpuid_ns: per_ns(rd(layout::mb::CPUID_CYC)?),
+        guest_call_ns: per_ns(rd(layout::mb::CALL_CYC)?),
+        loop_n: cfg.loop_n,
+        exits: obs.exits,
+        serial: obs.serial,
+        vmm_overhead_bytes: rss.map(|r| r.saturating_sub(resident)),
+        phases,
+    })
+}
+
+/// Run raw machine code at the image base (long mode) or 0x8000 (real
+/// mode) in a 4 MiB guest. Returns how it ended and what was observed.
+pub fn run_raw(
+    kvm: &Kvm,
+    mode: Mode,
+    code: &[u8],
+    limit: Duration,
+) -> Result<(Result<RunEnd, RunError>, Observed, Duration)> {
+    let mut phases = Phases::default();
+    let launch = Instant::now();
+    let vm = Vm::new(kvm, layout::MIN_RAM, &mut phases)?;
+    let at = match mode {
+        Mode::Real => 0x8000,
+        Mode::Long => layout::IMAGE_BASE,
+    };
+    vm.write(at, code)?;
+    let mut vcpu = vm.vcpu(kvm, mode, at)?;
+    let mut obs = Observed::default();
+    let r = vcpu.run(limit, &mut obs);
+    Ok((r, obs, launch.elapsed()))
+}
+
+/// Machine code for the guests the probe and tests use.
+pub mod code {
+    /// Real mode: 'R' to serial, boot-timer byte, HLT.
+    pub const REAL_HELLO: &[u8] = &[
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'R', // mov al, 'R'
+        0xee, // out dx, al
+        0xba, 0x40, 0x04, // mov dx, 0x440
+        0xb0, 123, // mov al, 123
+        0xee, // out dx, al
+        0xf4, // hlt
+    ];
+    /// Long mode: 'L' to serial, boot-timer byte, HLT.
+    pub const LONG_HELLO: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'L', // mov al, 'L'
+        0xee, // out dx, al
+        0x66, 0xba, 0x40, 0x04, // mov dx, 0x440
+        0xb0, 123, // mov al, 123
+        0xee, // out dx, al
+        0xf4, // hlt
+    ];
+    /// Long mode: `ud2` with no IDT: #UD -> #DF -> triple fault.
+    pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
+    /// Long mode: spin forever without touching the boot timer.
+    pub const SPIN: &[u8] = &[0xeb, 0xfe];
+
+    /// Long mode: `n` writes to the null port, then HLT.
+    pub fn port_loop(n: u32) -> Vec<u8> {
+        let mut v = vec![0x66, 0xba, 0x41, 0x04, 0xb9]; // mov dx, 0x441; mov ecx, imm32
+        v.extend_from_slice(&n.max(1).to_le_bytes());
+        v.extend_from_slice(&[
+            0xee, // out dx, al
+            0xff, 0xc9, // dec ecx
+            0x75, 0xfb, // jnz out
+            0xf4, // hlt
+        ]);
+        v
+    }
+
+    /// Long mode: `n` iterations of a register-only loop, then HLT; tells
+    /// whether plain guest instructions run natively or are emulated.
+    pub fn spin_loop(n: u32) -> Vec<u8> {
+        let mut v = vec![0xb9]; // mov ecx, imm32
+        v.extend_from_slice(&n.max(1).to_le_bytes());
+        v.extend_from_slice(&[
+            0xff, 0xc9, // dec ecx
+            0x75, 0xfc, // jnz dec
+            0xf4, // hlt
+        ]);
+        v
+    }
+}
+
+/// The exit round trip through our VMM's full exit loop versus a bare
+/// `KVM_RUN` loop that does nothing but re-enter, measured alternately in
+/// one run on the same kind of guest.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExitCompare {
+    pub exits_per_sample: u32,
+    pub samples: usize,
+    pub vmm_ns: f64,
+    pub bare_ns: f64,
+    /// vmm / bare - 1, in percent.
+    pub overhead_pct: f64,
+}
+
+pub fn compare_exit_loops(kvm: &Kvm, n: u32, samples: usize) -> Result<ExitCompare> {
+    let code = code::port_loop(n);
+    let mut vmm = Vec::new();
+    let mut bare = Vec::new();
+    // Warm both paths once, then alternate which goes first so drift on a
+    // noisy host falls on both alike.
+    time_vmm_loop(kvm, &code, n)?;
+    time_bare_loop(kvm, &code, n)?;
+    for i in 0..samples {
+        if i % 2 == 0 {
+            vmm.push(time_vmm_loop(kvm, &code, n)?);
+            bare.push(time_bare_loop(kvm, &code, n)?);
+        } else {
+            bare.push(time_bare_loop(kvm, &code, n)?);
+            vmm.push(time_vmm_loop(kvm, &code, n)?);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (v, b) = (med(&mut vmm), med(&mut bare));
+    Ok(ExitCompare {
+        exits_per_sample: n,
+        samples,
+        vmm_ns: v,
+        bare_ns: b,
+        overhead_pct: (v / b - 1.0) * 100.0,
+    })
+}
+
+fn time_vmm_loop(kvm: &Kvm, code: &[u8], n: u32) -> Result<f64> {
+    let mut phases = Phases::default();
+    let vm = Vm::new(kvm, layout::MIN_RAM, &mut phases)?;
+    vm.write(layout::IMAGE_BASE, code)?;
+    let mut vcpu = vm.vcpu(kvm, Mode::Long, layout::IMAGE_BASE)?;
+    let mut obs = Observed::default();
+    let t = Instant::now();
+    vcpu.run(Duration::from_secs(30), &mut obs)?;
+    let dt = t.elapsed();
+    if obs.exits.io_out != n as u64 {
+        bail!("expected {n} port exits, saw {}", obs.exits.io_out);
+    }
+    Ok(dt.as_nanos() as f64 / n as f64)
+}
+
+fn time_bare_loop(kvm: &Kvm, code: &[u8], n: u32) -> Result<f64> {
+    let mut phases = Phases::default();
+    let vm = Vm::new(kvm, layout::MIN_RAM, &mut phases)?;
+    vm.write(layout::IMAGE_BASE, code)?;
+    let mut vcpu = vm.vcpu(kvm, Mode::Long, layout::IMAGE_BASE)?;
+    let fd = vcpu.fd();
+    // The same watchdog as the VMM's loop, so both pay for it alike.
+    let kicker = super::Kicker::new(fd);
+    kicker.guard(Duration::from_secs(30), || {
+        let mut seen = 0u64;
+        let t = Instant::now();
+        // The physical limit: nothing between two KVM_RUNs but the match.
+        loop {
+            match fd.run().context("KVM_RUN failed in the bare loop")? {
+                kvm_ioctls::VcpuExit::IoOut(..) => seen += 1,
+                kvm_ioctls::VcpuExit::Hlt => break,
+                other => bail!("bare loop: unexpected exit {other:?}"),
+            }
+            if seen > n as u64 {
+                bail!("bare loop: guest ran past {n} exits");
+            }
+        }
+        Ok(t.elapsed().as_nanos() as f64 / n as f64)
+    })
+}
