@@ -100,6 +100,7 @@ pub struct ExitKey {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ExitVal {
     pub count: u64,
+    pub timed: u64,
     pub sum_ns: u64,
     pub max_ns: u64,
     pub hist: [u64; 32],
@@ -364,6 +365,7 @@ impl Observer {
                     continue;
                 };
                 v.count += c.count;
+                v.timed += c.timed;
                 v.sum_ns += c.sum_ns;
                 v.max_ns = v.max_ns.max(c.max_ns);
                 for (a, b) in v.hist.iter_mut().zip(c.hist.iter()) {

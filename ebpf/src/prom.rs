@@ -177,6 +177,8 @@ pub fn render(
             };
             let class = if *culprit == 0 {
                 "idle"
+            } else if *culprit == u64::MAX {
+                "unknown"
             } else if culprit == victim {
                 "same"
             } else if *culprit == root {

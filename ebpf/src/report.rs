@@ -88,6 +88,9 @@ pub struct ExitRow {
     pub reason: u32,
     pub name: String,
     pub count: u64,
+    /// Exits whose re-entry was seen; sum/max/percentiles cover only these
+    /// (the last exit of a vCPU that stops is never re-entered).
+    pub timed: u64,
     pub sum_ns: u64,
     /// Since the observer started, not per interval.
     pub max_ns: u64,
@@ -114,10 +117,12 @@ pub struct CgroupRow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PreemptRow {
-    /// Cgroup that held the CPU (0: the CPU was idle).
+    /// Cgroup that held the CPU while the victim waited (0: the CPU was
+    /// idle; 18446744073709551615: not attributable, see `class`).
     pub cgroup_id: u64,
     pub path: Option<String>,
-    /// "same", "other", "host" (root cgroup) or "idle".
+    /// "same", "other", "host" (root cgroup), "idle" or "unknown" (the wait
+    /// began on another CPU or outlived the per-CPU history of 16 stretches).
     pub class: &'static str,
     pub wait_ns: u64,
     pub waits: u64,
@@ -168,6 +173,7 @@ fn delta_exit(cur: &ExitVal, prev: Option<&ExitVal>) -> ExitVal {
     let Some(p) = prev else { return *cur };
     ExitVal {
         count: cur.count.saturating_sub(p.count),
+        timed: cur.timed.saturating_sub(p.timed),
         sum_ns: cur.sum_ns.saturating_sub(p.sum_ns),
         max_ns: cur.max_ns,
         hist: sub_hist(&cur.hist, &p.hist),
@@ -220,6 +226,7 @@ fn exit_row(k: &ExitKey, v: &ExitVal) -> ExitRow {
         reason: k.reason,
         name,
         count: v.count,
+        timed: v.timed,
         sum_ns: v.sum_ns,
         max_ns: v.max_ns,
         p50_ns: hist_quantile(&v.hist, 0.5, v.max_ns),
@@ -343,6 +350,8 @@ pub fn build(
             }
             let class = if *culprit == 0 {
                 "idle"
+            } else if *culprit == u64::MAX {
+                "unknown"
             } else if culprit == victim {
                 "same"
             } else if *culprit == root {
@@ -352,7 +361,11 @@ pub fn build(
             };
             by_victim.entry(*victim).or_default().push(PreemptRow {
                 cgroup_id: *culprit,
-                path: resolver.path(*culprit),
+                path: if *culprit == u64::MAX {
+                    None
+                } else {
+                    resolver.path(*culprit)
+                },
                 class,
                 wait_ns,
                 waits,
@@ -466,7 +479,7 @@ pub fn render_text(r: &Report, max_rows: usize) -> String {
                             e.kind,
                             e.name,
                             e.count,
-                            us(e.sum_ns / e.count.max(1))
+                            us(e.sum_ns / e.timed.max(1))
                         )
                     } else {
                         format!("{}/{} {}", e.kind, e.name, e.count)
@@ -508,7 +521,7 @@ pub fn render_text(r: &Report, max_rows: usize) -> String {
             .map(|p| {
                 let who = match p.class {
                     "same" => "same".to_string(),
-                    "idle" => "idle".to_string(),
+                    "idle" | "unknown" => p.class.to_string(),
                     _ => p.path.clone().unwrap_or_else(|| p.cgroup_id.to_string()),
                 };
                 format!("{} {}", who, ms(p.wait_ns))

@@ -27,10 +27,12 @@ impl Drop for TempCgroup {
 }
 
 /// A shell busy loop, moved into `cg` and pinned to CPU 0 by taskset
-/// (sched_setaffinity) before it starts spinning; returns its pid.
+/// (sched_setaffinity) before it starts spinning. Both hogs run at nice -20
+/// so that the other work on this shared machine (nice 0 builds) barely
+/// competes on CPU 0 and the contention under test is between the two.
 fn hog(cg: &Path) -> util::KillOnDrop {
     let script = format!(
-        "echo $$ > {}/cgroup.procs && exec taskset -c 0 sh -c 'i=0; while [ $i -lt 2000000000 ]; do i=$((i+1)); done'",
+        "echo $$ > {}/cgroup.procs && exec nice -n -20 taskset -c 0 sh -c 'i=0; while [ $i -lt 2000000000 ]; do i=$((i+1)); done'",
         cg.display()
     );
     util::KillOnDrop(
@@ -125,10 +127,65 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
         kernel_total > 300_000_000,
         "victim barely waited ({kernel_total} ns): no contention?"
     );
+    let mut breakdown: Vec<_> = s1
+        .pairs
+        .iter()
+        .filter(|((v, _), _)| *v == victim_id)
+        .map(|((_, c), p)| {
+            (
+                *c,
+                p.wait_ns
+                    - s0.pairs
+                        .get(&(victim_id, *c))
+                        .map(|x| x.wait_ns)
+                        .unwrap_or(0),
+            )
+        })
+        .collect();
+    breakdown.sort_by_key(|(_, w)| std::cmp::Reverse(*w));
+    eprintln!(
+        "victim wait by culprit cgroup (noisy={noisy_id}, victim={victim_id}, 0=idle): {:?}",
+        breakdown
+            .iter()
+            .map(|(c, w)| (c, resolver.path(*c), w / 1_000_000))
+            .collect::<Vec<_>>()
+    );
+    // Every waited nanosecond is attributed to exactly one culprit.
+    let all_culprits: u64 = s1
+        .pairs
+        .iter()
+        .filter(|((v, _), _)| *v == victim_id)
+        .map(|((_, c), p)| {
+            p.wait_ns
+                - s0.pairs
+                    .get(&(victim_id, *c))
+                    .map(|x| x.wait_ns)
+                    .unwrap_or(0)
+        })
+        .sum();
+    // (The maps are read one after the other while the hogs keep running,
+    // so the two sums are a few switches apart.)
+    assert!(
+        all_culprits.abs_diff(bpf_total) <= (bpf_total / 50).max(10_000_000),
+        "attribution covers the whole wait: {all_culprits} vs {bpf_total} ns"
+    );
+    // The other hog is the main culprit. Other work on this shared 2-CPU
+    // machine also runs on CPU 0 now and then and is rightly blamed as
+    // "host"; at nice -20 the hogs leave it little.
     assert!(
         by_noisy * 10 >= bpf_total * 6,
         "at least 60% of the victim's wait must be behind the noisy cgroup: {by_noisy} of {bpf_total} ns"
     );
+    let root_id = resolver.root_id();
+    for ((v, c), p) in &s1.pairs {
+        if *v == victim_id && ![noisy_id, victim_id, root_id, 0].contains(c) {
+            let d = p.wait_ns - s0.pairs.get(&(*v, *c)).map(|x| x.wait_ns).unwrap_or(0);
+            assert!(
+                d < by_noisy,
+                "cgroup {c} out-blames the noisy cgroup: {d} vs {by_noisy}"
+            );
+        }
+    }
     // Tolerance: the snapshot and the schedstat read are a few syscalls
     // apart at each end, and a wait in progress at either edge is counted
     // by schedstat as it accrues but by BPF only when it ends (one CFS slice,

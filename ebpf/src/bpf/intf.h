@@ -29,7 +29,8 @@ struct exit_key {
 };
 
 struct exit_val {
-	__u64 count;
+	__u64 count;  /* counted at kvm_exit: exact even if never re-entered */
+	__u64 timed;  /* exits whose kvm_entry was seen: sum/max/hist cover these */
 	__u64 sum_ns;
 	__u64 max_ns;
 	__u64 hist[HIST_SLOTS]; /* slot i: durations in [2^i, 2^(i+1)) ns */
@@ -52,7 +53,10 @@ struct cg_val {
 	__u64 hist[HIST_SLOTS];
 };
 
-/* victim cgroup was kept waiting / preempted by culprit; culprit 0 = idle. */
+/* victim cgroup waited while culprit held the CPU (wait_ns: the overlap;
+ * wait_count: waits it took part in), or was preempted by it. culprit 0:
+ * the CPU was idle (wakeup latency); ~0ULL: not attributable (the wait began
+ * on another CPU, or outlived the per-CPU history). */
 struct pair_key {
 	__u64 victim;
 	__u64 culprit;

@@ -18,10 +18,25 @@ struct exit_start {
 	u32 isa;
 };
 
+/* The last SEGS stretches of CPU time on one CPU and whose they were: a
+ * task's run-queue wait is split over the cgroups that actually ran during
+ * it, not blamed wholesale on whoever ran last. */
+#define SEGS 16
+#define CULPRITS 4
+#define CULPRIT_UNKNOWN 0xffffffffffffffffULL
+
+struct seg {
+	u64 start;
+	u64 end;
+	u64 cgid;
+};
+
 struct oncpu {
 	u64 ts;
 	u64 cgid;
 	u32 pid;
+	u32 head;
+	struct seg segs[SEGS];
 };
 
 struct {
@@ -31,9 +46,11 @@ struct {
 	__type(value, struct exit_val);
 } exit_stats SEC(".maps");
 
-/* Keyed by tid: the exit a vCPU thread is handling right now. */
+/* Keyed by tid: the exit a vCPU thread is handling right now. LRU: the
+ * last exit of a vCPU (HLT to user space, VM teardown) is never followed
+ * by kvm_entry, and dead threads must not fill the map. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 8192);
 	__type(key, u32);
 	__type(value, struct exit_start);
@@ -137,6 +154,7 @@ static __always_inline void exit_add(struct exit_key *k, u64 n, u64 dur, bool ti
 	}
 	v->count += n;
 	if (timed) {
+		v->timed++;
 		v->sum_ns += dur;
 		if (dur > v->max_ns)
 			v->max_ns = dur;
@@ -178,6 +196,11 @@ int handle_kvm_exit(u64 *ctx)
 	};
 	if (bpf_map_update_elem(&exit_start, &tid, &s, BPF_ANY))
 		drop(DROP_EXIT_START);
+	struct exit_key k = {
+		.tgid = id >> 32, .tid = tid, .reason = s.reason,
+		.kind = KIND_HW_EXIT, .isa = isa,
+	};
+	exit_add(&k, 1, 0, false);
 	struct vcpu_val *v = vcpu_of(tid, id >> 32);
 	if (v)
 		v->vcpu_id = BPF_CORE_READ(vcpu, vcpu_id);
@@ -199,7 +222,7 @@ int handle_kvm_entry(u64 *ctx)
 		.kind = KIND_HW_EXIT, .isa = s->isa,
 	};
 	bpf_map_delete_elem(&exit_start, &tid);
-	exit_add(&k, 1, dur, true);
+	exit_add(&k, 0, dur, true);
 	return 0;
 }
 
@@ -314,10 +337,20 @@ int handle_sched_switch(u64 *ctx)
 			p->preemptions++;
 	}
 
+	/* Close prev's stretch (idle included, as cgroup 0). */
+	if (o->ts) {
+		struct seg *sg = &o->segs[o->head & (SEGS - 1)];
+		sg->start = o->ts;
+		sg->end = now;
+		sg->cgid = prev_cg;
+		o->head++;
+	}
+
 	if (next_pid) {
 		u64 *ts = bpf_map_lookup_elem(&wake_ts, &next_pid);
 		if (ts) {
-			u64 delta = now > *ts ? now - *ts : 0;
+			u64 t0 = *ts;
+			u64 delta = now > t0 ? now - t0 : 0;
 			bpf_map_delete_elem(&wake_ts, &next_pid);
 			struct cg_val *c = cg_of(next_cg);
 			if (c) {
@@ -327,11 +360,52 @@ int handle_sched_switch(u64 *ctx)
 					c->rq_max_ns = delta;
 				c->hist[log2_slot(delta)]++;
 			}
-			/* Blame whoever held this CPU until the wait ended. */
-			struct pair_val *p = pair_of(next_cg, prev_cg);
-			if (p) {
-				p->wait_count++;
-				p->wait_ns += delta;
+			/* Split the wait over the stretches that overlap it. */
+			u64 who[CULPRITS] = {};
+			u64 ns[CULPRITS] = {};
+			u64 attributed = 0;
+			u32 head = o->head;
+#pragma unroll
+			for (int i = 0; i < SEGS; i++) {
+				struct seg *sg = &o->segs[(head - 1 - i) & (SEGS - 1)];
+				if (sg->end <= t0 || sg->end == 0)
+					break;
+				u64 from = sg->start > t0 ? sg->start : t0;
+				u64 to = sg->end < now ? sg->end : now;
+				if (to <= from)
+					continue;
+				u64 ov = to - from;
+				attributed += ov;
+				int placed = 0;
+#pragma unroll
+				for (int j = 0; j < CULPRITS; j++) {
+					if (!placed && (ns[j] == 0 || who[j] == sg->cgid)) {
+						who[j] = sg->cgid;
+						ns[j] += ov;
+						placed = 1;
+					}
+				}
+				if (!placed)
+					ns[CULPRITS - 1] += ov; /* rare: >4 cgroups in one wait */
+			}
+			/* Waited on another CPU before migrating, or longer than the
+			 * ring remembers: say so rather than guess. */
+			if (delta > attributed) {
+				struct pair_val *p = pair_of(next_cg, CULPRIT_UNKNOWN);
+				if (p) {
+					p->wait_count++;
+					p->wait_ns += delta - attributed;
+				}
+			}
+#pragma unroll
+			for (int j = 0; j < CULPRITS; j++) {
+				if (!ns[j])
+					continue;
+				struct pair_val *p = pair_of(next_cg, who[j]);
+				if (p) {
+					p->wait_count++;
+					p->wait_ns += ns[j];
+				}
 			}
 			struct vcpu_val *v = bpf_map_lookup_elem(&vcpus, &next_pid);
 			if (v) {
