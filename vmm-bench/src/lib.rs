@@ -3,7 +3,9 @@
 //! booting Linux) with start-up, round-trip, compute, memory, size and
 //! density figures, each labelled with the accelerator it ran under.
 
+pub mod container;
 pub mod host;
+pub mod qemu;
 pub mod vm;
 
 /// The static no-libc Linux build of the workload (native, container, runc

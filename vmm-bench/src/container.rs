@@ -1,0 +1,437 @@
+//! Containers: our own namespace + cgroup launcher, and real `runc` with a
+//! generated bundle. Both run the static Linux build of the workload.
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Options for one container run.
+#[derive(Debug, Clone)]
+pub struct ContainerOpts {
+    pub args: Vec<String>,
+    pub hostname: String,
+    /// Also unshare the network namespace (costs a few ms more).
+    pub net: bool,
+    /// Also unshare a user namespace, mapping root to root.
+    pub user: bool,
+    pub timeout: Duration,
+}
+
+impl Default for ContainerOpts {
+    fn default() -> Self {
+        ContainerOpts {
+            args: vec![],
+            hostname: "livehost-ctr".into(),
+            net: false,
+            user: false,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ContainerRun {
+    pub stdout: String,
+    pub exit_code: i32,
+    /// Host wall clock: namespaces + cgroup set up, workload exec'd.
+    pub setup_us: f64,
+    /// Launch to the workload's exit (output collected), host clock.
+    pub total_us: f64,
+    pub cgroup: Option<String>,
+    pub max_rss_bytes: u64,
+}
+
+/// Where this host's cgroup v2 hierarchy is mounted (the unified tree on a
+/// hybrid host), from /proc/self/mountinfo.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mi = livehost_common::sysfs::read_text("/proc/self/mountinfo").ok()?;
+    mi.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).with_context(|| format!("{s:?} contains a NUL byte"))
+}
+
+/// A file holding the static workload, written once per process.
+pub fn workload_path() -> Result<PathBuf> {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(p) = PATH.get() {
+        return Ok(p.clone());
+    }
+    let dir = std::env::temp_dir().join(format!("livehost-vmm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let p = dir.join("workload");
+    let tmp = dir.join("workload.tmp");
+    std::fs::write(&tmp, crate::LINUX_INIT).with_context(|| format!("cannot write {}", tmp.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &p)?;
+    Ok(PATH.get_or_init(|| p).clone())
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2 failed");
+    }
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A cgroup leaf that is removed when dropped.
+struct CgroupLeaf(PathBuf);
+impl Drop for CgroupLeaf {
+    fn drop(&mut self) {
+        // The kernel may still be tearing the last task down; retry briefly.
+        for _ in 0..50 {
+            match std::fs::remove_dir(&self.0) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }
+}
+
+/// Run the workload in new pid, mount, uts and ipc namespaces (optionally
+/// net and user), inside its own cgroup leaf, with a private /proc.
+/// Everything is torn down before returning, also on timeout.
+pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
+    if !livehost_common::is_root() {
+        bail!("the container launcher needs root (namespaces, mounts, cgroups): rerun with sudo");
+    }
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let exe = workload_path()?;
+    let launch = Instant::now();
+    let cg = match cgroup2_root() {
+        Some(root) => {
+            let leaf = root.join(format!(
+                "livehost-vmm-bench-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir(&leaf)
+                .with_context(|| format!("cannot create cgroup {}", leaf.display()))?;
+            Some(CgroupLeaf(leaf))
+        }
+        None => None,
+    };
+    // Everything the child needs is built here: after clone it may only
+    // make system calls (another thread may hold the allocator's lock).
+    let path = cstr(&exe.to_string_lossy())?;
+    let mut argv_c = vec![path.clone()];
+    for a in &opts.args {
+        argv_c.push(cstr(a)?);
+    }
+    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let host = opts.hostname.clone().into_bytes();
+    let proc_s = cstr("proc")?;
+    let proc_t = cstr("/proc")?;
+    let root = cstr("/")?;
+    let (sync_r, sync_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    if opts.net {
+        flags |= libc::CLONE_NEWNET;
+    }
+    if opts.user {
+        flags |= libc::CLONE_NEWUSER;
+    }
+    let (sr, ow) = (sync_r.as_raw_fd(), out_w.as_raw_fd());
+    let child = move || -> isize {
+        // SAFETY (whole closure): plain system calls on descriptors and
+        // strings prepared before clone; any failure ends the child.
+        unsafe {
+            let mut b = 0u8;
+            if libc::read(sr, (&mut b as *mut u8).cast(), 1) != 1 {
+                return 120;
+            }
+            if libc::sethostname(host.as_ptr().cast(), host.len()) != 0 {
+                return 121;
+            }
+            // Private propagation first, so the /proc mount below (and
+            // anything else) never leaks into the host's mount namespace.
+            if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+                return 122;
+            }
+            if libc::mount(proc_s.as_ptr(), proc_t.as_ptr(), proc_s.as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, std::ptr::null()) != 0 {
+                return 123;
+            }
+            if libc::dup2(ow, 1) < 0 {
+                return 124;
+            }
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            127
+        }
+    };
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: clone without CLONE_VM gives the child its own copy of memory;
+    // the callback only makes system calls (see above).
+    let pid = unsafe {
+        nix::sched::clone(
+            Box::new(child),
+            &mut stack,
+            nix::sched::CloneFlags::from_bits_truncate(flags),
+            Some(libc::SIGCHLD),
+        )
+    }
+    .context("clone with new namespaces failed (kernel without user/pid namespaces, or a seccomp policy?)")?;
+    drop(out_w);
+    let pid = pid.as_raw();
+    // From here on the child must be reaped whatever happens.
+    let reaper = Reaper(pid);
+    let setup = (|| -> Result<()> {
+        if opts.user {
+            std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
+            std::fs::write(format!("/proc/{pid}/uid_map"), "0 0 1\n")?;
+            std::fs::write(format!("/proc/{pid}/gid_map"), "0 0 1\n")?;
+        }
+        if let Some(cg) = &cg {
+            std::fs::write(cg.0.join("cgroup.procs"), pid.to_string())
+                .with_context(|| format!("cannot move the container into {}", cg.0.display()))?;
+        }
+        Ok(())
+    })();
+    setup?;
+    // SAFETY: writing one byte to our pipe releases the child.
+    if unsafe { libc::write(sync_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) } != 1 {
+        bail!("cannot release the container process");
+    }
+    let setup_us = launch.elapsed().as_secs_f64() * 1e6;
+    let deadline = launch + opts.timeout;
+    let stdout = read_until(out_r, deadline);
+    let (code, rss) = reaper.wait(deadline)?;
+    let total_us = launch.elapsed().as_secs_f64() * 1e6;
+    let stdout = stdout?;
+    let cgroup = cg.as_ref().map(|c| c.0.display().to_string());
+    drop(cg);
+    Ok(ContainerRun {
+        stdout,
+        exit_code: code,
+        setup_us,
+        total_us,
+        cgroup,
+        max_rss_bytes: rss,
+    })
+}
+
+/// Reads a pipe to EOF or the deadline.
+pub(crate) fn read_until(fd: OwnedFd, deadline: Instant) -> Result<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("timed out waiting for the workload's output");
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("poll failed");
+        }
+        if r == 0 {
+            continue;
+        }
+        // SAFETY: reading into our buffer from our descriptor.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        if out.len() < 1 << 20 {
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Owns a child pid: waits for it with a deadline, kills it past the
+/// deadline, and kills + reaps it if dropped unwaited.
+pub(crate) struct Reaper(pub(crate) i32);
+
+impl Reaper {
+    /// Exit code (128+signal when killed) and the child's peak RSS.
+    pub(crate) fn wait(self, deadline: Instant) -> Result<(i32, u64)> {
+        let pid = self.0;
+        std::mem::forget(self);
+        loop {
+            let mut status = 0;
+            // SAFETY: an all-zero rusage is valid; wait4 fills it.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: waiting for our own child.
+            let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+            if r == pid {
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                };
+                return Ok((code, ru.ru_maxrss as u64 * 1024));
+            }
+            if r < 0 {
+                return Err(std::io::Error::last_os_error()).context("wait4 failed");
+            }
+            if Instant::now() >= deadline {
+                // SAFETY: signalling our own unreaped child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // SAFETY: as above; blocking reap after SIGKILL.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                bail!("pid {pid} ran past its deadline and was killed");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let mut status = 0;
+        // SAFETY: our own child; kill then reap so nothing is left behind.
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+            libc::waitpid(self.0, &mut status, 0);
+        }
+    }
+}
+
+/// Where `runc` is, if installed.
+pub fn find_runc() -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("runc"))
+        .find(|p| p.is_file())
+}
+
+/// A generated OCI bundle: busybox (when installed) plus the workload as
+/// `/init`, and a config.json running it.
+pub struct Bundle {
+    pub dir: tempfile::TempDir,
+    pub rootfs_bytes: u64,
+}
+
+pub fn make_bundle(args: &[String]) -> Result<Bundle> {
+    let dir = tempfile::Builder::new()
+        .prefix("livehost-runc-")
+        .tempdir()
+        .context("cannot create a bundle directory")?;
+    let rootfs = dir.path().join("rootfs");
+    for d in ["bin", "proc", "dev", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::write(rootfs.join("init"), crate::LINUX_INIT)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(rootfs.join("init"), std::fs::Permissions::from_mode(0o755))?;
+    let mut size = crate::LINUX_INIT.len() as u64;
+    // A busybox userland makes the rootfs what a minimal real image holds.
+    if let Ok(bb) = std::fs::read("/bin/busybox") {
+        size += bb.len() as u64;
+        std::fs::write(rootfs.join("bin/busybox"), bb)?;
+        std::fs::set_permissions(rootfs.join("bin/busybox"), std::fs::Permissions::from_mode(0o755))?;
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh"))?;
+    }
+    let mut argv = vec!["/init".to_string()];
+    argv.extend(args.iter().cloned());
+    let cfg = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": argv,
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "livehost-runc",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}],
+            "maskedPaths": [], "readonlyPaths": []
+        }
+    });
+    std::fs::write(dir.path().join("config.json"), serde_json::to_vec_pretty(&cfg)?)?;
+    Ok(Bundle {
+        dir,
+        rootfs_bytes: size,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RuncRun {
+    pub stdout: String,
+    pub exit_code: i32,
+    pub total_us: f64,
+    pub max_rss_bytes: u64,
+}
+
+/// `runc run` the bundle once, with its own state directory; the container
+/// is force-deleted afterwards whatever happened.
+pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncRun> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let id = format!("livehost-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+    let state = bundle.dir.path().join("state");
+    let launch = Instant::now();
+    let child = std::process::Command::new(runc)
+        .arg("--root")
+        .arg(&state)
+        .args(["run", "--bundle"])
+        .arg(bundle.dir.path())
+        .arg(&id)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", runc.display()))?;
+    let pid = child.id() as i32;
+    let reaper = Reaper(pid);
+    let mut child = child;
+    let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
+    let err: OwnedFd = child.stderr.take().context("no stderr pipe")?.into();
+    let deadline = launch + timeout;
+    let stdout = read_until(out, deadline);
+    let stderr = read_until(err, deadline).unwrap_or_default();
+    let waited = reaper.wait(deadline);
+    let total_us = launch.elapsed().as_secs_f64() * 1e6;
+    let _ = std::process::Command::new(runc)
+        .arg("--root")
+        .arg(&state)
+        .args(["delete", "--force", &id])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    let (code, rss) = waited?;
+    if code != 0 {
+        bail!("runc exited with {code}: {}", stderr.trim());
+    }
+    Ok(RuncRun {
+        stdout: stdout?,
+        exit_code: code,
+        total_us,
+        max_rss_bytes: rss,
+    })
+}

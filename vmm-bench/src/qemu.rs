@@ -1,0 +1,232 @@
+//! QEMU runners: the unikernel through the PVH entry (`-kernel`), and the
+//! Debian kernel booting the static workload as `/init`. Both run under the
+//! accelerator QEMU can use here (TCG on this project's machines, since a
+//! Linux guest never gets past real-mode set-up on their nested KVM).
+
+use crate::container::{Reaper, read_until};
+use crate::vm::probe::Accel;
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QemuRun {
+    pub accel: Accel,
+    /// The workload's result line from the serial console.
+    pub line: String,
+    pub exit_code: i32,
+    /// Launch to the result line on the console, host clock.
+    pub to_result_us: f64,
+    /// Launch to QEMU's exit, host clock.
+    pub total_us: f64,
+    pub max_rss_bytes: u64,
+    pub guest_ram_bytes: u64,
+}
+
+/// Parse `key=value` out of a result line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+pub fn field_u64(line: &str, key: &str) -> Option<u64> {
+    let v = field(line, key)?;
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+fn spawn_and_watch(args: &[String], marker: &str, timeout: Duration, ram: u64) -> Result<QemuRun> {
+    let launch = Instant::now();
+    let mut child = std::process::Command::new(QEMU)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {QEMU}: install qemu-system-x86 (Debian) and retry"))?;
+    let reaper = Reaper(child.id() as i32);
+    let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
+    let err: OwnedFd = child.stderr.take().context("no stderr pipe")?.into();
+    let deadline = launch + timeout;
+    // Stream the console so the result line's arrival time is known.
+    let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+    let marker_s = marker.to_string();
+    let reader = std::thread::spawn(move || -> Result<String> {
+        let mut all = String::new();
+        let mut seen = false;
+        let mut buf = [0u8; 4096];
+        use std::os::fd::AsRawFd;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut pfd = libc::pollfd { fd: out.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
+            if r <= 0 {
+                continue;
+            }
+            // SAFETY: reading into our buffer from our pipe.
+            let n = unsafe { libc::read(out.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            if all.len() < 4 << 20 {
+                all.push_str(&String::from_utf8_lossy(&buf[..n as usize]));
+            }
+            if !seen && all.lines().any(|l| l.contains(&marker_s) && all.contains('\n')) {
+                seen = true;
+                let _ = tx.send(Instant::now());
+            }
+        }
+        Ok(all)
+    });
+    let waited = reaper.wait(deadline);
+    let total_us = launch.elapsed().as_secs_f64() * 1e6;
+    let console = reader.join().map_err(|_| anyhow::anyhow!("console reader panicked"))??;
+    let stderr = read_until(err, Instant::now() + Duration::from_secs(1)).unwrap_or_default();
+    let (code, rss) = waited.with_context(|| format!("QEMU ran past {timeout:?}; console: {}", tail(&console)))?;
+    let line = console
+        .lines()
+        .find(|l| l.contains(marker))
+        .map(|l| l[l.find(marker).unwrap_or(0)..].trim().to_string())
+        .with_context(|| format!("no {marker} line on the console (QEMU exit {code}); stderr: {} console: {}", stderr.trim(), tail(&console)))?;
+    let at = rx.try_recv().ok().unwrap_or(launch + Duration::from_micros(total_us as u64));
+    Ok(QemuRun {
+        accel: Accel::Tcg,
+        line,
+        exit_code: code,
+        to_result_us: (at - launch).as_secs_f64() * 1e6,
+        total_us,
+        max_rss_bytes: rss,
+        guest_ram_bytes: ram,
+    })
+}
+
+fn tail(s: &str) -> String {
+    let t: Vec<&str> = s.lines().rev().take(8).collect();
+    t.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+fn write_temp(name: &str, bytes: &[u8]) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("livehost-vmm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))?;
+    Ok(p)
+}
+
+const BASE_ARGS: &[&str] = &[
+    "-accel", "tcg", "-cpu", "max", "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
+];
+
+/// Boot the unikernel in QEMU through its PVH note.
+pub fn run_unikernel(image: &[u8], kib: u64, loops: u64, timeout: Duration) -> Result<QemuRun> {
+    let p = write_temp("unikernel.elf", image)?;
+    let ram_mb = 16 + (kib >> 10) + 8;
+    let mut args: Vec<String> = BASE_ARGS.iter().map(|s| s.to_string()).collect();
+    args.extend([
+        "-m".into(),
+        format!("{ram_mb}M"),
+        "-device".into(),
+        "isa-debug-exit,iobase=0xf4,iosize=0x04".into(),
+        "-kernel".into(),
+        p.display().to_string(),
+        "-append".into(),
+        format!("kib={kib} loops={loops}"),
+    ]);
+    let r = spawn_and_watch(&args, "LIVEHOST-UK", timeout, ram_mb << 20)?;
+    // isa-debug-exit: the guest wrote 0x10, QEMU exits with (0x10 << 1) | 1.
+    if r.exit_code != 33 {
+        bail!("unikernel under QEMU exited with {} (want 33): {}", r.exit_code, r.line);
+    }
+    Ok(r)
+}
+
+/// A newc cpio archive with `/init` (the static workload), `/dev/console`
+/// and `/proc`: the kernel opens /dev/console for init before anything
+/// could mount devtmpfs, so the node must be in the archive.
+pub fn initramfs(init: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut ino = 1u32;
+    let mut entry = |out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)| {
+        let hdr = format!(
+            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            0, 0, 1, 0, data.len(), 0, 0, rdev.0, rdev.1, name.len() + 1, 0
+        );
+        ino += 1;
+        out.extend_from_slice(hdr.as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    };
+    entry(&mut out, "dev", 0o040755, &[], (0, 0));
+    entry(&mut out, "dev/console", 0o020600, &[], (5, 1));
+    entry(&mut out, "proc", 0o040755, &[], (0, 0));
+    entry(&mut out, "init", 0o100755, init, (0, 0));
+    entry(&mut out, "TRAILER!!!", 0, &[], (0, 0));
+    while out.len() % 512 != 0 {
+        out.push(0);
+    }
+    out
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LinuxImage {
+    pub kernel_version: String,
+    pub bzimage: PathBuf,
+    pub bzimage_bytes: u64,
+    pub initramfs_bytes: u64,
+}
+
+/// Fetch the Debian kernel through kernel-tests (cached after the first
+/// call) and size it.
+pub fn linux_image() -> Result<LinuxImage> {
+    let k = kernel_tests::fetch(&kernel_tests::KernelSpec::default())
+        .context("cannot fetch the Debian kernel (kernel-tests); the QEMU-Linux row needs it")?;
+    let bzimage_bytes = std::fs::metadata(&k.bzimage)?.len();
+    Ok(LinuxImage {
+        kernel_version: k.version,
+        bzimage: k.bzimage,
+        bzimage_bytes,
+        initramfs_bytes: initramfs(crate::LINUX_INIT).len() as u64,
+    })
+}
+
+/// Boot the Debian kernel with the workload as init.
+pub fn run_linux(img: &LinuxImage, kib: u64, loops: u64, timeout: Duration) -> Result<QemuRun> {
+    let initrd = write_temp("initramfs.cpio", &initramfs(crate::LINUX_INIT))?;
+    let ram_mb = 256 + (kib >> 10);
+    let mut args: Vec<String> = BASE_ARGS.iter().map(|s| s.to_string()).collect();
+    args.extend([
+        "-m".into(),
+        format!("{ram_mb}M"),
+        "-kernel".into(),
+        img.bzimage.display().to_string(),
+        "-initrd".into(),
+        initrd.display().to_string(),
+        "-append".into(),
+        format!("console=ttyS0 panic=-1 quiet loglevel=1 rdinit=/init -- kib={kib} loops={loops} --reboot"),
+    ]);
+    spawn_and_watch(&args, "LIVEHOST-LX", timeout, ram_mb << 20)
+}
+
+/// True when QEMU is installed.
+pub fn qemu_available() -> bool {
+    std::env::var_os("PATH")
+        .and_then(|p| p.to_str().map(|s| s.split(':').any(|d| Path::new(d).join(QEMU).is_file())))
+        .unwrap_or(false)
+}
