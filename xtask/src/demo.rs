@@ -299,10 +299,21 @@ fn markdown(r: &Value) -> String {
     let _ = writeln!(s, "\nFull `hotpatch` outputs are in `report.json` (`livepatch.*`).\n");
     let _ = writeln!(s, "## Observer (per cgroup, over the same window)\n");
     let intervals = r["observer"]["intervals"].as_array().cloned().unwrap_or_default();
-    let _ = writeln!(s, "{} intervals recorded; the last:\n", intervals.len());
-    if let Some(last) = intervals.last() {
-        let _ = writeln!(s, "```json\n{}\n```\n", serde_json::to_string_pretty(last).unwrap_or_default());
+    let window: f64 = intervals.iter().filter_map(|i| i["interval_s"].as_f64()).sum();
+    let _ = writeln!(
+        s,
+        "{} intervals, {window:.1} s, recorded by `overhead record` in the guest while the patch loaded \
+         (TCG: scheduler figures are real, their scale is emulation's).\n",
+        intervals.len()
+    );
+    let _ = writeln!(
+        s,
+        "| cgroup | container | CPU time | run-queue waits | p99 wait | max wait | waited most behind |\n|---|---|---|---|---|---|---|"
+    );
+    for row in observer_rows(&intervals) {
+        let _ = writeln!(s, "{row}");
     }
+    let _ = writeln!(s);
     let _ = writeln!(s, "## VM vs container vs unikernel (host)\n");
     let c = &r["comparison"];
     if let Some(e) = c.get("error").or(c.get("skipped")) {
@@ -312,6 +323,68 @@ fn markdown(r: &Value) -> String {
     }
     let _ = writeln!(s, "Demo run took {:.0} s.", r["elapsed_s"].as_f64().unwrap_or(0.0));
     s
+}
+
+/// One Markdown row per cgroup, summed over the observer's intervals.
+fn observer_rows(intervals: &[Value]) -> Vec<String> {
+    #[derive(Default)]
+    struct Agg {
+        container: String,
+        cpu_ns: u64,
+        waits: u64,
+        p99: u64,
+        max: u64,
+        behind: BTreeMap<String, u64>,
+    }
+    let mut by: BTreeMap<String, Agg> = BTreeMap::new();
+    for i in intervals {
+        for g in i["cgroups"].as_array().into_iter().flatten() {
+            let path = g["path"].as_str().unwrap_or("?").to_string();
+            let a = by.entry(path).or_default();
+            if let Some(c) = g["container"].as_str() {
+                a.container = c.to_string();
+            }
+            a.cpu_ns += g["cpu_ns"].as_u64().unwrap_or(0);
+            a.waits += g["rq_waits"].as_u64().unwrap_or(0);
+            a.p99 = a.p99.max(g["rq_p99_ns"].as_u64().unwrap_or(0));
+            a.max = a.max.max(g["rq_max_ns"].as_u64().unwrap_or(0));
+            for p in g["preempted_by"].as_array().into_iter().flatten() {
+                if p["class"] == "idle" {
+                    continue;
+                }
+                let who = format!(
+                    "{} ({})",
+                    p["path"].as_str().unwrap_or("?"),
+                    p["class"].as_str().unwrap_or("?")
+                );
+                *a.behind.entry(who).or_default() += p["wait_ns"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    let mut rows: Vec<(u64, String)> = by
+        .into_iter()
+        .map(|(path, a)| {
+            let behind = a
+                .behind
+                .iter()
+                .max_by_key(|(_, w)| **w)
+                .map(|(k, w)| format!("{k}: {:.1} ms", *w as f64 / 1e6))
+                .unwrap_or_else(|| "—".into());
+            (
+                a.cpu_ns,
+                format!(
+                    "| `{path}` | {} | {:.0} ms | {} | {:.2} ms | {:.2} ms | {behind} |",
+                    if a.container.is_empty() { "—" } else { &a.container },
+                    a.cpu_ns as f64 / 1e6,
+                    a.waits,
+                    a.p99 as f64 / 1e6,
+                    a.max as f64 / 1e6,
+                ),
+            )
+        })
+        .collect();
+    rows.sort_by(|a, b| b.0.cmp(&a.0));
+    rows.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Find a key anywhere in a JSON tree (the first match, depth-first), so

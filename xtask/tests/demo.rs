@@ -1,0 +1,107 @@
+//! The README's first command, run as CI runs it: asserts the facts of the
+//! report (the fix took effect, was listed, was measured, the files exist
+//! and parse, every comparison path has a number or a reason), not prose.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_xtask")).parent().unwrap().to_path_buf()
+}
+
+/// The demo copies the other crates' binaries into the guest; build them
+/// if this test runs on its own (`cargo test -p xtask`).
+fn ensure_bins() {
+    let missing = ["hotpatch", "overhead", "vmm-bench"]
+        .iter()
+        .any(|b| !bin_dir().join(b).is_file());
+    if missing {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "--workspace", "--bins"])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+#[test]
+fn demo_patches_a_live_guest_and_reports_it() {
+    assert!(livehost_common::is_root(), "the demo test needs root (KVM, BPF, cgroups)");
+    ensure_bins();
+    let out = tempfile::tempdir().unwrap();
+    let res = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["demo", "--json", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "demo failed: {stderr}\n{stdout}");
+
+    // The report directory: its path is printed, and its files parse.
+    let dir = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("report: "))
+        .map(PathBuf::from)
+        .expect("demo prints the report path");
+    assert!(dir.starts_with(out.path()));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.starts_with("# livehost demo"));
+
+    // The fix took effect, and the behaviour changed the way the fix says.
+    let lp = &report["livepatch"];
+    assert_eq!(lp["took_effect"], true, "{lp}");
+    assert!(lp["after"].as_str().unwrap().contains("hotpatch-fixture"), "{lp}");
+    assert!(!lp["before"].as_str().unwrap().contains("hotpatch-fixture"));
+    assert_eq!(lp["check_exit"], 0);
+    assert_eq!(lp["load_exit"], 0);
+    // It was listed with its function.
+    let status = lp["status"].to_string();
+    assert!(status.contains("hp_cmdline") && status.contains("cmdline_proc_show"), "{status}");
+    // It was measured: a transition time and the probe's gaps, labelled.
+    let load = &lp["load"];
+    assert!(load["transition_ms"].as_f64().unwrap() > 0.0, "{load}");
+    let m = &load["measure"];
+    assert!(m["transition"]["spin_max_gap_us"].as_f64().is_some(), "{m}");
+    assert!(m["baseline"]["spin_max_gap_us"].as_f64().is_some(), "{m}");
+    assert!(!m["environment"]["label"].as_str().unwrap_or("").is_empty());
+    // The kernel's own log shows the transition.
+    let klog = lp["kernel_log"].as_str().unwrap();
+    assert!(klog.contains("'hp_cmdline': patching complete"), "{klog}");
+
+    // The observer watched the same window and saw the workload's cgroups.
+    let intervals = report["observer"]["intervals"].as_array().unwrap();
+    assert!(intervals.len() >= 2, "{}", report["observer"]);
+    let seen = intervals.iter().any(|i| {
+        i["cgroups"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|g| g["path"] == "/demo-busy" && g["cpu_ns"].as_u64() > Some(0)))
+    });
+    assert!(seen, "the busy cgroup's CPU time was not observed");
+    assert!(
+        md.contains("demo-app"),
+        "the container from vmm-bench's launcher should appear in the observer's table"
+    );
+
+    // Every path in the comparison has a number or a stated reason.
+    let cmp = &report["comparison"];
+    let rows = cmp["rows"].as_array().unwrap_or_else(|| panic!("comparison has no rows: {cmp}"));
+    assert!(!rows.is_empty());
+    for r in rows {
+        let has_number = r["value"].as_f64().is_some();
+        let has_reason = r["skipped"].as_str().is_some_and(|s| !s.is_empty());
+        assert!(has_number || has_reason, "row without number or reason: {r}");
+    }
+    for f in ["report.md", "report.json"] {
+        assert!(dir.join("vmm-bench").join(f).is_file(), "vmm-bench/{f} missing");
+    }
+    let svgs = std::fs::read_dir(dir.join("vmm-bench"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "svg"))
+        .count();
+    assert!(svgs >= 1, "no SVG charts");
+}
