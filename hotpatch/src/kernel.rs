@@ -7,7 +7,7 @@ use crate::paths::Paths;
 use anyhow::{Context, Result};
 use livehost_common::sysfs::{read_attr, read_text};
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// One patched function as sysfs shows it: `<object>/<func>,<sympos>`.
@@ -240,44 +240,66 @@ pub fn decode_taint(mask: u64) -> Vec<String> {
         .collect()
 }
 
-/// Names in `/proc/kallsyms`, split by owner (`vmlinux` or a module name).
-/// Names only: addresses read as zero without `kptr_restrict` privileges
-/// and are not needed to know a symbol exists.
+/// Byte-substring search through glibc's `memmem`: optimised code even when
+/// this crate is built without optimisations (debug test builds running in
+/// slow emulated guests), which matters on a multi-megabyte /proc file.
+fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    // SAFETY: both pointers are valid for reads of the given lengths for the
+    // duration of the call, and memmem only reads. Failure mode: none (NULL
+    // means not found).
+    let p = unsafe {
+        libc::memmem(
+            hay.as_ptr().cast(),
+            hay.len(),
+            needle.as_ptr().cast(),
+            needle.len(),
+        )
+    };
+    !p.is_null()
+}
+
+/// Symbol names in `/proc/kallsyms` by owner (`vmlinux` or a module).
+/// Names only: addresses read as zero without `kptr_restrict` privileges and
+/// are not needed to know a symbol exists.
+///
+/// Lookups are substring searches over the text (`... t name\n` for vmlinux,
+/// `... t name\t[module]\n` for a module) rather than a parsed table: the
+/// file has ~100k lines, and a per-line parse costs seconds in an emulated
+/// guest.
 pub struct Kallsyms {
-    by_owner: HashMap<String, HashSet<String>>,
+    text: String,
 }
 
 impl Kallsyms {
     pub fn load(paths: &Paths) -> Result<Self> {
-        Ok(Self::parse(&read_text(paths.proc_file("kallsyms"))?))
+        Ok(Self::parse(read_text(paths.proc_file("kallsyms"))?))
     }
 
-    pub fn parse(text: &str) -> Self {
-        let mut by_owner: HashMap<String, HashSet<String>> = HashMap::new();
-        for l in text.lines() {
-            let mut f = l.split_whitespace();
-            let (Some(_addr), Some(_ty), Some(name)) = (f.next(), f.next(), f.next()) else {
-                continue;
-            };
-            let owner = f
-                .next()
-                .and_then(|m| m.strip_prefix('[')?.strip_suffix(']'))
-                .unwrap_or("vmlinux");
-            // Compiler clones (foo.isra.0, foo.cold) are not patch targets.
-            by_owner
-                .entry(owner.to_string())
-                .or_default()
-                .insert(name.to_string());
+    pub fn parse(mut text: String) -> Self {
+        if !text.ends_with('\n') {
+            text.push('\n');
         }
-        Kallsyms { by_owner }
+        Kallsyms { text }
     }
 
     pub fn has_object(&self, object: &str) -> bool {
-        self.by_owner.contains_key(object)
+        object == "vmlinux"
+            || contains_bytes(self.text.as_bytes(), format!("\t[{object}]\n").as_bytes())
     }
 
     pub fn has(&self, object: &str, name: &str) -> bool {
-        self.by_owner.get(object).is_some_and(|s| s.contains(name))
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return false;
+        }
+        let needle = if object == "vmlinux" {
+            format!(" {name}\n")
+        } else {
+            format!(" {name}\t[{object}]\n")
+        };
+        contains_bytes(self.text.as_bytes(), needle.as_bytes())
     }
 }
 
@@ -372,13 +394,21 @@ mod tests {
     fn kallsyms_owner_split() {
         let k = Kallsyms::parse(
             "0000000000000000 t cmdline_proc_show\n\
+             0000000000000000 t cmdline_proc_show_x\n\
              0000000000000000 T hp_busy_sleeper\t[hp_busy]\n\
-             short line\n",
+             short line\n\
+             0000000000000000 t last_one"
+                .to_string(),
         );
         assert!(k.has("vmlinux", "cmdline_proc_show"));
+        assert!(!k.has("vmlinux", "cmdline_proc"), "prefixes do not match");
+        assert!(!k.has("vmlinux", "proc_show"), "suffixes do not match");
+        assert!(k.has("vmlinux", "last_one"), "last line without newline");
         assert!(!k.has("vmlinux", "hp_busy_sleeper"));
         assert!(k.has("hp_busy", "hp_busy_sleeper"));
+        assert!(k.has_object("hp_busy"));
         assert!(!k.has_object("hp_nothere"));
+        assert!(!k.has("vmlinux", ""));
     }
 
     #[test]

@@ -668,3 +668,109 @@ impl<'a> View<'a> {
         (objs.into_keys().collect(), syms)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny xorshift so the "random bytes" cases are reproducible.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// The smallest ELF64 header goblin accepts: no sections at all.
+    fn elf_header(e_type: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 2; // 64-bit
+        h[5] = 1; // little endian
+        h[6] = 1; // version
+        h[16..18].copy_from_slice(&e_type.to_le_bytes());
+        h[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86_64
+        h[20..24].copy_from_slice(&1u32.to_le_bytes());
+        h[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        h[58..60].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
+        h
+    }
+
+    #[test]
+    fn empty_is_named() {
+        let e = inspect(&[]).unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn not_elf_is_named() {
+        let e = inspect(b"#!/bin/sh\necho hi\n").unwrap_err().to_string();
+        assert!(e.contains("not an ELF"), "{e}");
+    }
+
+    #[test]
+    fn executables_are_not_modules() {
+        let e = format!("{:#}", inspect(&elf_header(2)).unwrap_err());
+        assert!(e.contains("ET_REL"), "{e}");
+    }
+
+    #[test]
+    fn relocatable_without_modinfo_is_an_object_file() {
+        let e = format!("{:#}", inspect(&elf_header(1)).unwrap_err());
+        assert!(e.contains(".modinfo"), "{e}");
+    }
+
+    #[test]
+    fn random_and_truncated_bytes_never_panic() {
+        for seed in 0..300u64 {
+            let mut b = noise(seed, (seed as usize * 37) % 4096);
+            let _ = inspect(&b);
+            // Also with a valid-looking ELF header in front, which gets the
+            // bytes past the magic check and into the section parser.
+            let h = elf_header(1 + (seed % 2) as u16);
+            let n = h.len().min(b.len());
+            b[..n].copy_from_slice(&h[..n]);
+            let _ = inspect(&b);
+            for cut in [0, 1, 4, 16, 63, 64] {
+                let _ = inspect(&b[..cut.min(b.len())]);
+            }
+        }
+    }
+
+    #[test]
+    fn bogus_signature_trailer_is_an_error() {
+        let mut b = elf_header(1);
+        b.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        b.extend_from_slice(SIG_MAGIC);
+        let e = inspect(&b).unwrap_err().to_string();
+        assert!(e.contains("signature trailer claims"), "{e}");
+        let e = inspect(SIG_MAGIC).unwrap_err().to_string();
+        assert!(e.contains("not an ELF"), "{e}");
+    }
+
+    #[test]
+    fn modinfo_pairs() {
+        let m = parse_modinfo(b"license=GPL\0\0vermagic=6.1 SMP \0junk\0name=hp_x\0");
+        assert_eq!(
+            m,
+            vec![
+                ("license".to_string(), "GPL".to_string()),
+                ("vermagic".to_string(), "6.1 SMP ".to_string()),
+                ("name".to_string(), "hp_x".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn c_strings_are_bounded_and_printable() {
+        assert_eq!(c_string(b"abc\0def").as_deref(), Some("abc"));
+        assert_eq!(c_string(b"no terminator"), None);
+        assert_eq!(c_string(b"bell\x07\0"), None);
+        assert_eq!(c_string(&[b'a'; 600]), None);
+    }
+}

@@ -1,0 +1,328 @@
+//! Host-side tests of the decisions hotpatch makes from what the kernel
+//! shows, against a fake /sys + /proc + /boot tree (every path is
+//! injectable). The kernel itself is exercised in tests/guest.rs.
+
+use hotpatch::check::{self, Status};
+use hotpatch::module::{ModuleInfo, PatchedFunction, PatchedObject};
+use hotpatch::ops;
+use hotpatch::paths::Paths;
+use std::path::Path;
+use std::process::Command;
+
+const REL: &str = "6.1.0-56-cloud-amd64";
+const MAGIC: &str = "6.1.0-56-cloud-amd64 SMP preempt mod_unload modversions ";
+
+fn write(root: &Path, rel: &str, content: &str) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, content).unwrap();
+}
+
+fn mkdir(root: &Path, rel: &str) {
+    std::fs::create_dir_all(root.join(rel)).unwrap();
+}
+
+/// hp_a (bottom, enabled) and hp_b (top, enabled, in transition) both patch
+/// cmdline_proc_show; hp_b also version_proc_show. hp_old is a superseded
+/// livepatch module still loaded. Task 100 has not switched yet.
+fn tree() -> (tempfile::TempDir, Paths) {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path();
+    let lp = "sys/kernel/livepatch";
+    write(r, &format!("{lp}/hp_a/enabled"), "1\n");
+    write(r, &format!("{lp}/hp_a/transition"), "0\n");
+    write(r, &format!("{lp}/hp_a/vmlinux/patched"), "1\n");
+    mkdir(r, &format!("{lp}/hp_a/vmlinux/cmdline_proc_show,1"));
+    write(r, &format!("{lp}/hp_b/enabled"), "1\n");
+    write(r, &format!("{lp}/hp_b/transition"), "1\n");
+    mkdir(r, &format!("{lp}/hp_b/vmlinux/cmdline_proc_show,1"));
+    mkdir(r, &format!("{lp}/hp_b/vmlinux/version_proc_show,1"));
+    write(
+        r,
+        "proc/modules",
+        "hp_b 16384 1 - Live 0x0000000000000000 (OEK)\n\
+         hp_a 16384 1 - Live 0x0000000000000000 (OEK)\n\
+         hp_old 16384 0 - Live 0x0000000000000000 (OEK)\n\
+         virtio_net 61440 0 - Live 0x0000000000000000\n",
+    );
+    write(r, "proc/sys/kernel/osrelease", &format!("{REL}\n"));
+    write(
+        r,
+        "proc/sys/kernel/tainted",
+        &format!("{}\n", (1 << 12) | (1 << 13) | (1 << 15)),
+    );
+    write(r, "proc/sys/kernel/ftrace_enabled", "1\n");
+    write(
+        r,
+        "proc/kallsyms",
+        "0000000000000000 t cmdline_proc_show\n0000000000000000 t version_proc_show\n\
+         0000000000000000 t hp_busy_sleeper\t[hp_busy]\n",
+    );
+    write(r, "proc/cmdline", "ro quiet\n");
+    write(r, "proc/100/task/100/patch_state", "0\n");
+    write(r, "proc/100/task/100/comm", "worker\n");
+    write(
+        r,
+        "proc/100/task/100/stack",
+        "[<0>] msleep+0x1/0x2\n[<0>] busy_fn+0x10/0x40\n",
+    );
+    write(r, "proc/101/task/101/patch_state", "1\n");
+    write(r, "proc/101/task/102/patch_state", "-1\n");
+    write(
+        r,
+        &format!("boot/config-{REL}"),
+        "CONFIG_SMP=y\nCONFIG_PREEMPT_BUILD=y\nCONFIG_MODULE_UNLOAD=y\nCONFIG_MODVERSIONS=y\n# CONFIG_X is not set\n",
+    );
+    let paths = Paths {
+        sys: r.join("sys"),
+        proc: r.join("proc"),
+        boot: r.join("boot"),
+        state: r.join("state"),
+    };
+    (d, paths)
+}
+
+fn module(name: &str, vermagic: &str, funcs: &[(&str, &str)]) -> ModuleInfo {
+    let mut objects: Vec<PatchedObject> = Vec::new();
+    for (o, f) in funcs {
+        let pf = PatchedFunction {
+            name: f.to_string(),
+            sympos: 0,
+            replacement: None,
+        };
+        match objects.iter_mut().find(|x| x.name == *o) {
+            Some(x) => x.functions.push(pf),
+            None => objects.push(PatchedObject {
+                name: o.to_string(),
+                functions: vec![pf],
+            }),
+        }
+    }
+    ModuleInfo {
+        size: 1,
+        sha256: "ab".repeat(32),
+        name: Some(name.into()),
+        vermagic: Some(vermagic.into()),
+        livepatch: true,
+        license: Some("GPL".into()),
+        depends: vec![],
+        srcversion: None,
+        description: None,
+        signature: None,
+        replace: Some(false),
+        objects,
+        klp_rela_objects: vec![],
+        klp_symbols: vec![],
+        modinfo: vec![],
+        warnings: vec![],
+    }
+}
+
+fn check_of<'a>(p: &'a check::Preflight, id: &str) -> &'a check::Check {
+    p.checks
+        .iter()
+        .find(|c| c.id == id)
+        .unwrap_or_else(|| panic!("no check {id}: {p:?}"))
+}
+
+#[test]
+fn status_orders_stack_and_names_function_owners() {
+    let (_d, paths) = tree();
+    let s = ops::status(&paths);
+    let names: Vec<&str> = s.patches.iter().map(|p| p.patch.name.as_str()).collect();
+    assert_eq!(names, ["hp_a", "hp_b"], "bottom of the stack first");
+    assert_eq!(
+        s.patches[1].pending_tasks,
+        Some(1),
+        "task 100 has not switched"
+    );
+    assert_eq!(s.patches[0].pending_tasks, None);
+    let cmd = s
+        .functions
+        .iter()
+        .find(|f| f.function == "cmdline_proc_show")
+        .unwrap();
+    assert_eq!(cmd.provided_by, "hp_b");
+    assert_eq!(cmd.also_in, ["hp_a"]);
+    assert_eq!(s.leftover_modules, ["hp_old"]);
+    assert!(s.taint_flags.iter().any(|f| f.starts_with('K')));
+    assert_eq!(ops::unload_order(&paths), ["hp_b", "hp_a", "hp_old"]);
+}
+
+#[test]
+fn lagging_tasks_are_named_with_stack() {
+    let (_d, paths) = tree();
+    let t = paths.lagging_tasks(1);
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        (t[0].pid, t[0].tid, t[0].comm.as_str()),
+        (100, 100, "worker")
+    );
+    assert_eq!(t[0].stack[1], "[<0>] busy_fn+0x10/0x40");
+    // Reverse direction: the patched task is the one behind.
+    let back = paths.lagging_tasks(0);
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].pid, 101);
+}
+
+#[test]
+fn preflight_refuses_while_another_patch_transitions() {
+    let (_d, paths) = tree();
+    let p = check::preflight(
+        &paths,
+        &module("hp_new", MAGIC, &[("vmlinux", "cmdline_proc_show")]),
+    );
+    assert!(!p.ok);
+    let failed: Vec<&str> = p.failures().map(|c| c.id).collect();
+    assert_eq!(failed, ["no-transition"], "{p:?}");
+    assert!(check_of(&p, "no-transition").detail.contains("hp_b"));
+    assert_eq!(check_of(&p, "vermagic").status, Status::Pass);
+    assert_eq!(check_of(&p, "signature").status, Status::Warn);
+}
+
+#[test]
+fn preflight_passes_when_quiet_and_reasons_each_failure() {
+    let (d, paths) = tree();
+    write(d.path(), "sys/kernel/livepatch/hp_b/transition", "0\n");
+    let ok = check::preflight(
+        &paths,
+        &module(
+            "hp_new",
+            MAGIC,
+            &[
+                ("vmlinux", "cmdline_proc_show"),
+                ("hp_busy", "hp_busy_sleeper"),
+                ("e1000", "e1000_probe"),
+            ],
+        ),
+    );
+    assert!(ok.ok, "{ok:?}");
+    assert!(
+        check_of(&ok, "target-symbols")
+            .detail
+            .contains("e1000:e1000_probe apply when their module loads")
+    );
+
+    let bad = check::preflight(
+        &paths,
+        &module(
+            "hp_a",
+            "6.1.0-57-cloud-amd64 SMP mod_unload modversions ",
+            &[("vmlinux", "nope_fn"), ("hp_busy", "nope2")],
+        ),
+    );
+    assert!(!bad.ok);
+    let vm = &check_of(&bad, "vermagic").detail;
+    assert!(
+        vm.contains("built for kernel \"6.1.0-57-cloud-amd64\"")
+            && vm.contains("lacks \"preempt\""),
+        "{vm}"
+    );
+    let nl = &check_of(&bad, "not-loaded").detail;
+    assert!(
+        nl.contains("already loaded (enabled)") && nl.contains("not loaded by hotpatch"),
+        "{nl}"
+    );
+    let ts = &check_of(&bad, "target-symbols").detail;
+    assert!(
+        ts.contains("vmlinux:nope_fn") && ts.contains("hp_busy:nope2"),
+        "{ts}"
+    );
+
+    // A kernel that enforces signatures refuses an unsigned module.
+    write(d.path(), "sys/module/module/parameters/sig_enforce", "Y\n");
+    let p = check::preflight(
+        &paths,
+        &module("hp_new", MAGIC, &[("vmlinux", "cmdline_proc_show")]),
+    );
+    assert_eq!(check_of(&p, "signature").status, Status::Fail);
+    // ftrace off is a failure with the fix.
+    write(d.path(), "proc/sys/kernel/ftrace_enabled", "0\n");
+    let p = check::preflight(
+        &paths,
+        &module("hp_new", MAGIC, &[("vmlinux", "cmdline_proc_show")]),
+    );
+    assert!(
+        check_of(&p, "ftrace")
+            .detail
+            .contains("sysctl kernel.ftrace_enabled=1")
+    );
+}
+
+#[test]
+fn no_livepatch_support_is_named() {
+    let (d, paths) = tree();
+    std::fs::remove_dir_all(d.path().join("sys/kernel/livepatch")).unwrap();
+    let p = check::preflight(
+        &paths,
+        &module("hp_new", MAGIC, &[("vmlinux", "cmdline_proc_show")]),
+    );
+    assert!(
+        check_of(&p, "kernel-livepatch")
+            .detail
+            .contains("CONFIG_LIVEPATCH")
+    );
+    assert!(!ops::status(&paths).livepatch_supported);
+}
+
+fn bin(paths: &Paths, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hotpatch"))
+        .arg("--sysfs-root")
+        .arg(&paths.sys)
+        .arg("--proc-root")
+        .arg(&paths.proc)
+        .arg("--boot-dir")
+        .arg(&paths.boot)
+        .arg("--state-dir")
+        .arg(&paths.state)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_list_json_and_errors() {
+    let (d, paths) = tree();
+    let out = bin(&paths, &["--json", "list"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["patches"][1]["name"], "hp_b");
+    assert_eq!(v["kernel"], REL);
+
+    let text = String::from_utf8(bin(&paths, &["list"]).stdout).unwrap();
+    assert!(
+        text.contains("#2 hp_b [enabled, IN TRANSITION (1 task(s) pending)]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vmlinux:cmdline_proc_show <- hp_b (also in hp_a)"),
+        "{text}"
+    );
+    assert!(text.contains("leftover livepatch module hp_old"), "{text}");
+
+    // Garbage in: exit 1 with a reason, also as JSON.
+    let junk = d.path().join("junk.ko");
+    std::fs::write(&junk, b"\x7fELF garbage").unwrap();
+    let out = bin(&paths, &["--json", "inspect", junk.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("malformed ELF"),
+        "{v}"
+    );
+    let out = bin(&paths, &["inspect", "/nonexistent.ko"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot stat /nonexistent.ko"));
+
+    // Usage errors are clap's exit 2.
+    assert_eq!(bin(&paths, &["unload"]).status.code(), Some(2));
+    assert_eq!(
+        bin(&paths, &["load", "a.ko", "--installed"]).status.code(),
+        Some(2)
+    );
+
+    // uninstall of something never installed says what is installed.
+    let out = bin(&paths, &["uninstall", "hp_x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("installed: none"));
+}
