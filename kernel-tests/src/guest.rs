@@ -46,6 +46,10 @@ pub struct RunOptions {
     pub env: Vec<(String, String)>,
     /// Report progress on stderr.
     pub progress: bool,
+    /// The host's backstop: a guest with no result this long after QEMU
+    /// started is declared hung and killed. `None`: a boot budget for the
+    /// accelerator (90 s TCG, 45 s KVM) plus `timeout` plus 30 s.
+    pub hang_after: Option<Duration>,
 }
 
 impl RunOptions {
@@ -68,6 +72,7 @@ impl RunOptions {
             kernel_args: Vec::new(),
             env: Vec::new(),
             progress: false,
+            hang_after: None,
         }
     }
 
@@ -276,7 +281,10 @@ fn run_with(opts: &RunOptions, progress: &Progress) -> Result<RunOutcome> {
         Accel::Tcg => Duration::from_secs(90),
         Accel::Kvm => Duration::from_secs(45),
     };
-    let deadline = launched + boot_budget + opts.timeout + Duration::from_secs(30);
+    let deadline = launched
+        + opts
+            .hang_after
+            .unwrap_or(boot_budget + opts.timeout + Duration::from_secs(30));
     let mut init_wall: Option<Instant> = None;
     let mut cmd_wall: Option<Instant> = None;
     let mut hung = false;

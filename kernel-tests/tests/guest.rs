@@ -151,3 +151,56 @@ fn the_second_suite_boots_through_the_private_apt_config() {
     let sources = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
     assert!(!sources.contains("trixie"));
 }
+
+/// PIDs of QEMU processes whose command line contains `marker`.
+fn qemu_pids_with(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("qemu-system") && c.contains(marker)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn an_interrupted_run_leaves_no_qemu_behind() {
+    let marker = format!("livehost.interrupt_test={}", std::process::id());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kernel-tests"))
+        .args(["run", "--append", &marker, "--", "sleep", "300"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while qemu_pids_with(&marker).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(120), "QEMU never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up by itself
+    child.wait().unwrap();
+    let t = Instant::now();
+    while !qemu_pids_with(&marker).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "QEMU outlived its parent"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_guest_that_stops_responding_is_reported_as_hung() {
+    // An init that blocks forever on the console: no result ever comes.
+    let mut o = opts("true");
+    o.kernel_args = vec!["rdinit=/bin/cat".into()];
+    o.hang_after = Some(Duration::from_secs(25));
+    let t = Instant::now();
+    let out = kernel_tests::run(&o).unwrap();
+    assert_eq!(out.status, GuestStatus::Hang, "{}", out.console_tail(20));
+    assert!(t.elapsed() < Duration::from_secs(60));
+}
