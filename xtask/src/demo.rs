@@ -118,7 +118,10 @@ pub fn run(out_root: &Path, with_bench: bool, print_json: bool) -> Result<i32> {
     // 1. The guest kernel and the sample fix built against it.
     progress.step("fetching the guest kernel (debian:bookworm-cloud)");
     let kernel = kernel_tests::kernel::fetch_with(&KernelSpec::default(), &progress)?;
-    progress.step(format!("building the sample livepatch against {}", kernel.version));
+    progress.step(format!(
+        "building the sample livepatch against {}",
+        kernel.version
+    ));
     let fix_src = repo_root().join("hotpatch/fixtures/cmdline");
     let fix = kernel_tests::module::build(&kernel, &fix_src)?;
 
@@ -162,7 +165,9 @@ pub fn run(out_root: &Path, with_bench: bool, print_json: bool) -> Result<i32> {
             .status()
             .context("cannot run vmm-bench")?;
         if !st.success() {
-            progress.note(format!("vmm-bench report failed ({st}); the comparison is missing"));
+            progress.note(format!(
+                "vmm-bench report failed ({st}); the comparison is missing"
+            ));
             json!({ "error": format!("vmm-bench report exited with {st}") })
         } else {
             let text = std::fs::read_to_string(bdir.join("report.json")).unwrap_or_default();
@@ -203,7 +208,10 @@ pub fn run(out_root: &Path, with_bench: bool, print_json: bool) -> Result<i32> {
         "comparison": bench,
         "elapsed_s": started.elapsed().as_secs_f64(),
     });
-    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     let md = markdown(&report);
     std::fs::write(out.join("report.md"), &md)?;
     progress.finish();
@@ -271,11 +279,23 @@ fn markdown(r: &Value) -> String {
     }
     let _ = writeln!(s, "## Livepatch\n");
     let _ = writeln!(s, "| | |\n|---|---|");
-    let _ = writeln!(s, "| `/proc/cmdline` before | `{}` |", lp["before"].as_str().unwrap_or("").trim());
-    let _ = writeln!(s, "| `/proc/cmdline` after | `{}` |", lp["after"].as_str().unwrap_or("").trim());
+    let _ = writeln!(
+        s,
+        "| `/proc/cmdline` before | `{}` |",
+        lp["before"].as_str().unwrap_or("").trim()
+    );
+    let _ = writeln!(
+        s,
+        "| `/proc/cmdline` after | `{}` |",
+        lp["after"].as_str().unwrap_or("").trim()
+    );
     let _ = writeln!(s, "| took effect | {} |", lp["took_effect"]);
     let _ = writeln!(s, "| `hotpatch check` exit | {} |", lp["check_exit"]);
-    let _ = writeln!(s, "| `hotpatch load --measure` exit | {} |", lp["load_exit"]);
+    let _ = writeln!(
+        s,
+        "| `hotpatch load --measure` exit | {} |",
+        lp["load_exit"]
+    );
     let load = &lp["load"];
     for (label, key) in [
         ("transition time", "transition_ms"),
@@ -296,10 +316,19 @@ fn markdown(r: &Value) -> String {
             }
         }
     }
-    let _ = writeln!(s, "\nFull `hotpatch` outputs are in `report.json` (`livepatch.*`).\n");
+    let _ = writeln!(
+        s,
+        "\nFull `hotpatch` outputs are in `report.json` (`livepatch.*`).\n"
+    );
     let _ = writeln!(s, "## Observer (per cgroup, over the same window)\n");
-    let intervals = r["observer"]["intervals"].as_array().cloned().unwrap_or_default();
-    let window: f64 = intervals.iter().filter_map(|i| i["interval_s"].as_f64()).sum();
+    let intervals = r["observer"]["intervals"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let window: f64 = intervals
+        .iter()
+        .filter_map(|i| i["interval_s"].as_f64())
+        .sum();
     let _ = writeln!(
         s,
         "{} intervals, {window:.1} s, recorded by `overhead record` in the guest while the patch loaded \
@@ -319,9 +348,16 @@ fn markdown(r: &Value) -> String {
     if let Some(e) = c.get("error").or(c.get("skipped")) {
         let _ = writeln!(s, "Not available: {e}\n");
     } else {
-        let _ = writeln!(s, "See `vmm-bench/report.md` and its SVG charts in this directory.\n");
+        let _ = writeln!(
+            s,
+            "See `vmm-bench/report.md` and its SVG charts in this directory.\n"
+        );
     }
-    let _ = writeln!(s, "Demo run took {:.0} s.", r["elapsed_s"].as_f64().unwrap_or(0.0));
+    let _ = writeln!(
+        s,
+        "Demo run took {:.0} s.",
+        r["elapsed_s"].as_f64().unwrap_or(0.0)
+    );
     s
 }
 
@@ -374,7 +410,11 @@ fn observer_rows(intervals: &[Value]) -> Vec<String> {
                 a.cpu_ns,
                 format!(
                     "| `{path}` | {} | {:.0} ms | {} | {:.2} ms | {:.2} ms | {behind} |",
-                    if a.container.is_empty() { "—" } else { &a.container },
+                    if a.container.is_empty() {
+                        "—"
+                    } else {
+                        &a.container
+                    },
                     a.cpu_ns as f64 / 1e6,
                     a.waits,
                     a.p99 as f64 / 1e6,
@@ -383,7 +423,7 @@ fn observer_rows(intervals: &[Value]) -> Vec<String> {
             )
         })
         .collect();
-    rows.sort_by(|a, b| b.0.cmp(&a.0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
     rows.into_iter().map(|(_, r)| r).collect()
 }
 
@@ -405,7 +445,8 @@ mod tests {
 
     #[test]
     fn steps_are_framed() {
-        let s = parse_steps("noise\n@@begin a\n{\"x\":1}\n\n@@end a 0\n@@begin b\nhello\n@@end b 3\n");
+        let s =
+            parse_steps("noise\n@@begin a\n{\"x\":1}\n\n@@end a 0\n@@begin b\nhello\n@@end b 3\n");
         assert_eq!(step_json(&s, "a")["x"], 1);
         assert_eq!(step_text(&s, "b"), "hello");
         assert_eq!(step_rc(&s, "b"), Some(3));

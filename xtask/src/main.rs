@@ -42,7 +42,11 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let r: Result<i32> = match cli.cmd {
-        Cmd::Demo { out, no_bench, json } => demo::run(&out, !no_bench, json),
+        Cmd::Demo {
+            out,
+            no_bench,
+            json,
+        } => demo::run(&out, !no_bench, json),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn bin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_xtask")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_BIN_EXE_xtask"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The demo copies the other crates' binaries into the guest; build them
@@ -29,7 +32,10 @@ fn ensure_bins() {
 
 #[test]
 fn demo_patches_a_live_guest_and_reports_it() {
-    assert!(livehost_common::is_root(), "the demo test needs root (KVM, BPF, cgroups)");
+    assert!(
+        livehost_common::is_root(),
+        "the demo test needs root (KVM, BPF, cgroups)"
+    );
     ensure_bins();
     let out = tempfile::tempdir().unwrap();
     let res = Command::new(env!("CARGO_BIN_EXE_xtask"))
@@ -48,20 +54,27 @@ fn demo_patches_a_live_guest_and_reports_it() {
         .map(PathBuf::from)
         .expect("demo prints the report path");
     assert!(dir.starts_with(out.path()));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.starts_with("# livehost demo"));
 
     // The fix took effect, and the behaviour changed the way the fix says.
     let lp = &report["livepatch"];
     assert_eq!(lp["took_effect"], true, "{lp}");
-    assert!(lp["after"].as_str().unwrap().contains("hotpatch-fixture"), "{lp}");
+    assert!(
+        lp["after"].as_str().unwrap().contains("hotpatch-fixture"),
+        "{lp}"
+    );
     assert!(!lp["before"].as_str().unwrap().contains("hotpatch-fixture"));
     assert_eq!(lp["check_exit"], 0);
     assert_eq!(lp["load_exit"], 0);
     // It was listed with its function.
     let status = lp["status"].to_string();
-    assert!(status.contains("hp_cmdline") && status.contains("cmdline_proc_show"), "{status}");
+    assert!(
+        status.contains("hp_cmdline") && status.contains("cmdline_proc_show"),
+        "{status}"
+    );
     // It was measured: a transition time and the probe's gaps, labelled.
     let load = &lp["load"];
     assert!(load["transition_ms"].as_f64().unwrap() > 0.0, "{load}");
@@ -77,9 +90,10 @@ fn demo_patches_a_live_guest_and_reports_it() {
     let intervals = report["observer"]["intervals"].as_array().unwrap();
     assert!(intervals.len() >= 2, "{}", report["observer"]);
     let seen = intervals.iter().any(|i| {
-        i["cgroups"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|g| g["path"] == "/demo-busy" && g["cpu_ns"].as_u64() > Some(0)))
+        i["cgroups"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|g| g["path"] == "/demo-busy" && g["cpu_ns"].as_u64() > Some(0))
+        })
     });
     assert!(seen, "the busy cgroup's CPU time was not observed");
     assert!(
@@ -89,19 +103,33 @@ fn demo_patches_a_live_guest_and_reports_it() {
 
     // Every path in the comparison has a number or a stated reason.
     let cmp = &report["comparison"];
-    let rows = cmp["rows"].as_array().unwrap_or_else(|| panic!("comparison has no rows: {cmp}"));
+    let rows = cmp["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("comparison has no rows: {cmp}"));
     assert!(!rows.is_empty());
     for r in rows {
         let has_number = r["value"].as_f64().is_some();
         let has_reason = r["skipped"].as_str().is_some_and(|s| !s.is_empty());
-        assert!(has_number || has_reason, "row without number or reason: {r}");
+        assert!(
+            has_number || has_reason,
+            "row without number or reason: {r}"
+        );
     }
     for f in ["report.md", "report.json"] {
-        assert!(dir.join("vmm-bench").join(f).is_file(), "vmm-bench/{f} missing");
+        assert!(
+            dir.join("vmm-bench").join(f).is_file(),
+            "vmm-bench/{f} missing"
+        );
     }
     let svgs = std::fs::read_dir(dir.join("vmm-bench"))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "svg"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "svg")
+        })
         .count();
     assert!(svgs >= 1, "no SVG charts");
 }
