@@ -5,6 +5,8 @@
 
 pub mod container;
 pub mod host;
+pub mod native;
+pub mod report;
 pub mod qemu;
 pub mod vm;
 

@@ -1,8 +1,220 @@
+//! vmm-bench: VM vs container vs unikernel, measured on this host.
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use livehost_common::exit;
+use std::path::PathBuf;
+use std::time::Duration;
+use vmm_bench::{container, native, qemu, report, vm};
+
+#[derive(Parser)]
+#[command(
+    name = "vmm-bench",
+    version,
+    about = "Run one workload as a process, in a container, in a VM on our own KVM VMM, as a unikernel and under QEMU, and compare start-up, round trips, compute, memory, image size and density.",
+    long_about = "Run one workload as a process, in a container (our namespace+cgroup launcher and runc), \
+in a VM on our own small KVM VMM, as a unikernel (our VMM and QEMU via PVH), and as init of a Debian \
+kernel under QEMU; every path must return the same checksum.\n\n\
+Every number is labelled with the accelerator it ran under: hardware KVM, nested KVM, a nested \
+KVM that emulates guest instructions (numbers describe that host, not hardware), or QEMU TCG.\n\n\
+Start with `vmm-bench probe` to see what this host's KVM can do, then `vmm-bench report --quick`.\n\
+Most paths need root (namespaces, cgroups, /dev/kvm).",
+    after_help = "Examples:\n  vmm-bench probe\n  vmm-bench run vm --kib 64\n  vmm-bench run container --json\n  vmm-bench report --quick --out /tmp/vmm-report"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Find out, within about a second, what /dev/kvm can do here.
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the workload once down one path and print its result.
+    Run {
+        path: PathKind,
+        /// Workload size in KiB (checksum over this much memory).
+        #[arg(long, default_value_t = 64)]
+        kib: u64,
+        /// Iterations of the null-operation loop.
+        #[arg(long, default_value_t = 1000)]
+        loops: u64,
+        /// Deadline for the run in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time our VMM's exit loop against a bare KVM_RUN loop, in one run.
+    CompareExits {
+        #[arg(long, default_value_t = 2000)]
+        exits: u32,
+        #[arg(long, default_value_t = 11)]
+        samples: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run every path and write report.md, report.json and SVG charts.
+    Report {
+        /// Fewer repetitions: finishes in well under a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Output directory.
+        #[arg(long, default_value = "vmm-bench-report")]
+        out: PathBuf,
+        /// Workload size in KiB. Small by default because a nested,
+        /// emulating KVM runs every guest instruction through its emulator.
+        #[arg(long, default_value_t = 64)]
+        kib: u64,
+        #[arg(long, default_value_t = 1000)]
+        loops: u64,
+        /// Skip booting the Debian kernel under QEMU.
+        #[arg(long)]
+        no_linux: bool,
+        /// Also print report.json on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PathKind {
+    /// The static workload as a plain process.
+    Native,
+    /// Our namespace + cgroup launcher.
+    Container,
+    /// runc with a generated busybox bundle.
+    Runc,
+    /// The unikernel on our KVM VMM (64-bit entry).
+    Vm,
+    /// The unikernel under QEMU through its PVH entry.
+    QemuUnikernel,
+    /// The Debian kernel under QEMU with the workload as init.
+    QemuLinux,
+}
+
 fn main() {
-    let r = vmm_bench::qemu::run_unikernel(vmm_bench::vm::boot::UNIKERNEL, 64, 1000, std::time::Duration::from_secs(20)).unwrap();
-    println!("{r:?}");
-    let i = vmm_bench::qemu::linux_image().unwrap();
-    println!("{i:?}");
-    let r = vmm_bench::qemu::run_linux(&i, 64, 1000, std::time::Duration::from_secs(60)).unwrap();
-    println!("{r:?}");
+    let cli = Cli::parse();
+    let code = match real_main(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm-bench: {e:#}");
+            let s = format!("{e:#}");
+            if s.contains("deadline") || s.contains("timed out") {
+                exit::TIMEOUT
+            } else {
+                exit::ERROR
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn print<T: serde::Serialize + std::fmt::Debug>(v: &T, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        println!("{v:#?}");
+    }
+    Ok(())
+}
+
+fn real_main(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Probe { json } => {
+            let p = vm::probe::probe(Duration::from_secs(1));
+            if json {
+                print(&p, true)?;
+            } else {
+                match (&p.error, p.accel) {
+                    (Some(e), _) => println!("KVM unusable: {e}"),
+                    (None, a) => {
+                        println!("KVM: {}", a.map_or("present but no guest ran", |a| a.label()));
+                        println!("  real mode:  {}", p.real_mode.as_deref().unwrap_or("-"));
+                        println!("  long mode:  {}", p.long_mode.as_deref().unwrap_or("-"));
+                        if let Some(v) = p.create_to_first_exit_us {
+                            println!("  VM create to first exit: {v:.0} us");
+                        }
+                        if let Some(v) = p.port_exit_ns {
+                            println!("  port-I/O exit round trip: {:.1} us", v / 1e3);
+                        }
+                        println!(
+                            "  guest register loop: {} (host {:.0} iterations/us)",
+                            p.guest_loop_per_us.map_or("did not finish in its time slice: instructions are emulated".into(), |v| format!("{v:.0} iterations/us")),
+                            p.host_loop_per_us
+                        );
+                    }
+                }
+                println!("  host is itself a guest: {}; probe took {:.0} ms", p.host_is_guest, p.elapsed_ms);
+            }
+            Ok(if p.accel.is_some() { exit::SUCCESS } else { exit::REFUSED })
+        }
+        Cmd::Run { path, kib, loops, timeout, json } => {
+            let t = Duration::from_secs(timeout);
+            let args = vec![format!("kib={kib}"), format!("loops={loops}")];
+            let expected = native::expected_checksum(kib, vmm_bench_workload::DEFAULT_SEED);
+            let got = match path {
+                PathKind::Native => {
+                    let r = native::run(&args, t)?;
+                    print(&r, json)?;
+                    qemu::field_u64(&r.stdout, "checksum")
+                }
+                PathKind::Container => {
+                    let r = container::run(&container::ContainerOpts { args, timeout: t, ..Default::default() })?;
+                    print(&r, json)?;
+                    qemu::field_u64(&r.stdout, "checksum")
+                }
+                PathKind::Runc => {
+                    let Some(runc) = container::find_runc() else {
+                        bail!("runc is not installed: apt-get install runc");
+                    };
+                    let b = container::make_bundle(&args)?;
+                    let r = container::run_runc(&runc, &b, t)?;
+                    print(&r, json)?;
+                    qemu::field_u64(&r.stdout, "checksum")
+                }
+                PathKind::Vm => {
+                    let kvm = vm::Kvm::open()?;
+                    let r = vm::boot::run_unikernel(&kvm, &vm::boot::UnikernelRun { kib, loop_n: loops, timeout: t, ..Default::default() })?;
+                    print(&r, json)?;
+                    Some(r.checksum)
+                }
+                PathKind::QemuUnikernel => {
+                    let r = qemu::run_unikernel(vm::boot::UNIKERNEL, kib, loops, t)?;
+                    print(&r, json)?;
+                    qemu::field_u64(&r.line, "checksum")
+                }
+                PathKind::QemuLinux => {
+                    let img = qemu::linux_image()?;
+                    let r = qemu::run_linux(&img, kib, loops, t)?;
+                    print(&r, json)?;
+                    qemu::field_u64(&r.line, "checksum")
+                }
+            };
+            if got != Some(expected) {
+                bail!("checksum mismatch: got {got:x?}, expected {expected:#x}");
+            }
+            Ok(exit::SUCCESS)
+        }
+        Cmd::CompareExits { exits, samples, json } => {
+            let kvm = vm::Kvm::open()?;
+            let c = vm::boot::compare_exit_loops(&kvm, exits, samples.max(1))?;
+            print(&c, json)?;
+            Ok(exit::SUCCESS)
+        }
+        Cmd::Report { quick, out, kib, loops, no_linux, json } => {
+            let r = report::run(&report::ReportOpts { quick, out: out.clone(), kib, loops, no_linux })?;
+            let files = report::write(&r, &out)?;
+            if json {
+                print(&r, true)?;
+            } else {
+                print!("{}", report::markdown(&r));
+                eprintln!("wrote {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+            }
+            Ok(if r.checks.iter().all(|c| c.ok) { exit::SUCCESS } else { exit::ERROR })
+        }
+    }
 }
