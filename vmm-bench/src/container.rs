@@ -35,6 +35,8 @@ impl Default for ContainerOpts {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ContainerRun {
+    /// The container's init as the host sees it (reaped by the time you read this).
+    pub pid: i32,
     pub stdout: String,
     pub exit_code: i32,
     /// Host wall clock: namespaces + cgroup set up, workload exec'd.
@@ -64,8 +66,10 @@ fn cstr(s: &str) -> Result<CString> {
 
 /// A file holding the static workload, written once per process.
 pub fn workload_path() -> Result<PathBuf> {
-    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    if let Some(p) = PATH.get() {
+    static PATH: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    // Held while writing, so concurrent first callers do not race on the file.
+    let mut guard = PATH.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = guard.as_ref() {
         return Ok(p.clone());
     }
     let dir = std::env::temp_dir().join(format!("livehost-vmm-bench-{}", std::process::id()));
@@ -76,7 +80,8 @@ pub fn workload_path() -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
     std::fs::rename(&tmp, &p)?;
-    Ok(PATH.get_or_init(|| p).clone())
+    *guard = Some(p.clone());
+    Ok(p)
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -219,6 +224,7 @@ pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
     let cgroup = cg.as_ref().map(|c| c.0.display().to_string());
     drop(cg);
     Ok(ContainerRun {
+        pid,
         stdout,
         exit_code: code,
         setup_us,
