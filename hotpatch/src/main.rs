@@ -91,8 +91,9 @@ enum Cmd {
         /// On stall, leave the patch in transition instead of reversing it.
         #[arg(long, conflicts_with = "force")]
         no_rollback: bool,
-        /// On stall, force the transition through. DANGEROUS: the module can
-        /// never be removed afterwards, and stalled tasks keep running old code.
+        /// On stall, force the transition through. DANGEROUS: stalled tasks keep
+        /// running old code with no consistency guarantee, and some kernels
+        /// never let the module be removed afterwards.
         #[arg(long)]
         force: bool,
         /// Measure what a running workload feels: probe threads report the

@@ -26,8 +26,8 @@ pub struct LoadOptions {
     /// How often `transition` is polled.
     pub poll: Duration,
     pub rollback: bool,
-    /// On stall, write `force`: completes the transition at the price of a
-    /// module that can never be removed.
+    /// On stall, write `force`: completes the transition without the
+    /// consistency guarantee (and some kernels then pin the module forever).
     pub force: bool,
     pub measure: bool,
 }
@@ -280,6 +280,7 @@ pub fn load(
                 .to_string(),
             replace: info.replace,
             loaded_at: state::now_unix(),
+            forced: false,
         },
     )
     .unwrap_or_else(|e| {
@@ -351,7 +352,11 @@ pub fn load(
                 names.join(", ")
             ));
             if opts.force {
-                progress.note(format!("{name}: --force: forcing the transition. The module can NEVER be removed, and stalled tasks run unpatched code until they return"));
+                progress.note(format!("{name}: --force: forcing the transition. stalled tasks keep running old code until they return, with no consistency guarantee; some kernels then refuse to ever remove the module"));
+                if let Some(mut rec) = state::loaded_record(paths, &name) {
+                    rec.forced = true;
+                    let _ = state::save_loaded(paths, &rec);
+                }
                 write_attr(paths, &name, "force", "1")?;
                 match wait_transition(
                     paths,
@@ -601,7 +606,13 @@ pub fn unload(
             );
         }
         progress.step(format!("{name}: removing module"));
-        remove_module(paths, name, timeout)?;
+        remove_module(paths, name, timeout).map_err(|e| {
+            if state::loaded_record(paths, name).is_some_and(|r| r.forced) {
+                e.context(format!("{name}'s transition was forced when it loaded; kernels that pin forced patch modules keep it until reboot"))
+            } else {
+                e
+            }
+        })?;
         Ok(t)
     })();
     let mut messages = journal(

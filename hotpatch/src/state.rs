@@ -135,6 +135,10 @@ pub struct LoadedRecord {
     pub path: String,
     pub replace: Option<bool>,
     pub loaded_at: f64,
+    /// The transition was forced: the kernel keeps a reference to the module
+    /// forever, so it can never be removed.
+    #[serde(default)]
+    pub forced: bool,
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {

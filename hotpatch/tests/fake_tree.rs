@@ -326,3 +326,43 @@ fn cli_list_json_and_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("installed: none"));
 }
+
+/// The shipped unit's ExecStart, run as written (plus the fake tree's
+/// roots): it must parse, honour the skip switch and cope with nothing
+/// installed.
+#[test]
+fn systemd_unit_command_runs() {
+    assert!(
+        livehost_common::is_root(),
+        "this test runs `hotpatch load`, which needs root; CI runs as root"
+    );
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/hotpatch-apply.service"),
+    )
+    .unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("unit has ExecStart");
+    let mut words = exec.split_whitespace();
+    assert_eq!(words.next(), Some("/usr/bin/hotpatch"));
+    let args: Vec<&str> = words.collect();
+    assert_eq!(args[..2], ["load", "--installed"]);
+
+    let (d, paths) = tree();
+    write(d.path(), "sys/kernel/livepatch/hp_b/transition", "0\n");
+    let out = bin(&paths, &args);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("no modules installed for kernel {REL}"))
+    );
+
+    write(d.path(), "proc/cmdline", "ro hotpatch.skip=1 quiet\n");
+    let out = bin(&paths, &args);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("skipping installed patches"));
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    assert_eq!(j.last().unwrap().op, "load-installed");
+    assert_eq!(j.last().unwrap().detail["skipped"], "hotpatch.skip=1");
+}

@@ -397,8 +397,10 @@ step status $H --json status
 step unload $H --json unload --timeout 10 hp_stall
 step ls2 ls /sys/kernel/livepatch
 step mods2 cat /proc/modules
+step force $H --json load --timeout 2 --force /root/hp_stall.ko
+step fstatus $H --json status
+step funload $H unload --timeout 3 hp_stall
 step journal $H --json journal
-rmmod hp_busy
 "#,
         &[],
     );
@@ -451,6 +453,16 @@ rmmod hp_busy
     assert_eq!(s.rc("unload"), 0, "{}", s.raw);
     assert_nothing_left(&s, "ls2", "mods2");
 
+    // --force completes the transition. On this 6.1 kernel the forced
+    // patch can still be disabled and its module removed (observed: refcount
+    // drops to 0); hotpatch does not assume either way.
+    assert_eq!(s.rc("force"), 0, "{}", s.raw);
+    assert_eq!(s.json("force")["outcome"], "forced");
+    let fs = s.json("fstatus");
+    assert_eq!(fs["patches"][0]["transition"], false, "{fs}");
+    assert_eq!(fs["patches"][0]["enabled"], true, "{fs}");
+    assert_eq!(s.rc("funload"), 0, "{}", s.raw);
+
     let j = s.json("journal");
     let results: Vec<&str> = j
         .as_array()
@@ -460,7 +472,14 @@ rmmod hp_busy
         .collect();
     assert_eq!(
         results,
-        ["rolled-back", "rolled-back", "stalled", "ok"],
+        [
+            "rolled-back",
+            "rolled-back",
+            "stalled",
+            "ok",
+            "forced",
+            "ok"
+        ],
         "{j}"
     );
 }
