@@ -86,7 +86,10 @@ impl Out {
     fn flush(&mut self) {
         let mut off = 0;
         while off < self.len {
-            let r = sys(SYS_WRITE, &[1, self.buf[off..].as_ptr() as usize, self.len - off]);
+            let r = sys(
+                SYS_WRITE,
+                &[1, self.buf[off..].as_ptr() as usize, self.len - off],
+            );
             if r <= 0 {
                 break;
             }
@@ -142,7 +145,10 @@ fn print_file(out: &mut Out, path: &[u8]) {
 
 fn print_link(out: &mut Out, path: &[u8]) {
     let mut b = [0u8; 128];
-    let r = sys(SYS_READLINK, &[path.as_ptr() as usize, b.as_mut_ptr() as usize, b.len()]);
+    let r = sys(
+        SYS_READLINK,
+        &[path.as_ptr() as usize, b.as_mut_ptr() as usize, b.len()],
+    );
     if r > 0 {
         for &c in &b[..r as usize] {
             let _ = out.write_char(c as char);
@@ -163,8 +169,12 @@ extern "C" fn lx_main(sp: *const usize) -> ! {
     let boot_start = now_ns(7); // CLOCK_BOOTTIME: time since the kernel started
     // SAFETY: the kernel's initial stack holds argc then argc argv pointers.
     let argc = unsafe { *sp };
-    let (mut kib, mut loops, mut seed, mut info, mut reboot) = (4096u64, 10_000u64, workload::DEFAULT_SEED, false, false);
-    let mut out = Out { buf: [0; 4096], len: 0 };
+    let (mut kib, mut loops, mut seed, mut info, mut reboot) =
+        (4096u64, 10_000u64, workload::DEFAULT_SEED, false, false);
+    let mut out = Out {
+        buf: [0; 4096],
+        len: 0,
+    };
     for i in 1..argc {
         let a = cstr(unsafe { *sp.add(1 + i) } as *const u8);
         let val = |k: &[u8]| a.strip_prefix(k).and_then(parse_u64);
@@ -208,7 +218,14 @@ extern "C" fn lx_main(sp: *const usize) -> ! {
     let _ = write!(
         out,
         "LIVEHOST-LX pid={} mono_start_ns={} boottime_start_ns={} checksum={:#018x} len={} workload_ns={} loop_n={} syscall_loop_ns={}",
-        pid, mono_start, boot_start, sum, len, t1 - t0, loops, t2 - t1
+        pid,
+        mono_start,
+        boot_start,
+        sum,
+        len,
+        t1 - t0,
+        loops,
+        t2 - t1
     );
     if info {
         let mut uts = [0u8; 390];
@@ -250,12 +267,16 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
 // No libc: the compiler's calls to these land here (see the unikernel).
 #[unsafe(no_mangle)]
 unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
-    unsafe { asm!("rep movsb", inout("rdi") d => _, inout("rsi") s => _, inout("rcx") n => _, options(nostack)) };
+    unsafe {
+        asm!("rep movsb", inout("rdi") d => _, inout("rsi") s => _, inout("rcx") n => _, options(nostack))
+    };
     d
 }
 #[unsafe(no_mangle)]
 unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
-    unsafe { asm!("rep stosb", inout("rdi") d => _, in("al") c as u8, inout("rcx") n => _, options(nostack)) };
+    unsafe {
+        asm!("rep stosb", inout("rdi") d => _, in("al") c as u8, inout("rcx") n => _, options(nostack))
+    };
     d
 }
 #[unsafe(no_mangle)]

@@ -76,7 +76,8 @@ pub fn workload_path() -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let p = dir.join("workload");
     let tmp = dir.join("workload.tmp");
-    std::fs::write(&tmp, crate::LINUX_INIT).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, crate::LINUX_INIT)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
     std::fs::rename(&tmp, &p)?;
@@ -148,7 +149,8 @@ pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
     let root = cstr("/")?;
     let (sync_r, sync_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
-    let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    let mut flags =
+        libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     if opts.net {
         flags |= libc::CLONE_NEWNET;
     }
@@ -169,10 +171,24 @@ pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
             }
             // Private propagation first, so the /proc mount below (and
             // anything else) never leaks into the host's mount namespace.
-            if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+            if libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
                 return 122;
             }
-            if libc::mount(proc_s.as_ptr(), proc_t.as_ptr(), proc_s.as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, std::ptr::null()) != 0 {
+            if libc::mount(
+                proc_s.as_ptr(),
+                proc_t.as_ptr(),
+                proc_s.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ) != 0
+            {
                 return 123;
             }
             if libc::dup2(ow, 1) < 0 {
@@ -354,7 +370,10 @@ pub fn make_bundle(args: &[String]) -> Result<Bundle> {
     if let Ok(bb) = std::fs::read("/bin/busybox") {
         size += bb.len() as u64;
         std::fs::write(rootfs.join("bin/busybox"), bb)?;
-        std::fs::set_permissions(rootfs.join("bin/busybox"), std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(
+            rootfs.join("bin/busybox"),
+            std::fs::Permissions::from_mode(0o755),
+        )?;
         std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh"))?;
     }
     let mut argv = vec!["/init".to_string()];
@@ -380,7 +399,10 @@ pub fn make_bundle(args: &[String]) -> Result<Bundle> {
             "maskedPaths": [], "readonlyPaths": []
         }
     });
-    std::fs::write(dir.path().join("config.json"), serde_json::to_vec_pretty(&cfg)?)?;
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_vec_pretty(&cfg)?,
+    )?;
     Ok(Bundle {
         dir,
         rootfs_bytes: size,
@@ -399,7 +421,11 @@ pub struct RuncRun {
 /// is force-deleted afterwards whatever happened.
 pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncRun> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let id = format!("livehost-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+    let id = format!(
+        "livehost-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
     let state = bundle.dir.path().join("state");
     let launch = Instant::now();
     let child = std::process::Command::new(runc)

@@ -53,7 +53,10 @@ mod tests {
 
     #[test]
     fn status_parsing_survives_garbage() {
-        assert_eq!(status_field_bytes("VmRSS:\t  1234 kB\n", "VmRSS"), Some(1234 * 1024));
+        assert_eq!(
+            status_field_bytes("VmRSS:\t  1234 kB\n", "VmRSS"),
+            Some(1234 * 1024)
+        );
         assert_eq!(status_field_bytes("VmRSS: lots\n", "VmRSS"), None);
         assert_eq!(status_field_bytes("\u{0}\u{ff}garbage", "VmRSS"), None);
         assert_eq!(status_field_bytes("VmRSS: 5", "VmRSS"), None);

@@ -6,8 +6,8 @@
 pub mod container;
 pub mod host;
 pub mod native;
-pub mod report;
 pub mod qemu;
+pub mod report;
 pub mod vm;
 
 /// The static no-libc Linux build of the workload (native, container, runc

@@ -132,7 +132,10 @@ fn real_main(cli: Cli) -> Result<i32> {
                 match (&p.error, p.accel) {
                     (Some(e), _) => println!("KVM unusable: {e}"),
                     (None, a) => {
-                        println!("KVM: {}", a.map_or("present but no guest ran", |a| a.label()));
+                        println!(
+                            "KVM: {}",
+                            a.map_or("present but no guest ran", |a| a.label())
+                        );
                         println!("  real mode:  {}", p.real_mode.as_deref().unwrap_or("-"));
                         println!("  long mode:  {}", p.long_mode.as_deref().unwrap_or("-"));
                         if let Some(v) = p.create_to_first_exit_us {
@@ -143,16 +146,33 @@ fn real_main(cli: Cli) -> Result<i32> {
                         }
                         println!(
                             "  guest register loop: {} (host {:.0} iterations/us)",
-                            p.guest_loop_per_us.map_or("did not finish in its time slice: instructions are emulated".into(), |v| format!("{v:.0} iterations/us")),
+                            p.guest_loop_per_us.map_or(
+                                "did not finish in its time slice: instructions are emulated"
+                                    .into(),
+                                |v| format!("{v:.0} iterations/us")
+                            ),
                             p.host_loop_per_us
                         );
                     }
                 }
-                println!("  host is itself a guest: {}; probe took {:.0} ms", p.host_is_guest, p.elapsed_ms);
+                println!(
+                    "  host is itself a guest: {}; probe took {:.0} ms",
+                    p.host_is_guest, p.elapsed_ms
+                );
             }
-            Ok(if p.accel.is_some() { exit::SUCCESS } else { exit::REFUSED })
+            Ok(if p.accel.is_some() {
+                exit::SUCCESS
+            } else {
+                exit::REFUSED
+            })
         }
-        Cmd::Run { path, kib, loops, timeout, json } => {
+        Cmd::Run {
+            path,
+            kib,
+            loops,
+            timeout,
+            json,
+        } => {
             let t = Duration::from_secs(timeout);
             let args = vec![format!("kib={kib}"), format!("loops={loops}")];
             let expected = native::expected_checksum(kib, vmm_bench_workload::DEFAULT_SEED);
@@ -163,7 +183,11 @@ fn real_main(cli: Cli) -> Result<i32> {
                     qemu::field_u64(&r.stdout, "checksum")
                 }
                 PathKind::Container => {
-                    let r = container::run(&container::ContainerOpts { args, timeout: t, ..Default::default() })?;
+                    let r = container::run(&container::ContainerOpts {
+                        args,
+                        timeout: t,
+                        ..Default::default()
+                    })?;
                     print(&r, json)?;
                     qemu::field_u64(&r.stdout, "checksum")
                 }
@@ -178,7 +202,15 @@ fn real_main(cli: Cli) -> Result<i32> {
                 }
                 PathKind::Vm => {
                     let kvm = vm::Kvm::open()?;
-                    let r = vm::boot::run_unikernel(&kvm, &vm::boot::UnikernelRun { kib, loop_n: loops, timeout: t, ..Default::default() })?;
+                    let r = vm::boot::run_unikernel(
+                        &kvm,
+                        &vm::boot::UnikernelRun {
+                            kib,
+                            loop_n: loops,
+                            timeout: t,
+                            ..Default::default()
+                        },
+                    )?;
                     print(&r, json)?;
                     Some(r.checksum)
                 }
@@ -199,22 +231,50 @@ fn real_main(cli: Cli) -> Result<i32> {
             }
             Ok(exit::SUCCESS)
         }
-        Cmd::CompareExits { exits, samples, json } => {
+        Cmd::CompareExits {
+            exits,
+            samples,
+            json,
+        } => {
             let kvm = vm::Kvm::open()?;
             let c = vm::boot::compare_exit_loops(&kvm, exits, samples.max(1))?;
             print(&c, json)?;
             Ok(exit::SUCCESS)
         }
-        Cmd::Report { quick, out, kib, loops, no_linux, json } => {
-            let r = report::run(&report::ReportOpts { quick, out: out.clone(), kib, loops, no_linux })?;
+        Cmd::Report {
+            quick,
+            out,
+            kib,
+            loops,
+            no_linux,
+            json,
+        } => {
+            let r = report::run(&report::ReportOpts {
+                quick,
+                out: out.clone(),
+                kib,
+                loops,
+                no_linux,
+            })?;
             let files = report::write(&r, &out)?;
             if json {
                 print(&r, true)?;
             } else {
                 print!("{}", report::markdown(&r));
-                eprintln!("wrote {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+                eprintln!(
+                    "wrote {}",
+                    files
+                        .iter()
+                        .map(|f| f.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
-            Ok(if r.checks.iter().all(|c| c.ok) { exit::SUCCESS } else { exit::ERROR })
+            Ok(if r.checks.iter().all(|c| c.ok) {
+                exit::SUCCESS
+            } else {
+                exit::ERROR
+            })
         }
     }
 }

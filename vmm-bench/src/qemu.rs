@@ -49,7 +49,9 @@ fn spawn_and_watch(args: &[String], marker: &str, timeout: Duration, ram: u64) -
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot start {QEMU}: install qemu-system-x86 (Debian) and retry"))?;
+        .with_context(|| {
+            format!("cannot start {QEMU}: install qemu-system-x86 (Debian) and retry")
+        })?;
     let reaper = Reaper(child.id() as i32);
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
     let err: OwnedFd = child.stderr.take().context("no stderr pipe")?.into();
@@ -67,7 +69,11 @@ fn spawn_and_watch(args: &[String], marker: &str, timeout: Duration, ram: u64) -
             if left.is_zero() {
                 break;
             }
-            let mut pfd = libc::pollfd { fd: out.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: out.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd.
             let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
             if r <= 0 {
@@ -81,7 +87,11 @@ fn spawn_and_watch(args: &[String], marker: &str, timeout: Duration, ram: u64) -
             if all.len() < 4 << 20 {
                 all.push_str(&String::from_utf8_lossy(&buf[..n as usize]));
             }
-            if !seen && all.lines().any(|l| l.contains(&marker_s) && all.contains('\n')) {
+            if !seen
+                && all
+                    .lines()
+                    .any(|l| l.contains(&marker_s) && all.contains('\n'))
+            {
                 seen = true;
                 let _ = tx.send(Instant::now());
             }
@@ -90,15 +100,27 @@ fn spawn_and_watch(args: &[String], marker: &str, timeout: Duration, ram: u64) -
     });
     let waited = reaper.wait(deadline);
     let total_us = launch.elapsed().as_secs_f64() * 1e6;
-    let console = reader.join().map_err(|_| anyhow::anyhow!("console reader panicked"))??;
+    let console = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("console reader panicked"))??;
     let stderr = read_until(err, Instant::now() + Duration::from_secs(1)).unwrap_or_default();
-    let (code, rss) = waited.with_context(|| format!("QEMU ran past {timeout:?}; console: {}", tail(&console)))?;
+    let (code, rss) = waited
+        .with_context(|| format!("QEMU ran past {timeout:?}; console: {}", tail(&console)))?;
     let line = console
         .lines()
         .find(|l| l.contains(marker))
         .map(|l| l[l.find(marker).unwrap_or(0)..].trim().to_string())
-        .with_context(|| format!("no {marker} line on the console (QEMU exit {code}); stderr: {} console: {}", stderr.trim(), tail(&console)))?;
-    let at = rx.try_recv().ok().unwrap_or(launch + Duration::from_micros(total_us as u64));
+        .with_context(|| {
+            format!(
+                "no {marker} line on the console (QEMU exit {code}); stderr: {} console: {}",
+                stderr.trim(),
+                tail(&console)
+            )
+        })?;
+    let at = rx
+        .try_recv()
+        .ok()
+        .unwrap_or(launch + Duration::from_micros(total_us as u64));
     Ok(QemuRun {
         accel: Accel::Tcg,
         line,
@@ -124,7 +146,16 @@ fn write_temp(name: &str, bytes: &[u8]) -> Result<PathBuf> {
 }
 
 const BASE_ARGS: &[&str] = &[
-    "-accel", "tcg", "-cpu", "max", "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
+    "-accel",
+    "tcg",
+    "-cpu",
+    "max",
+    "-nodefaults",
+    "-display",
+    "none",
+    "-no-reboot",
+    "-serial",
+    "stdio",
 ];
 
 /// Boot the unikernel in QEMU through its PVH note.
@@ -145,7 +176,11 @@ pub fn run_unikernel(image: &[u8], kib: u64, loops: u64, timeout: Duration) -> R
     let r = spawn_and_watch(&args, "LIVEHOST-UK", timeout, ram_mb << 20)?;
     // isa-debug-exit: the guest wrote 0x10, QEMU exits with (0x10 << 1) | 1.
     if r.exit_code != 33 {
-        bail!("unikernel under QEMU exited with {} (want 33): {}", r.exit_code, r.line);
+        bail!(
+            "unikernel under QEMU exited with {} (want 33): {}",
+            r.exit_code,
+            r.line
+        );
     }
     Ok(r)
 }
@@ -159,17 +194,27 @@ pub fn initramfs(init: &[u8]) -> Vec<u8> {
     let mut entry = |out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)| {
         let hdr = format!(
             "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            0, 0, 1, 0, data.len(), 0, 0, rdev.0, rdev.1, name.len() + 1, 0
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() + 1,
+            0
         );
         ino += 1;
         out.extend_from_slice(hdr.as_bytes());
         out.extend_from_slice(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     };
@@ -178,7 +223,7 @@ pub fn initramfs(init: &[u8]) -> Vec<u8> {
     entry(&mut out, "proc", 0o040755, &[], (0, 0));
     entry(&mut out, "init", 0o100755, init, (0, 0));
     entry(&mut out, "TRAILER!!!", 0, &[], (0, 0));
-    while out.len() % 512 != 0 {
+    while !out.len().is_multiple_of(512) {
         out.push(0);
     }
     out
@@ -227,6 +272,9 @@ pub fn run_linux(img: &LinuxImage, kib: u64, loops: u64, timeout: Duration) -> R
 /// True when QEMU is installed.
 pub fn qemu_available() -> bool {
     std::env::var_os("PATH")
-        .and_then(|p| p.to_str().map(|s| s.split(':').any(|d| Path::new(d).join(QEMU).is_file())))
+        .and_then(|p| {
+            p.to_str()
+                .map(|s| s.split(':').any(|d| Path::new(d).join(QEMU).is_file()))
+        })
         .unwrap_or(false)
 }

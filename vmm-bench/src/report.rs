@@ -90,7 +90,17 @@ struct Builder {
 
 impl Builder {
     #[allow(clippy::too_many_arguments)]
-    fn row(&mut self, group: &'static str, path: &str, metric: &str, value: f64, unit: &'static str, accel: Accel, clock: &'static str, runs: usize) {
+    fn row(
+        &mut self,
+        group: &'static str,
+        path: &str,
+        metric: &str,
+        value: f64,
+        unit: &'static str,
+        accel: Accel,
+        clock: &'static str,
+        runs: usize,
+    ) {
         if value.is_finite() {
             self.rows.push(Row {
                 group,
@@ -145,7 +155,10 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
     let kvm_accel = probe.accel;
     pr.note(format!(
         "KVM: {}",
-        kvm_accel.map_or_else(|| probe.error.clone().unwrap_or_else(|| "unusable".into()), |a| a.label().to_string())
+        kvm_accel.map_or_else(
+            || probe.error.clone().unwrap_or_else(|| "unusable".into()),
+            |a| a.label().to_string()
+        )
     ));
     let host = host_info();
     let tsc_khz = native::host_tsc_khz();
@@ -153,16 +166,65 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
     // Native baseline.
     pr.step("native process");
     let mut native_workload_ns = None;
-    match (0..n).map(|_| native::run(&args, Duration::from_secs(30))).collect::<Result<Vec<_>>>() {
+    match (0..n)
+        .map(|_| native::run(&args, Duration::from_secs(30)))
+        .collect::<Result<Vec<_>>>()
+    {
         Ok(runs) => {
             let l = &runs[0].stdout;
             b.check("native process", field_u64(l, "checksum"));
-            b.row("start", "native process", "spawn to exit", median(runs.iter().map(|r| r.total_us).collect()), "us", Accel::Native, "host", n);
-            let w = median(runs.iter().filter_map(|r| field_u64(&r.stdout, "workload_ns")).map(|v| v as f64).collect());
+            b.row(
+                "start",
+                "native process",
+                "spawn to exit",
+                median(runs.iter().map(|r| r.total_us).collect()),
+                "us",
+                Accel::Native,
+                "host",
+                n,
+            );
+            let w = median(
+                runs.iter()
+                    .filter_map(|r| field_u64(&r.stdout, "workload_ns"))
+                    .map(|v| v as f64)
+                    .collect(),
+            );
             native_workload_ns = Some(w);
-            b.row("compute", "native process", "workload time", w / 1e3, "us", Accel::Native, "host", n);
-            b.row("roundtrip", "native process", "null syscall (getppid)", median(runs.iter().filter_map(|r| field_u64(&r.stdout, "syscall_loop_ns")).map(|v| v as f64 / opts.loops as f64).collect()), "ns", Accel::Native, "host", n);
-            b.row("memory", "native process", "peak RSS", runs[0].max_rss_bytes as f64 / 1024.0, "KiB", Accel::Native, "host", 1);
+            b.row(
+                "compute",
+                "native process",
+                "workload time",
+                w / 1e3,
+                "us",
+                Accel::Native,
+                "host",
+                n,
+            );
+            b.row(
+                "roundtrip",
+                "native process",
+                "null syscall (getppid)",
+                median(
+                    runs.iter()
+                        .filter_map(|r| field_u64(&r.stdout, "syscall_loop_ns"))
+                        .map(|v| v as f64 / opts.loops as f64)
+                        .collect(),
+                ),
+                "ns",
+                Accel::Native,
+                "host",
+                n,
+            );
+            b.row(
+                "memory",
+                "native process",
+                "peak RSS",
+                runs[0].max_rss_bytes as f64 / 1024.0,
+                "KiB",
+                Accel::Native,
+                "host",
+                1,
+            );
         }
         Err(e) => b.skip("native process", e),
     }
@@ -176,20 +238,93 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
     if !livehost_common::is_root() {
         b.skip("container", "needs root");
     } else {
-        match (0..n).map(|_| container::run(&copts)).collect::<Result<Vec<_>>>() {
+        match (0..n)
+            .map(|_| container::run(&copts))
+            .collect::<Result<Vec<_>>>()
+        {
             Ok(runs) => {
                 b.check("container", field_u64(&runs[0].stdout, "checksum"));
-                b.row("start", "container", "launch to exec (ns + cgroup set up)", median(runs.iter().map(|r| r.setup_us).collect()), "us", Accel::Native, "host", n);
-                b.row("start", "container", "launch to exit", median(runs.iter().map(|r| r.total_us).collect()), "us", Accel::Native, "host", n);
-                b.row("compute", "container", "workload time", median(runs.iter().filter_map(|r| field_u64(&r.stdout, "workload_ns")).map(|v| v as f64 / 1e3).collect()), "us", Accel::Native, "host", n);
-                b.row("roundtrip", "container", "null syscall (getppid)", median(runs.iter().filter_map(|r| field_u64(&r.stdout, "syscall_loop_ns")).map(|v| v as f64 / opts.loops as f64).collect()), "ns", Accel::Native, "host", n);
-                b.row("memory", "container", "peak RSS", runs[0].max_rss_bytes as f64 / 1024.0, "KiB", Accel::Native, "host", 1);
+                b.row(
+                    "start",
+                    "container",
+                    "launch to exec (ns + cgroup set up)",
+                    median(runs.iter().map(|r| r.setup_us).collect()),
+                    "us",
+                    Accel::Native,
+                    "host",
+                    n,
+                );
+                b.row(
+                    "start",
+                    "container",
+                    "launch to exit",
+                    median(runs.iter().map(|r| r.total_us).collect()),
+                    "us",
+                    Accel::Native,
+                    "host",
+                    n,
+                );
+                b.row(
+                    "compute",
+                    "container",
+                    "workload time",
+                    median(
+                        runs.iter()
+                            .filter_map(|r| field_u64(&r.stdout, "workload_ns"))
+                            .map(|v| v as f64 / 1e3)
+                            .collect(),
+                    ),
+                    "us",
+                    Accel::Native,
+                    "host",
+                    n,
+                );
+                b.row(
+                    "roundtrip",
+                    "container",
+                    "null syscall (getppid)",
+                    median(
+                        runs.iter()
+                            .filter_map(|r| field_u64(&r.stdout, "syscall_loop_ns"))
+                            .map(|v| v as f64 / opts.loops as f64)
+                            .collect(),
+                    ),
+                    "ns",
+                    Accel::Native,
+                    "host",
+                    n,
+                );
+                b.row(
+                    "memory",
+                    "container",
+                    "peak RSS",
+                    runs[0].max_rss_bytes as f64 / 1024.0,
+                    "KiB",
+                    Accel::Native,
+                    "host",
+                    1,
+                );
             }
             Err(e) => b.skip("container", e),
         }
-        let net = ContainerOpts { net: true, ..copts.clone() };
-        match (0..n).map(|_| container::run(&net)).collect::<Result<Vec<_>>>() {
-            Ok(runs) => b.row("start", "container + netns", "launch to exit", median(runs.iter().map(|r| r.total_us).collect()), "us", Accel::Native, "host", n),
+        let net = ContainerOpts {
+            net: true,
+            ..copts.clone()
+        };
+        match (0..n)
+            .map(|_| container::run(&net))
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(runs) => b.row(
+                "start",
+                "container + netns",
+                "launch to exit",
+                median(runs.iter().map(|r| r.total_us).collect()),
+                "us",
+                Accel::Native,
+                "host",
+                n,
+            ),
             Err(e) => b.skip("container + netns", e),
         }
     }
@@ -198,16 +333,39 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
     pr.step("runc");
     let mut rootfs_bytes = None;
     match container::find_runc() {
-        None => b.skip("runc", "runc is not installed (Debian: apt-get install runc)"),
+        None => b.skip(
+            "runc",
+            "runc is not installed (Debian: apt-get install runc)",
+        ),
         Some(_) if !livehost_common::is_root() => b.skip("runc", "needs root"),
         Some(runc) => match container::make_bundle(&args).and_then(|bundle| {
             rootfs_bytes = Some(bundle.rootfs_bytes);
-            (0..n.min(10)).map(|_| container::run_runc(&runc, &bundle, Duration::from_secs(20))).collect::<Result<Vec<_>>>()
+            (0..n.min(10))
+                .map(|_| container::run_runc(&runc, &bundle, Duration::from_secs(20)))
+                .collect::<Result<Vec<_>>>()
         }) {
             Ok(runs) => {
                 b.check("runc", field_u64(&runs[0].stdout, "checksum"));
-                b.row("start", "runc", "runc run to exit", median(runs.iter().map(|r| r.total_us).collect()), "us", Accel::Native, "host", runs.len());
-                b.row("memory", "runc", "peak RSS (runc + container)", runs[0].max_rss_bytes as f64 / 1024.0, "KiB", Accel::Native, "host", 1);
+                b.row(
+                    "start",
+                    "runc",
+                    "runc run to exit",
+                    median(runs.iter().map(|r| r.total_us).collect()),
+                    "us",
+                    Accel::Native,
+                    "host",
+                    runs.len(),
+                );
+                b.row(
+                    "memory",
+                    "runc",
+                    "peak RSS (runc + container)",
+                    runs[0].max_rss_bytes as f64 / 1024.0,
+                    "KiB",
+                    Accel::Native,
+                    "host",
+                    1,
+                );
             }
             Err(e) => b.skip("runc", e),
         },
@@ -224,46 +382,207 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                 timeout: Duration::from_secs(20),
                 ..Default::default()
             };
-            match (0..n).map(|_| boot::run_unikernel(&kvm, &cfg)).collect::<Result<Vec<_>>>() {
+            match (0..n)
+                .map(|_| boot::run_unikernel(&kvm, &cfg))
+                .collect::<Result<Vec<_>>>()
+            {
                 Ok(runs) => {
                     let p = "unikernel on our VMM";
                     b.check(p, Some(runs[0].checksum));
-                    let m = |f: &dyn Fn(&boot::UnikernelReport) -> Option<f64>| median(runs.iter().filter_map(f).collect());
-                    b.row("start", p, "KVM_CREATE_VM", m(&|r| Some(r.phases.create_vm_us)), "us", accel, "host", n);
-                    b.row("start", p, "guest RAM map + register", m(&|r| Some(r.phases.memory_us)), "us", accel, "host", n);
-                    b.row("start", p, "image load", m(&|r| Some(r.phases.load_us)), "us", accel, "host", n);
-                    b.row("start", p, "vCPU create + set up", m(&|r| Some(r.phases.vcpu_us)), "us", accel, "host", n);
-                    b.row("start", p, "create to first exit", m(&|r| Some(r.first_exit_us)), "us", accel, "host", n);
-                    b.row("start", p, "launch to boot timer", m(&|r| Some(r.boot_timer_us)), "us", accel, "host", n);
-                    b.row("start", p, "guest boot (entry to boot timer)", m(&|r| r.guest_boot_us), "us", accel, "guest", n);
-                    b.row("start", p, "launch to exit", m(&|r| Some(r.total_us)), "us", accel, "host", n);
-                    b.row("compute", p, "workload time", m(&|r| r.guest_workload_us), "us", accel, "guest", n);
-                    b.row("roundtrip", p, "port-I/O exit to our VMM", m(&|r| r.guest_port_exit_ns), "ns", accel, "guest", n);
-                    b.row("roundtrip", p, "cpuid (exit handled in KVM)", m(&|r| r.guest_cpuid_ns), "ns", accel, "guest", n);
-                    b.row("roundtrip", p, "in-ring-0 call", m(&|r| r.guest_call_ns), "ns", accel, "guest", n);
+                    let m = |f: &dyn Fn(&boot::UnikernelReport) -> Option<f64>| {
+                        median(runs.iter().filter_map(f).collect())
+                    };
+                    b.row(
+                        "start",
+                        p,
+                        "KVM_CREATE_VM",
+                        m(&|r| Some(r.phases.create_vm_us)),
+                        "us",
+                        accel,
+                        "host",
+                        n,
+                    );
+                    b.row(
+                        "start",
+                        p,
+                        "guest RAM map + register",
+                        m(&|r| Some(r.phases.memory_us)),
+                        "us",
+                        accel,
+                        "host",
+                        n,
+                    );
+                    b.row(
+                        "start",
+                        p,
+                        "image load",
+                        m(&|r| Some(r.phases.load_us)),
+                        "us",
+                        accel,
+                        "host",
+                        n,
+                    );
+                    b.row(
+                        "start",
+                        p,
+                        "vCPU create + set up",
+                        m(&|r| Some(r.phases.vcpu_us)),
+                        "us",
+                        accel,
+                        "host",
+                        n,
+                    );
+                    b.row(
+                        "start",
+                        p,
+                        "create to first exit",
+                        m(&|r| Some(r.first_exit_us)),
+                        "us",
+                        accel,
+                        "host",
+                        n,
+                    );
+                    b.row(
+                        "start",
+                        p,
+                        "launch to boot timer",
+                        m(&|r| Some(r.boot_timer_us)),
+                        "us",
+                        accel,
+                        "host",
+                        n,
+                    );
+                    b.row(
+                        "start",
+                        p,
+                        "guest boot (entry to boot timer)",
+                        m(&|r| r.guest_boot_us),
+                        "us",
+                        accel,
+                        "guest",
+                        n,
+                    );
+                    b.row(
+                        "start",
+                        p,
+                        "launch to exit",
+                        m(&|r| Some(r.total_us)),
+                        "us",
+                        accel,
+                        "host",
+                        n,
+                    );
+                    b.row(
+                        "compute",
+                        p,
+                        "workload time",
+                        m(&|r| r.guest_workload_us),
+                        "us",
+                        accel,
+                        "guest",
+                        n,
+                    );
+                    b.row(
+                        "roundtrip",
+                        p,
+                        "port-I/O exit to our VMM",
+                        m(&|r| r.guest_port_exit_ns),
+                        "ns",
+                        accel,
+                        "guest",
+                        n,
+                    );
+                    b.row(
+                        "roundtrip",
+                        p,
+                        "cpuid (exit handled in KVM)",
+                        m(&|r| r.guest_cpuid_ns),
+                        "ns",
+                        accel,
+                        "guest",
+                        n,
+                    );
+                    b.row(
+                        "roundtrip",
+                        p,
+                        "in-ring-0 call",
+                        m(&|r| r.guest_call_ns),
+                        "ns",
+                        accel,
+                        "guest",
+                        n,
+                    );
                     b.row("memory", p, "vmm-bench process RSS beyond resident guest RAM (includes the report's own heap: an upper bound)", m(&|r| r.vmm_overhead_bytes.map(|v| v as f64 / 1024.0)), "KiB", accel, "host", n);
                 }
                 Err(e) => b.skip("unikernel on our VMM", e),
             }
             pr.step("exit round trip: our VMM vs bare KVM_RUN");
-            match boot::compare_exit_loops(&kvm, if opts.quick { 300 } else { 2000 }, if opts.quick { 5 } else { 11 }) {
+            match boot::compare_exit_loops(
+                &kvm,
+                if opts.quick { 300 } else { 2000 },
+                if opts.quick { 5 } else { 11 },
+            ) {
                 Ok(c) => {
-                    b.row("roundtrip", "our VMM (host side)", "port-I/O exit, full exit loop", c.vmm_ns, "ns", accel, "host", c.samples);
-                    b.row("roundtrip", "bare KVM_RUN loop", "port-I/O exit, bare loop", c.bare_ns, "ns", accel, "host", c.samples);
+                    b.row(
+                        "roundtrip",
+                        "our VMM (host side)",
+                        "port-I/O exit, full exit loop",
+                        c.vmm_ns,
+                        "ns",
+                        accel,
+                        "host",
+                        c.samples,
+                    );
+                    b.row(
+                        "roundtrip",
+                        "bare KVM_RUN loop",
+                        "port-I/O exit, bare loop",
+                        c.bare_ns,
+                        "ns",
+                        accel,
+                        "host",
+                        c.samples,
+                    );
                     exit_compare = Some(c);
                 }
                 Err(e) => b.skip("exit compare", e),
             }
             pr.step("density: VMs per second");
-            match density(host.cpus, if opts.quick { Duration::from_millis(800) } else { Duration::from_secs(3) }, || {
-                boot::run_raw(&kvm, vm::Mode::Long, boot::code::LONG_HELLO, Duration::from_secs(5)).and_then(|(r, _, _)| r.map(|_| ()).map_err(Into::into))
-            }) {
-                Ok(v) => b.row("density", "VM on our VMM (hello guest)", "instances/s, all cores", v, "1/s", accel, "host", 1),
+            match density(
+                host.cpus,
+                if opts.quick {
+                    Duration::from_millis(800)
+                } else {
+                    Duration::from_secs(3)
+                },
+                || {
+                    boot::run_raw(
+                        &kvm,
+                        vm::Mode::Long,
+                        boot::code::LONG_HELLO,
+                        Duration::from_secs(5),
+                    )
+                    .and_then(|(r, _, _)| r.map(|_| ()).map_err(Into::into))
+                },
+            ) {
+                Ok(v) => b.row(
+                    "density",
+                    "VM on our VMM (hello guest)",
+                    "instances/s, all cores",
+                    v,
+                    "1/s",
+                    accel,
+                    "host",
+                    1,
+                ),
                 Err(e) => b.skip("VM density", e),
             }
         }
         (_, Err(e)) => b.skip("unikernel on our VMM", e),
-        (None, Ok(_)) => b.skip("unikernel on our VMM", probe.long_mode.clone().unwrap_or_default()),
+        (None, Ok(_)) => b.skip(
+            "unikernel on our VMM",
+            probe.long_mode.clone().unwrap_or_default(),
+        ),
     }
     if livehost_common::is_root() {
         pr.step("density: containers per second");
@@ -271,30 +590,130 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
             args: vec!["kib=4".into(), "loops=1".into()],
             ..Default::default()
         };
-        match density(host.cpus, if opts.quick { Duration::from_millis(800) } else { Duration::from_secs(3) }, || container::run(&quiet).map(|_| ())) {
-            Ok(v) => b.row("density", "container", "instances/s, all cores", v, "1/s", Accel::Native, "host", 1),
+        match density(
+            host.cpus,
+            if opts.quick {
+                Duration::from_millis(800)
+            } else {
+                Duration::from_secs(3)
+            },
+            || container::run(&quiet).map(|_| ()),
+        ) {
+            Ok(v) => b.row(
+                "density",
+                "container",
+                "instances/s, all cores",
+                v,
+                "1/s",
+                Accel::Native,
+                "host",
+                1,
+            ),
             Err(e) => b.skip("container density", e),
         }
     }
 
     // QEMU.
     if !qemu::qemu_available() {
-        b.skip("QEMU", "qemu-system-x86_64 not installed (Debian: qemu-system-x86)");
+        b.skip(
+            "QEMU",
+            "qemu-system-x86_64 not installed (Debian: qemu-system-x86)",
+        );
     } else {
         pr.step("unikernel under QEMU (PVH)");
         let qn = if opts.quick { 2 } else { 5 };
-        match (0..qn).map(|_| qemu::run_unikernel(UNIKERNEL, opts.kib, opts.loops, Duration::from_secs(30))).collect::<Result<Vec<_>>>() {
+        match (0..qn)
+            .map(|_| qemu::run_unikernel(UNIKERNEL, opts.kib, opts.loops, Duration::from_secs(30)))
+            .collect::<Result<Vec<_>>>()
+        {
             Ok(runs) => {
                 let p = "unikernel under QEMU (PVH)";
                 let l = &runs[0].line;
                 b.check(p, field_u64(l, "checksum"));
                 let cyc = |l: &str, k: &str| field_u64(l, k).map(|c| c as f64 / tsc_khz * 1e3);
-                b.row("start", p, "launch to result line", median(runs.iter().map(|r| r.to_result_us).collect()), "us", Accel::Tcg, "host", qn);
-                b.row("start", p, "guest boot (entry to boot timer)", median(runs.iter().filter_map(|r| Some(cyc(&r.line, "ready_tsc")? - cyc(&r.line, "entry_tsc")?)).collect()), "us", Accel::Tcg, "guest", qn);
-                b.row("compute", p, "workload time", median(runs.iter().filter_map(|r| cyc(&r.line, "workload_cyc")).collect()), "us", Accel::Tcg, "guest", qn);
-                b.row("roundtrip", p, "port-I/O exit (QEMU device)", median(runs.iter().filter_map(|r| cyc(&r.line, "port_cyc")).map(|us| us * 1e3 / opts.loops as f64).collect()), "ns", Accel::Tcg, "guest", qn);
-                b.row("roundtrip", p, "in-ring-0 call", median(runs.iter().filter_map(|r| cyc(&r.line, "call_cyc")).map(|us| us * 1e3 / opts.loops as f64).collect()), "ns", Accel::Tcg, "guest", qn);
-                b.row("memory", p, &format!("QEMU peak RSS (guest RAM {} MiB, partly touched)", runs[0].guest_ram_bytes >> 20), runs[0].max_rss_bytes as f64 / 1024.0, "KiB", Accel::Tcg, "host", 1);
+                b.row(
+                    "start",
+                    p,
+                    "launch to result line",
+                    median(runs.iter().map(|r| r.to_result_us).collect()),
+                    "us",
+                    Accel::Tcg,
+                    "host",
+                    qn,
+                );
+                b.row(
+                    "start",
+                    p,
+                    "guest boot (entry to boot timer)",
+                    median(
+                        runs.iter()
+                            .filter_map(|r| {
+                                Some(cyc(&r.line, "ready_tsc")? - cyc(&r.line, "entry_tsc")?)
+                            })
+                            .collect(),
+                    ),
+                    "us",
+                    Accel::Tcg,
+                    "guest",
+                    qn,
+                );
+                b.row(
+                    "compute",
+                    p,
+                    "workload time",
+                    median(
+                        runs.iter()
+                            .filter_map(|r| cyc(&r.line, "workload_cyc"))
+                            .collect(),
+                    ),
+                    "us",
+                    Accel::Tcg,
+                    "guest",
+                    qn,
+                );
+                b.row(
+                    "roundtrip",
+                    p,
+                    "port-I/O exit (QEMU device)",
+                    median(
+                        runs.iter()
+                            .filter_map(|r| cyc(&r.line, "port_cyc"))
+                            .map(|us| us * 1e3 / opts.loops as f64)
+                            .collect(),
+                    ),
+                    "ns",
+                    Accel::Tcg,
+                    "guest",
+                    qn,
+                );
+                b.row(
+                    "roundtrip",
+                    p,
+                    "in-ring-0 call",
+                    median(
+                        runs.iter()
+                            .filter_map(|r| cyc(&r.line, "call_cyc"))
+                            .map(|us| us * 1e3 / opts.loops as f64)
+                            .collect(),
+                    ),
+                    "ns",
+                    Accel::Tcg,
+                    "guest",
+                    qn,
+                );
+                b.row(
+                    "memory",
+                    p,
+                    &format!(
+                        "QEMU peak RSS (guest RAM {} MiB, partly touched)",
+                        runs[0].guest_ram_bytes >> 20
+                    ),
+                    runs[0].max_rss_bytes as f64 / 1024.0,
+                    "KiB",
+                    Accel::Tcg,
+                    "host",
+                    1,
+                );
             }
             Err(e) => b.skip("unikernel under QEMU (PVH)", e),
         }
@@ -302,22 +721,84 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
             b.skip("QEMU + Linux", "--no-linux given");
         } else {
             pr.step("Debian kernel under QEMU with the workload as init");
-            match qemu::linux_image().and_then(|img| Ok((qemu::run_linux(&img, opts.kib, opts.loops, Duration::from_secs(120))?, img))) {
+            match qemu::linux_image().and_then(|img| {
+                Ok((
+                    qemu::run_linux(&img, opts.kib, opts.loops, Duration::from_secs(120))?,
+                    img,
+                ))
+            }) {
                 Ok((r, img)) => {
                     let p = "Linux under QEMU";
                     b.check(p, field_u64(&r.line, "checksum"));
-                    b.row("start", p, "launch to result line", r.to_result_us, "us", Accel::Tcg, "host", 1);
+                    b.row(
+                        "start",
+                        p,
+                        "launch to result line",
+                        r.to_result_us,
+                        "us",
+                        Accel::Tcg,
+                        "host",
+                        1,
+                    );
                     if let Some(bt) = field_u64(&r.line, "boottime_start_ns") {
-                        b.row("start", p, "guest boot (kernel start to init)", bt as f64 / 1e3, "us", Accel::Tcg, "guest", 1);
+                        b.row(
+                            "start",
+                            p,
+                            "guest boot (kernel start to init)",
+                            bt as f64 / 1e3,
+                            "us",
+                            Accel::Tcg,
+                            "guest",
+                            1,
+                        );
                     }
                     if let Some(w) = field_u64(&r.line, "workload_ns") {
-                        b.row("compute", p, "workload time", w as f64 / 1e3, "us", Accel::Tcg, "guest", 1);
+                        b.row(
+                            "compute",
+                            p,
+                            "workload time",
+                            w as f64 / 1e3,
+                            "us",
+                            Accel::Tcg,
+                            "guest",
+                            1,
+                        );
                     }
                     if let Some(s) = field_u64(&r.line, "syscall_loop_ns") {
-                        b.row("roundtrip", p, "null syscall (getppid)", s as f64 / opts.loops as f64, "ns", Accel::Tcg, "guest", 1);
+                        b.row(
+                            "roundtrip",
+                            p,
+                            "null syscall (getppid)",
+                            s as f64 / opts.loops as f64,
+                            "ns",
+                            Accel::Tcg,
+                            "guest",
+                            1,
+                        );
                     }
-                    b.row("memory", p, &format!("QEMU peak RSS (guest RAM {} MiB, partly touched)", r.guest_ram_bytes >> 20), r.max_rss_bytes as f64 / 1024.0, "KiB", Accel::Tcg, "host", 1);
-                    b.row("size", "Linux VM image", "kernel + initramfs", (img.bzimage_bytes + img.initramfs_bytes) as f64 / 1024.0, "KiB", Accel::Native, "host", 1);
+                    b.row(
+                        "memory",
+                        p,
+                        &format!(
+                            "QEMU peak RSS (guest RAM {} MiB, partly touched)",
+                            r.guest_ram_bytes >> 20
+                        ),
+                        r.max_rss_bytes as f64 / 1024.0,
+                        "KiB",
+                        Accel::Tcg,
+                        "host",
+                        1,
+                    );
+                    b.row(
+                        "size",
+                        "Linux VM image",
+                        "kernel + initramfs",
+                        (img.bzimage_bytes + img.initramfs_bytes) as f64 / 1024.0,
+                        "KiB",
+                        Accel::Native,
+                        "host",
+                        1,
+                    );
                 }
                 Err(e) => b.skip("Linux under QEMU", e),
             }
@@ -325,9 +806,27 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
     }
 
     // Sizes and ratios.
-    b.row("size", "unikernel", "image (ELF)", UNIKERNEL.len() as f64 / 1024.0, "KiB", Accel::Native, "host", 1);
+    b.row(
+        "size",
+        "unikernel",
+        "image (ELF)",
+        UNIKERNEL.len() as f64 / 1024.0,
+        "KiB",
+        Accel::Native,
+        "host",
+        1,
+    );
     if let Some(r) = rootfs_bytes {
-        b.row("size", "runc bundle", "rootfs (busybox + workload)", r as f64 / 1024.0, "KiB", Accel::Native, "host", 1);
+        b.row(
+            "size",
+            "runc bundle",
+            "rootfs (busybox + workload)",
+            r as f64 / 1024.0,
+            "KiB",
+            Accel::Native,
+            "host",
+            1,
+        );
     }
     if let Some(nw) = native_workload_ns {
         let comp: Vec<(String, f64, String)> = b
@@ -384,7 +883,10 @@ fn density(cpus: usize, span: Duration, f: impl Fn() -> Result<()> + Sync) -> Re
             })
             .collect();
         hs.into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("launcher thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("launcher thread panicked")))
+            })
             .collect()
     });
     let total: u64 = counts.into_iter().collect::<Result<Vec<_>>>()?.iter().sum();
@@ -396,7 +898,11 @@ fn claims(b: &Builder, ec: Option<&boot::ExitCompare>, kvm: Option<Accel>) -> Ve
     let hw = kvm == Some(Accel::HardwareKvm);
     let qualifier = |ok: bool| {
         if !hw && kvm.is_some() {
-            format!("{} (measured under {}, not a hardware verdict)", if ok { "met" } else { "not met" }, kvm.map(|a| a.label()).unwrap_or(""))
+            format!(
+                "{} (measured under {}, not a hardware verdict)",
+                if ok { "met" } else { "not met" },
+                kvm.map(|a| a.label()).unwrap_or("")
+            )
         } else if ok {
             "met".into()
         } else {
@@ -408,8 +914,17 @@ fn claims(b: &Builder, ec: Option<&boot::ExitCompare>, kvm: Option<Accel>) -> Ve
     match (uk, linux) {
         (Some(u), Some(l)) => v.push(Claim {
             claim: "a unikernel image is ~4% of a VM image (seed claim)".into(),
-            measured: format!("{:.1} KiB vs {:.0} KiB kernel+initramfs = {:.3}%", u, l, u / l * 100.0),
-            verdict: if u / l <= 0.04 { "holds for this unikernel (smaller than 4%)".into() } else { "does not hold (larger than 4%)".into() },
+            measured: format!(
+                "{:.1} KiB vs {:.0} KiB kernel+initramfs = {:.3}%",
+                u,
+                l,
+                u / l * 100.0
+            ),
+            verdict: if u / l <= 0.04 {
+                "holds for this unikernel (smaller than 4%)".into()
+            } else {
+                "does not hold (larger than 4%)".into()
+            },
         }),
         _ => v.push(Claim {
             claim: "a unikernel image is ~4% of a VM image (seed claim)".into(),
@@ -420,25 +935,65 @@ fn claims(b: &Builder, ec: Option<&boot::ExitCompare>, kvm: Option<Accel>) -> Ve
     if let Some(c) = ec {
         v.push(Claim {
             claim: "our VMM's exit round trip within 5% of a bare KVM_RUN loop".into(),
-            measured: format!("{:.0} ns vs {:.0} ns = {:+.1}% (median of {} alternating samples of {} exits)", c.vmm_ns, c.bare_ns, c.overhead_pct, c.samples, c.exits_per_sample),
-            verdict: if c.overhead_pct <= 5.0 { "met".into() } else { "not met".into() },
+            measured: format!(
+                "{:.0} ns vs {:.0} ns = {:+.1}% (median of {} alternating samples of {} exits)",
+                c.vmm_ns, c.bare_ns, c.overhead_pct, c.samples, c.exits_per_sample
+            ),
+            verdict: if c.overhead_pct <= 5.0 {
+                "met".into()
+            } else {
+                "not met".into()
+            },
         });
     }
     let p = "unikernel on our VMM";
     if let Some(x) = b.find(p, "create to first exit") {
-        v.push(Claim { claim: "VM create to first guest instruction <= 300 us (TinyKVM 315 us)".into(), measured: format!("{x:.0} us to the first exit"), verdict: qualifier(x <= 300.0) });
+        v.push(Claim {
+            claim: "VM create to first guest instruction <= 300 us (TinyKVM 315 us)".into(),
+            measured: format!("{x:.0} us to the first exit"),
+            verdict: qualifier(x <= 300.0),
+        });
     }
     if let Some(x) = b.find(p, "guest boot (entry to boot timer)") {
-        v.push(Claim { claim: "unikernel boot <= 100 us guest time".into(), measured: format!("{x:.1} us"), verdict: qualifier(x <= 100.0) });
+        v.push(Claim {
+            claim: "unikernel boot <= 100 us guest time".into(),
+            measured: format!("{x:.1} us"),
+            verdict: qualifier(x <= 100.0),
+        });
     }
     if let Some(x) = b.find(p, "launch to boot timer") {
-        v.push(Claim { claim: "unikernel boot <= 3 ms end to end (Unikraft ~3 ms)".into(), measured: format!("{:.2} ms launch to boot timer", x / 1e3), verdict: qualifier(x <= 3000.0) });
+        v.push(Claim {
+            claim: "unikernel boot <= 3 ms end to end (Unikraft ~3 ms)".into(),
+            measured: format!("{:.2} ms launch to boot timer", x / 1e3),
+            verdict: qualifier(x <= 3000.0),
+        });
     }
-    if let Some(x) = b.rows.iter().find(|r| r.path == p && r.metric.starts_with("vmm-bench process RSS")).map(|r| r.value) {
-        v.push(Claim { claim: "VMM memory overhead <= 5 MiB (Firecracker)".into(), measured: format!("{:.1} MiB", x / 1024.0), verdict: if x <= 5.0 * 1024.0 { "met".into() } else { "not met by this upper bound".into() } });
+    if let Some(x) = b
+        .rows
+        .iter()
+        .find(|r| r.path == p && r.metric.starts_with("vmm-bench process RSS"))
+        .map(|r| r.value)
+    {
+        v.push(Claim {
+            claim: "VMM memory overhead <= 5 MiB (Firecracker)".into(),
+            measured: format!("{:.1} MiB", x / 1024.0),
+            verdict: if x <= 5.0 * 1024.0 {
+                "met".into()
+            } else {
+                "not met by this upper bound".into()
+            },
+        });
     }
     if let Some(x) = b.find("container", "launch to exit") {
-        v.push(Claim { claim: "container start without a network namespace <= 3 ms".into(), measured: format!("{:.2} ms launch to exit", x / 1e3), verdict: if x <= 3000.0 { "met".into() } else { "not met".into() } });
+        v.push(Claim {
+            claim: "container start without a network namespace <= 3 ms".into(),
+            measured: format!("{:.2} ms launch to exit", x / 1e3),
+            verdict: if x <= 3000.0 {
+                "met".into()
+            } else {
+                "not met".into()
+            },
+        });
     }
     v
 }
@@ -455,15 +1010,28 @@ pub fn write(r: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     files.push(m);
     for (group, title, log) in [
         ("start", "Start-up (us, log scale)", true),
-        ("roundtrip", "Null privileged operation round trip (ns, log scale)", true),
+        (
+            "roundtrip",
+            "Null privileged operation round trip (ns, log scale)",
+            true,
+        ),
         ("size", "Image size (KiB, log scale)", true),
-        ("density", "Instances started per second, all cores busy", false),
+        (
+            "density",
+            "Instances started per second, all cores busy",
+            false,
+        ),
     ] {
         let items: Vec<(String, f64)> = r
             .rows
             .iter()
             .filter(|x| x.group == group)
-            .map(|x| (format!("{}: {} [{}]", x.path, x.metric, short(&x.accel)), x.value))
+            .map(|x| {
+                (
+                    format!("{}: {} [{}]", x.path, x.metric, short(&x.accel)),
+                    x.value,
+                )
+            })
             .collect();
         if items.is_empty() {
             continue;
@@ -480,7 +1048,12 @@ pub fn write(r: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     if !rel.is_empty() {
         let p = dir.join("compute.svg");
-        chart(&p, "Workload throughput relative to native (x, log scale)", &rel, true)?;
+        chart(
+            &p,
+            "Workload throughput relative to native (x, log scale)",
+            &rel,
+            true,
+        )?;
         files.push(p);
     }
     Ok(files)
@@ -496,7 +1069,13 @@ fn chart(path: &Path, title: &str, items: &[(String, f64)], log: bool) -> Result
     let root = SVGBackend::new(path, (1000, h)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let max = items.iter().map(|i| i.1).fold(f64::MIN_POSITIVE, f64::max) * 1.5;
-    let min = items.iter().map(|i| i.1).filter(|v| *v > 0.0).fold(f64::MAX, f64::min).min(1.0) / 2.0;
+    let min = items
+        .iter()
+        .map(|i| i.1)
+        .filter(|v| *v > 0.0)
+        .fold(f64::MAX, f64::min)
+        .min(1.0)
+        / 2.0;
     let n = items.len();
     let draw = |root: &DrawingArea<SVGBackend, plotters::coord::Shift>| -> Result<(), Box<dyn std::error::Error + '_>> {
         let mut ch = ChartBuilder::on(root)
@@ -532,21 +1111,53 @@ pub fn markdown(r: &Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "# vmm-bench report\n");
-    let _ = writeln!(s, "- CPU: {} ({} CPUs){}", r.host.cpu_model, r.host.cpus, if r.host.host_is_guest { ", **this host is itself a virtual machine**" } else { "" });
+    let _ = writeln!(
+        s,
+        "- CPU: {} ({} CPUs){}",
+        r.host.cpu_model,
+        r.host.cpus,
+        if r.host.host_is_guest {
+            ", **this host is itself a virtual machine**"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(s, "- Host kernel: {}", r.host.kernel);
     let _ = writeln!(
         s,
         "- KVM: {}",
-        r.probe.accel.map_or_else(|| format!("unusable: {}", r.probe.error.clone().unwrap_or_default()), |a| a.label().to_string())
+        r.probe.accel.map_or_else(
+            || format!("unusable: {}", r.probe.error.clone().unwrap_or_default()),
+            |a| a.label().to_string()
+        )
     );
-    let _ = writeln!(s, "- Workload: checksum over {} KiB, null-operation loops of {}; mode: {}", r.kib, r.loops, if r.quick { "quick" } else { "full" });
+    let _ = writeln!(
+        s,
+        "- Workload: checksum over {} KiB, null-operation loops of {}; mode: {}",
+        r.kib,
+        r.loops,
+        if r.quick { "quick" } else { "full" }
+    );
     let _ = writeln!(s, "- Took {:.1} s\n", r.elapsed_s);
     if r.probe.accel != Some(Accel::HardwareKvm) {
-        let _ = writeln!(s, "> Numbers labelled *nested, emulating KVM* or *QEMU TCG* were taken under emulation: they describe this host, not hardware virtualization.\n");
+        let _ = writeln!(
+            s,
+            "> Numbers labelled *nested, emulating KVM* or *QEMU TCG* were taken under emulation: they describe this host, not hardware virtualization.\n"
+        );
     }
-    let _ = writeln!(s, "## Checksums (expected {})\n\n| path | checksum | ok |\n|---|---|---|", r.expected_checksum);
+    let _ = writeln!(
+        s,
+        "## Checksums (expected {})\n\n| path | checksum | ok |\n|---|---|---|",
+        r.expected_checksum
+    );
     for c in &r.checks {
-        let _ = writeln!(s, "| {} | {} | {} |", c.path, c.checksum.as_deref().unwrap_or("-"), if c.ok { "yes" } else { "**NO**" });
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            c.path,
+            c.checksum.as_deref().unwrap_or("-"),
+            if c.ok { "yes" } else { "**NO**" }
+        );
     }
     for (g, t) in [
         ("start", "Start-up"),
@@ -556,12 +1167,28 @@ pub fn markdown(r: &Report) -> String {
         ("size", "Image size"),
         ("density", "Density"),
     ] {
-        let _ = writeln!(s, "\n## {t}\n\n| path | metric | value | accelerator | clock | runs |\n|---|---|---:|---|---|---:|");
+        let _ = writeln!(
+            s,
+            "\n## {t}\n\n| path | metric | value | accelerator | clock | runs |\n|---|---|---:|---|---|---:|"
+        );
         for x in r.rows.iter().filter(|x| x.group == g) {
-            let _ = writeln!(s, "| {} | {} | {} {} | {} | {} | {} |", x.path, x.metric, fmt_num(x.value), x.unit, x.accel, x.clock, x.runs);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} {} | {} | {} | {} |",
+                x.path,
+                x.metric,
+                fmt_num(x.value),
+                x.unit,
+                x.accel,
+                x.clock,
+                x.runs
+            );
         }
     }
-    let _ = writeln!(s, "\n## Claims\n\n| claim | measured | verdict |\n|---|---|---|");
+    let _ = writeln!(
+        s,
+        "\n## Claims\n\n| claim | measured | verdict |\n|---|---|---|"
+    );
     for c in &r.claims {
         let _ = writeln!(s, "| {} | {} | {} |", c.claim, c.measured, c.verdict);
     }

@@ -29,7 +29,12 @@ fn root() {
 fn native_process_returns_the_checksum() {
     let r = native::run(&args(&[]), Duration::from_secs(20)).unwrap();
     assert_eq!(r.exit_code, 0);
-    assert_eq!(field_u64(&r.stdout, "checksum"), Some(expected()), "{}", r.stdout);
+    assert_eq!(
+        field_u64(&r.stdout, "checksum"),
+        Some(expected()),
+        "{}",
+        r.stdout
+    );
 }
 
 fn ns(link: &str) -> String {
@@ -45,45 +50,104 @@ fn gone(pid: i32) -> bool {
 #[test]
 fn container_is_isolated_and_cleaned_up() {
     root();
-    let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
-    let r = container::run(&ContainerOpts { args: args(&["--info"]), hostname: "vmmb-test".into(), ..Default::default() }).unwrap();
+    let before = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
+    let r = container::run(&ContainerOpts {
+        args: args(&["--info"]),
+        hostname: "vmmb-test".into(),
+        ..Default::default()
+    })
+    .unwrap();
     let l = r.stdout.trim();
     assert_eq!(r.exit_code, 0, "{l}");
     assert_eq!(field_u64(l, "checksum"), Some(expected()), "{l}");
     assert_eq!(field(l, "pid"), Some("1"), "pid 1 inside: {l}");
     assert_eq!(field(l, "hostname"), Some("vmmb-test"), "{l}");
-    for (k, link) in [("mnt", "/proc/self/ns/mnt"), ("uts", "/proc/self/ns/uts"), ("ipc", "/proc/self/ns/ipc"), ("pidns", "/proc/self/ns/pid")] {
-        assert_ne!(field(l, k), Some(ns(link).as_str()), "{k} namespace must differ from the host's: {l}");
+    for (k, link) in [
+        ("mnt", "/proc/self/ns/mnt"),
+        ("uts", "/proc/self/ns/uts"),
+        ("ipc", "/proc/self/ns/ipc"),
+        ("pidns", "/proc/self/ns/pid"),
+    ] {
+        assert_ne!(
+            field(l, k),
+            Some(ns(link).as_str()),
+            "{k} namespace must differ from the host's: {l}"
+        );
     }
-    assert_eq!(field(l, "netns"), Some(ns("/proc/self/ns/net").as_str()), "no netns asked for: {l}");
+    assert_eq!(
+        field(l, "netns"),
+        Some(ns("/proc/self/ns/net").as_str()),
+        "no netns asked for: {l}"
+    );
     let cg = r.cgroup.clone().expect("this host has a cgroup v2 tree");
-    let leaf = std::path::Path::new(&cg).file_name().unwrap().to_string_lossy().into_owned();
-    assert!(field(l, "cgroup").is_some_and(|c| c.contains(&format!("0::/{leaf}"))), "in its v2 cgroup {leaf}: {l}");
+    let leaf = std::path::Path::new(&cg)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        field(l, "cgroup").is_some_and(|c| c.contains(&format!("0::/{leaf}"))),
+        "in its v2 cgroup {leaf}: {l}"
+    );
     // Nothing left behind: cgroup removed, child reaped, host mounts unchanged.
-    assert!(!std::path::Path::new(&cg).exists(), "cgroup {cg} left behind");
+    assert!(
+        !std::path::Path::new(&cg).exists(),
+        "cgroup {cg} left behind"
+    );
     assert!(gone(r.pid), "container init {} left behind", r.pid);
-    let after = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
-    assert_eq!(before, after, "the container's /proc mount leaked into the host");
+    let after = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(
+        before, after,
+        "the container's /proc mount leaked into the host"
+    );
 }
 
 #[test]
 fn container_with_net_and_user_namespaces() {
     root();
-    let r = container::run(&ContainerOpts { args: args(&["--info"]), net: true, user: true, ..Default::default() }).unwrap();
+    let r = container::run(&ContainerOpts {
+        args: args(&["--info"]),
+        net: true,
+        user: true,
+        ..Default::default()
+    })
+    .unwrap();
     let l = r.stdout.trim();
     assert_eq!(field_u64(l, "checksum"), Some(expected()), "{l}");
-    assert_ne!(field(l, "netns"), Some(ns("/proc/self/ns/net").as_str()), "{l}");
+    assert_ne!(
+        field(l, "netns"),
+        Some(ns("/proc/self/ns/net").as_str()),
+        "{l}"
+    );
 }
 
 #[test]
 fn container_timeout_kills_and_cleans_up() {
     root();
     // A workload far too big to finish in 50 ms.
-    let e = container::run(&ContainerOpts { args: vec!["kib=4000000".into(), "loops=100000000".into()], timeout: Duration::from_millis(50), ..Default::default() })
-        .unwrap_err();
+    let e = container::run(&ContainerOpts {
+        args: vec!["kib=4000000".into(), "loops=100000000".into()],
+        timeout: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .unwrap_err();
     let msg = format!("{e:#}");
-    assert!(msg.contains("ran past its deadline and was killed"), "{msg}");
-    let pid: i32 = msg.split("pid ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse().ok()).expect("error names the pid");
+    assert!(
+        msg.contains("ran past its deadline and was killed"),
+        "{msg}"
+    );
+    let pid: i32 = msg
+        .split("pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("error names the pid");
     assert!(gone(pid), "container init {pid} left after the timeout");
 }
 
@@ -96,7 +160,12 @@ fn runc_returns_the_checksum_or_is_skipped_with_a_reason() {
     };
     let b = container::make_bundle(&args(&["--info"])).unwrap();
     let r = container::run_runc(&runc, &b, Duration::from_secs(30)).unwrap();
-    assert_eq!(field_u64(&r.stdout, "checksum"), Some(expected()), "{}", r.stdout);
+    assert_eq!(
+        field_u64(&r.stdout, "checksum"),
+        Some(expected()),
+        "{}",
+        r.stdout
+    );
     assert_eq!(field(&r.stdout, "pid"), Some("1"));
     assert_eq!(field(&r.stdout, "hostname"), Some("livehost-runc"));
 }
@@ -104,15 +173,28 @@ fn runc_returns_the_checksum_or_is_skipped_with_a_reason() {
 #[test]
 fn runc_absent_gives_a_clear_error() {
     let b = container::make_bundle(&args(&[])).unwrap();
-    let e = container::run_runc(std::path::Path::new("/nonexistent/runc"), &b, Duration::from_secs(5)).unwrap_err();
-    assert!(format!("{e:#}").contains("cannot start /nonexistent/runc"), "{e:#}");
+    let e = container::run_runc(
+        std::path::Path::new("/nonexistent/runc"),
+        &b,
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("cannot start /nonexistent/runc"),
+        "{e:#}"
+    );
 }
 
 #[test]
 fn unikernel_under_qemu_pvh_returns_the_checksum() {
     let r = qemu::run_unikernel(vm::boot::UNIKERNEL, KIB, 100, Duration::from_secs(60)).unwrap();
     assert_eq!(r.exit_code, 33);
-    assert_eq!(field_u64(&r.line, "checksum"), Some(expected()), "{}", r.line);
+    assert_eq!(
+        field_u64(&r.line, "checksum"),
+        Some(expected()),
+        "{}",
+        r.line
+    );
     assert_eq!(field(&r.line, "pvh"), Some("1"));
 }
 
@@ -120,8 +202,17 @@ fn unikernel_under_qemu_pvh_returns_the_checksum() {
 fn linux_under_qemu_returns_the_checksum() {
     let img = qemu::linux_image().unwrap();
     let r = qemu::run_linux(&img, KIB, 100, Duration::from_secs(120)).unwrap();
-    assert_eq!(field_u64(&r.line, "checksum"), Some(expected()), "{}", r.line);
-    assert_eq!(field(&r.line, "pid"), Some("1"), "the workload is the guest's init");
+    assert_eq!(
+        field_u64(&r.line, "checksum"),
+        Some(expected()),
+        "{}",
+        r.line
+    );
+    assert_eq!(
+        field(&r.line, "pid"),
+        Some("1"),
+        "the workload is the guest's init"
+    );
 }
 
 #[test]

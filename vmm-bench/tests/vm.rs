@@ -34,9 +34,22 @@ fn probe_reports_within_one_second() {
 fn unikernel_runs_64bit_and_returns_the_checksum() {
     let kvm = kvm();
     for kib in [4, 64] {
-        let r = boot::run_unikernel(&kvm, &UnikernelRun { kib, loop_n: 50, ..Default::default() }).unwrap();
+        let r = boot::run_unikernel(
+            &kvm,
+            &UnikernelRun {
+                kib,
+                loop_n: 50,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(r.checksum, expected(kib), "kib={kib}");
-        assert!(r.serial.contains(&format!("checksum=0x{:016x}", expected(kib))), "{}", r.serial);
+        assert!(
+            r.serial
+                .contains(&format!("checksum=0x{:016x}", expected(kib))),
+            "{}",
+            r.serial
+        );
         assert!(r.boot_timer_us > 0.0 && r.boot_timer_us <= r.total_us);
         assert_eq!(r.exits.hlt, 1);
         assert_eq!(r.exits.mmio_write, 1, "the result also leaves through MMIO");
@@ -49,7 +62,10 @@ fn unikernel_runs_64bit_and_returns_the_checksum() {
 #[test]
 fn real_and_long_mode_guests_run() {
     let kvm = kvm();
-    for (mode, c, want) in [(Mode::Real, code::REAL_HELLO, "R"), (Mode::Long, code::LONG_HELLO, "L")] {
+    for (mode, c, want) in [
+        (Mode::Real, code::REAL_HELLO, "R"),
+        (Mode::Long, code::LONG_HELLO, "L"),
+    ] {
         let (r, obs, _) = run_raw(&kvm, mode, c, Duration::from_secs(2)).unwrap();
         assert_eq!(r.unwrap(), RunEnd::Halted);
         assert_eq!(obs.serial, want);
@@ -73,7 +89,10 @@ fn guest_that_never_boots_times_out_with_registers() {
     let t = Instant::now();
     let (r, _, _) = run_raw(&kvm, Mode::Long, code::SPIN, Duration::from_millis(300)).unwrap();
     let dt = t.elapsed();
-    assert!(dt < Duration::from_secs(3), "the watchdog let the guest run {dt:?}");
+    assert!(
+        dt < Duration::from_secs(3),
+        "the watchdog let the guest run {dt:?}"
+    );
     let e = r.expect_err("a spinning guest must time out");
     let msg = e.to_string();
     assert!(matches!(e, RunError::Timeout { .. }), "{msg}");
@@ -86,14 +105,32 @@ fn guest_that_never_boots_times_out_with_registers() {
 fn bad_images_are_refused_before_running() {
     let kvm = kvm();
     let run = |image: &[u8]| {
-        boot::run_unikernel(&kvm, &UnikernelRun { image, kib: 4, ..Default::default() })
-            .map(|_| ())
-            .unwrap_err()
-            .to_string()
+        boot::run_unikernel(
+            &kvm,
+            &UnikernelRun {
+                image,
+                kib: 4,
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
     };
     let e = format!("{:#}", anyhow::anyhow!(run(b"garbage")));
     assert!(e.contains("refusing the unikernel image"), "{e}");
-    let e = format!("{:#}", boot::run_unikernel(&kvm, &UnikernelRun { image: b"garbage", kib: 4, ..Default::default() }).unwrap_err());
+    let e = format!(
+        "{:#}",
+        boot::run_unikernel(
+            &kvm,
+            &UnikernelRun {
+                image: b"garbage",
+                kib: 4,
+                ..Default::default()
+            }
+        )
+        .unwrap_err()
+    );
     assert!(e.contains("not an ELF"), "{e}");
 
     // A truncated copy of the real image: headers point past the end.
@@ -139,7 +176,10 @@ fn bad_images_are_refused_before_running() {
         }
     }
     let parsed = elf::parse(boot::UNIKERNEL, 32 << 20).unwrap();
-    assert!(parsed.pvh_entry.is_some(), "the image carries a PVH note for QEMU");
+    assert!(
+        parsed.pvh_entry.is_some(),
+        "the image carries a PVH note for QEMU"
+    );
 }
 
 #[test]
@@ -163,11 +203,21 @@ fn no_permission_on_kvm_is_explained() {
     }
     let exe = env!("CARGO_BIN_EXE_vmm-bench");
     let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", exe, "probe"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            exe,
+            "probe",
+        ])
         .output()
         .expect("setpriv (util-linux) is on Debian by default");
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("no permission"), "stdout: {s} stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        s.contains("no permission"),
+        "stdout: {s} stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.status.code(), Some(livehost_common::exit::REFUSED));
 }
 

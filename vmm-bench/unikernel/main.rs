@@ -225,7 +225,8 @@ extern "C" fn uk_main(pvh: u64) -> ! {
     let mb = MAILBOX as *mut Mailbox;
     // SAFETY: 0x1000 is RAM in both entries; the VMM writes the magic, QEMU
     // leaves it zero, so only our VMM's parameters are ever trusted.
-    let have_mb = pvh == 0 && unsafe { core::ptr::addr_of!((*mb).magic).read_volatile() } == MAILBOX_MAGIC;
+    let have_mb =
+        pvh == 0 && unsafe { core::ptr::addr_of!((*mb).magic).read_volatile() } == MAILBOX_MAGIC;
     let (buf_addr, buf_len, seed, loop_n) = if have_mb {
         unsafe { ((*mb).buf_addr, (*mb).buf_len, (*mb).seed, (*mb).loop_n) }
     } else {
@@ -325,7 +326,12 @@ fn pvh_cmdline(mut f: impl FnMut(&[u8], u64)) {
     }
     // SAFETY: hvm_start_info is provided by the loader in identity-mapped
     // RAM: magic at 0, cmdline_paddr at 24.
-    let (magic, cmd) = unsafe { ((si as *const u32).read_volatile(), ((si + 24) as *const u64).read_volatile()) };
+    let (magic, cmd) = unsafe {
+        (
+            (si as *const u32).read_volatile(),
+            ((si + 24) as *const u64).read_volatile(),
+        )
+    };
     if magic != 0x336e_c578 || cmd == 0 {
         return;
     }
@@ -378,7 +384,9 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
 // themselves.
 #[unsafe(no_mangle)]
 unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
-    unsafe { asm!("rep movsb", inout("rdi") d => _, inout("rsi") s => _, inout("rcx") n => _, options(nostack)) };
+    unsafe {
+        asm!("rep movsb", inout("rdi") d => _, inout("rsi") s => _, inout("rcx") n => _, options(nostack))
+    };
     d
 }
 #[unsafe(no_mangle)]
@@ -394,7 +402,9 @@ unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
 }
 #[unsafe(no_mangle)]
 unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
-    unsafe { asm!("rep stosb", inout("rdi") d => _, in("al") c as u8, inout("rcx") n => _, options(nostack)) };
+    unsafe {
+        asm!("rep stosb", inout("rdi") d => _, in("al") c as u8, inout("rcx") n => _, options(nostack))
+    };
     d
 }
 #[unsafe(no_mangle)]

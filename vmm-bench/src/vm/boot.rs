@@ -87,7 +87,10 @@ pub fn run_unikernel(kvm: &Kvm, cfg: &UnikernelRun) -> Result<UnikernelReport> {
     let end = vcpu.run(cfg.timeout, &mut obs)?;
     let total_us = us(launch.elapsed());
     if end != RunEnd::Halted {
-        bail!("unikernel ended with {end:?} instead of HLT; serial: {}", obs.serial);
+        bail!(
+            "unikernel ended with {end:?} instead of HLT; serial: {}",
+            obs.serial
+        );
     }
     let rd = |o| vm.read_u64(layout::MAILBOX + o);
     if rd(layout::mb::DONE)? != 1 {
@@ -105,9 +108,7 @@ pub fn run_unikernel(kvm: &Kvm, cfg: &UnikernelRun) -> Result<UnikernelReport> {
     }
     let khz = vcpu.tsc_khz.filter(|&k| k > 0);
     let cyc_us = |c: u64| khz.map(|k| c as f64 / k as f64 * 1000.0);
-    let per_ns = |c: u64| {
-        khz.map(|k| c as f64 / k as f64 * 1e6 / cfg.loop_n.max(1) as f64)
-    };
+    let per_ns = |c: u64| khz.map(|k| c as f64 / k as f64 * 1e6 / cfg.loop_n.max(1) as f64);
     let rss = crate::host::self_rss_bytes();
     let resident = vm.resident_guest_bytes();
     Ok(UnikernelReport {
@@ -165,7 +166,7 @@ pub mod code {
         0xb0, b'R', // mov al, 'R'
         0xee, // out dx, al
         0xba, 0x40, 0x04, // mov dx, 0x440
-        0xb0, 123, // mov al, 123
+        0xb0, 123,  // mov al, 123
         0xee, // out dx, al
         0xf4, // hlt
     ];
@@ -175,7 +176,7 @@ pub mod code {
         0xb0, b'L', // mov al, 'L'
         0xee, // out dx, al
         0x66, 0xba, 0x40, 0x04, // mov dx, 0x440
-        0xb0, 123, // mov al, 123
+        0xb0, 123,  // mov al, 123
         0xee, // out dx, al
         0xf4, // hlt
     ];

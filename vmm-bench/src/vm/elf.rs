@@ -48,7 +48,11 @@ pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
         bail!("not an ELF file (bad magic or shorter than an ELF header)");
     }
     if b[4] != 2 || b[5] != 1 {
-        bail!("not a 64-bit little-endian ELF (class {}, data {})", b[4], b[5]);
+        bail!(
+            "not a 64-bit little-endian ELF (class {}, data {})",
+            b[4],
+            b[5]
+        );
     }
     let trunc = || anyhow::anyhow!("ELF header is truncated");
     let e_type = u16_at(b, 16).ok_or_else(trunc)?;
@@ -85,7 +89,10 @@ pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
         match p_type {
             1 => {
                 if !in_file {
-                    bail!("segment {i}: file range {offset:#x}+{filesz:#x} lies outside the {}-byte file", b.len());
+                    bail!(
+                        "segment {i}: file range {offset:#x}+{filesz:#x} lies outside the {}-byte file",
+                        b.len()
+                    );
                 }
                 if filesz > memsz {
                     bail!("segment {i}: file size {filesz:#x} exceeds memory size {memsz:#x}");
@@ -106,7 +113,9 @@ pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
                     memsz,
                 });
             }
-            4 if in_file => pvh_entry = pvh_entry.or(find_pvh(&b[offset as usize..(offset + filesz) as usize])),
+            4 if in_file => {
+                pvh_entry = pvh_entry.or(find_pvh(&b[offset as usize..(offset + filesz) as usize]))
+            }
             _ => {}
         }
     }

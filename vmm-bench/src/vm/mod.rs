@@ -4,11 +4,11 @@
 //! exits, serial on 0x3f8, a boot-timer port, and a watchdog that kicks the
 //! vCPU out of `KVM_RUN` so no run outlives its deadline.
 
+pub mod boot;
 pub mod elf;
 pub mod layout;
 pub mod probe;
 mod vcpu;
-pub mod boot;
 
 pub use vcpu::{ExitCounts, Kicker, RunEnd, RunError, Vcpu};
 
@@ -126,9 +126,12 @@ impl Vm {
     }
 
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
-        self.mem
-            .write_slice(data, GuestAddress(addr))
-            .map_err(|e| anyhow::anyhow!("cannot write {} bytes at guest {addr:#x}: {e:?}", data.len()))
+        self.mem.write_slice(data, GuestAddress(addr)).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot write {} bytes at guest {addr:#x}: {e:?}",
+                data.len()
+            )
+        })
     }
 
     pub fn read_u64(&self, addr: u64) -> Result<u64> {

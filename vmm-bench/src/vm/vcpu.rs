@@ -141,7 +141,17 @@ impl Vcpu {
         match (r, s) {
             (Ok(r), Ok(s)) => format!(
                 "rip={:#x} rsp={:#x} rax={:#x} rcx={:#x} rdx={:#x} rflags={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
-                r.rip, r.rsp, r.rax, r.rcx, r.rdx, r.rflags, s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector
+                r.rip,
+                r.rsp,
+                r.rax,
+                r.rcx,
+                r.rdx,
+                r.rflags,
+                s.cr0,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector
             ),
             (Err(e), _) | (_, Err(e)) => format!("<unavailable: {e}>"),
         }
@@ -185,11 +195,9 @@ impl Vcpu {
                 VcpuExit::IoOut(port, data) => {
                     obs.exits.io_out += 1;
                     match port {
-                        layout::SERIAL_PORT => {
-                            // A runaway guest must not grow our memory without bound.
-                            if obs.serial.len() < 1 << 20 {
-                                obs.serial.extend(data.iter().map(|&b| b as char));
-                            }
+                        // A runaway guest must not grow our memory without bound.
+                        layout::SERIAL_PORT if obs.serial.len() < 1 << 20 => {
+                            obs.serial.extend(data.iter().map(|&b| b as char));
                         }
                         layout::BOOT_TIMER_PORT
                             if data.first() == Some(&layout::BOOT_TIMER_MAGIC)
@@ -207,7 +215,11 @@ impl Vcpu {
                     obs.exits.io_in += 1;
                     // Serial line status: transmitter always empty; every other
                     // port reads as an absent device (all ones).
-                    let v = if port == layout::SERIAL_PORT + 5 { 0x60 } else { 0xff };
+                    let v = if port == layout::SERIAL_PORT + 5 {
+                        0x60
+                    } else {
+                        0xff
+                    };
                     data.fill(v);
                 }
                 VcpuExit::MmioWrite(addr, data) => {

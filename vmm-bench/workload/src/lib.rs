@@ -58,7 +58,9 @@ fn digest(buf: &[u8]) -> u64 {
             .rotate_left(29);
     }
     for &b in chunks.remainder() {
-        h = (h ^ b as u64).wrapping_mul(0x1000_0000_01b3).rotate_left(29);
+        h = (h ^ b as u64)
+            .wrapping_mul(0x1000_0000_01b3)
+            .rotate_left(29);
     }
     h
 }

@@ -1,0 +1,83 @@
+//! The binary end to end: `report --quick` writes its files with every
+//! number labelled, and `run` checks the checksum.
+
+use std::process::Command;
+
+const EXE: &str = env!("CARGO_BIN_EXE_vmm-bench");
+
+#[test]
+fn quick_report_writes_labelled_results() {
+    assert!(livehost_common::is_root(), "needs root (CI runs as root)");
+    let dir = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    // The Linux boot has its own test; leave it out to keep this one short.
+    let out = Command::new(EXE)
+        .args(["report", "--quick", "--no-linux", "--out"])
+        .arg(dir.path())
+        .env("LIVEHOST_QUIET", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t.elapsed().as_secs() < 60,
+        "report --quick took {:?}",
+        t.elapsed()
+    );
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
+    let checks = j["checks"].as_array().unwrap();
+    assert!(checks.len() >= 4, "{checks:?}");
+    assert!(checks.iter().all(|c| c["ok"] == true), "{checks:?}");
+    for r in j["rows"].as_array().unwrap() {
+        assert!(!r["accel"].as_str().unwrap().is_empty(), "{r}");
+        assert!(r["clock"] == "guest" || r["clock"] == "host", "{r}");
+    }
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(md.contains("## Claims") && md.contains("CPU:") && md.contains("Host kernel:"));
+    if j["probe"]["accel"] != "HardwareKvm" {
+        assert!(
+            md.contains("under emulation"),
+            "emulated numbers must be labelled"
+        );
+    }
+    for f in ["start.svg", "roundtrip.svg", "size.svg"] {
+        let s = std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert!(s.starts_with("<svg") && s.contains("<text"), "{f}");
+    }
+}
+
+#[test]
+fn run_vm_checks_the_checksum() {
+    assert!(livehost_common::is_root(), "needs root (CI runs as root)");
+    let out = Command::new(EXE)
+        .args(["run", "vm", "--kib", "16", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(j["checksum"].as_u64().is_some());
+}
+
+#[test]
+fn bad_arguments_are_refused_clearly() {
+    let out = Command::new(EXE)
+        .args(["run", "vm", "--kib", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("out of range"), "{e}");
+    let out = Command::new(EXE)
+        .args(["run", "teleport"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
