@@ -1,0 +1,41 @@
+//! The VMM's 64-bit guest on the hardware-virtualization code path: inside a
+//! kernel-tests guest (Debian 6.1 under TCG, -cpu max) with kvm_amd on
+//! emulated SVM. One guest boot: probe, then the unikernel with the workload.
+
+use kernel_tests::{GuestStatus, RunOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[test]
+fn unikernel_runs_on_nested_svm_kvm() {
+    assert!(
+        livehost_common::is_root(),
+        "this test boots a QEMU guest; run it as root (CI is root)"
+    );
+    let mut opts = RunOptions::new([
+        "/usr/bin/vmm-bench probe --json; echo ===; /usr/bin/vmm-bench run vm --kib 4 --loops 20 --timeout 60 --json",
+    ]);
+    opts.with_kvm = true;
+    opts.files.push((
+        PathBuf::from(env!("CARGO_BIN_EXE_vmm-bench")),
+        "/usr/bin/vmm-bench".into(),
+    ));
+    opts.timeout = Duration::from_secs(120);
+    let out = kernel_tests::run(&opts).expect("guest boots");
+    let diag = format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status, out.stdout, out.stderr
+    );
+    eprintln!("{diag}");
+    assert_eq!(out.status, GuestStatus::Exited(0), "{diag}");
+    let mut parts = out.stdout.split("===\n");
+    let probe: serde_json::Value = serde_json::from_str(parts.next().unwrap_or("").trim())
+        .unwrap_or_else(|e| panic!("probe JSON: {e}\n{diag}"));
+    assert_eq!(probe["long_mode_ok"], true, "{diag}");
+    assert_eq!(probe["host_is_guest"], true, "{diag}");
+    let run: serde_json::Value = serde_json::from_str(parts.next().unwrap_or("").trim())
+        .unwrap_or_else(|e| panic!("run JSON: {e}\n{diag}"));
+    let want = vmm_bench::native::expected_checksum(4, vmm_bench_workload::DEFAULT_SEED);
+    assert_eq!(run["checksum"].as_u64(), Some(want), "{diag}");
+    assert_eq!(run["exits"]["hlt"].as_u64(), Some(1), "{diag}");
+}
