@@ -113,13 +113,40 @@ fn main() {
     std::process::exit(code);
 }
 
-fn print<T: serde::Serialize + std::fmt::Debug>(v: &T, json: bool) -> Result<()> {
+fn print<T: serde::Serialize>(v: &T, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(v)?);
     } else {
-        println!("{v:#?}");
+        let mut lines = Vec::new();
+        flatten("", &serde_json::to_value(v)?, &mut lines);
+        for l in lines {
+            println!("{l}");
+        }
     }
     Ok(())
+}
+
+/// `a.b: value` lines for people; `--json` is the format for programs.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, x, out);
+            }
+        }
+        Value::Null => {}
+        Value::Number(n) if n.is_f64() => {
+            out.push(format!("{prefix}: {:.2}", n.as_f64().unwrap_or(f64::NAN)))
+        }
+        Value::String(s) => out.push(format!("{prefix}: {}", s.trim_end())),
+        other => out.push(format!("{prefix}: {other}")),
+    }
 }
 
 fn real_main(cli: Cli) -> Result<i32> {
@@ -212,6 +239,9 @@ fn real_main(cli: Cli) -> Result<i32> {
                         },
                     )?;
                     print(&r, json)?;
+                    if !json {
+                        println!("checksum (hex): {:#018x}", r.checksum);
+                    }
                     Some(r.checksum)
                 }
                 PathKind::QemuUnikernel => {
@@ -228,6 +258,9 @@ fn real_main(cli: Cli) -> Result<i32> {
             };
             if got != Some(expected) {
                 bail!("checksum mismatch: got {got:x?}, expected {expected:#x}");
+            }
+            if !json {
+                println!("checksum matches the native reference ({expected:#018x})");
             }
             Ok(exit::SUCCESS)
         }

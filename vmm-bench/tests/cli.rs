@@ -11,10 +11,13 @@ fn quick_report_writes_labelled_results() {
     let dir = tempfile::tempdir().unwrap();
     let t = std::time::Instant::now();
     // The Linux boot has its own test; leave it out to keep this one short.
+    // PATH without /usr/sbin hides runc: its row must be skipped with the
+    // reason (runc itself is tested in paths.rs).
     let out = Command::new(EXE)
         .args(["report", "--quick", "--no-linux", "--out"])
         .arg(dir.path())
         .env("LIVEHOST_QUIET", "1")
+        .env("PATH", "/usr/bin:/bin")
         .output()
         .unwrap();
     assert!(
@@ -36,6 +39,11 @@ fn quick_report_writes_labelled_results() {
         assert!(!r["accel"].as_str().unwrap().is_empty(), "{r}");
         assert!(r["clock"] == "guest" || r["clock"] == "host", "{r}");
     }
+    let skipped = j["skipped"].as_array().unwrap();
+    assert!(
+        skipped.iter().any(|k| k["path"] == "runc" && k["reason"].as_str().unwrap().contains("not installed")),
+        "runc row skipped with a reason: {skipped:?}"
+    );
     let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     assert!(md.contains("## Claims") && md.contains("CPU:") && md.contains("Host kernel:"));
     if j["probe"]["accel"] != "HardwareKvm" {
