@@ -337,8 +337,13 @@ impl Drop for Reaper {
     }
 }
 
-/// Where `runc` is, if installed.
+/// Where `runc` is, if installed: `$VMM_BENCH_RUNC` when set (a path; one
+/// that is not a file means "no runc"), else the first `runc` on PATH.
 pub fn find_runc() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VMM_BENCH_RUNC") {
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
+    }
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
