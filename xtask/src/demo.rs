@@ -212,7 +212,8 @@ pub fn run(out_root: &Path, with_bench: bool, print_json: bool) -> Result<i32> {
         out.join("report.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    let md = markdown(&report);
+    let bench_md = std::fs::read_to_string(out.join("vmm-bench/report.md")).unwrap_or_default();
+    let md = markdown(&report, &bench_md);
     std::fs::write(out.join("report.md"), &md)?;
     progress.finish();
     if print_json {
@@ -258,7 +259,7 @@ fn fmt_num(v: &Value, unit: &str) -> String {
     }
 }
 
-fn markdown(r: &Value) -> String {
+fn markdown(r: &Value, bench_md: &str) -> String {
     let mut s = String::new();
     let g = &r["guest"];
     let lp = &r["livepatch"];

@@ -103,17 +103,26 @@ fn demo_patches_a_live_guest_and_reports_it() {
 
     // Every path in the comparison has a number or a stated reason.
     let cmp = &report["comparison"];
-    let rows = cmp["rows"]
-        .as_array()
-        .unwrap_or_else(|| panic!("comparison has no rows: {cmp}"));
+    let rows = cmp["rows"].as_array().unwrap_or_else(|| panic!("comparison has no rows: {cmp}"));
+    let skipped = cmp["skipped"].as_array().cloned().unwrap_or_default();
     assert!(!rows.is_empty());
     for r in rows {
-        let has_number = r["value"].as_f64().is_some();
-        let has_reason = r["skipped"].as_str().is_some_and(|s| !s.is_empty());
-        assert!(
-            has_number || has_reason,
-            "row without number or reason: {r}"
-        );
+        assert!(r["value"].as_f64().is_some_and(f64::is_finite), "row without a number: {r}");
+        assert!(!r["accel"].as_str().unwrap_or("").is_empty(), "row without its accelerator: {r}");
+    }
+    for s in &skipped {
+        assert!(!s["reason"].as_str().unwrap_or("").is_empty(), "skipped without a reason: {s}");
+    }
+    let has = |p: &str| {
+        rows.iter().any(|r| r["path"].as_str().is_some_and(|x| x.contains(p)))
+            || skipped.iter().any(|r| r["path"].as_str().is_some_and(|x| x.contains(p)))
+    };
+    for path in ["native", "container", "runc", "unikernel", "VMM", "Linux under QEMU"] {
+        assert!(has(path), "the comparison says nothing about {path}");
+    }
+    // Every path that ran the workload returned the same checksum.
+    for c in cmp["checks"].as_array().unwrap() {
+        assert_eq!(c["ok"], true, "{c}");
     }
     for f in ["report.md", "report.json"] {
         assert!(
