@@ -35,8 +35,12 @@ fn main() -> anyhow::Result<()> {
     let mut opts = RunOptions::new([script]);
     opts.require_config.push("CONFIG_LIVEPATCH".into());
     opts.timeout = Duration::from_secs(60 + 15 * cycles as u64);
-    opts.env.push(("HOTPATCH_STATE_DIR".into(), "/tmp/hpstate".into()));
-    opts.files.push((PathBuf::from(env!("CARGO_BIN_EXE_hotpatch")), "/usr/bin/hotpatch".into()));
+    opts.env
+        .push(("HOTPATCH_STATE_DIR".into(), "/tmp/hpstate".into()));
+    opts.files.push((
+        PathBuf::from(env!("CARGO_BIN_EXE_hotpatch")),
+        "/usr/bin/hotpatch".into(),
+    ));
     opts.files.push((ko, "/root/hp_cmdline.ko".into()));
     let out = kernel_tests::run(&opts)?;
     let stdout = out.success()?;
@@ -47,18 +51,40 @@ fn main() -> anyhow::Result<()> {
     for chunk in stdout.split("=== load").skip(1) {
         let v: serde_json::Value = serde_json::from_str(chunk.trim())?;
         let m = &v["measure"];
-        label = m["environment"]["label"].as_str().unwrap_or("?").to_string();
-        trans.push(m["transition"]["spin_max_gap_us"].as_f64().unwrap_or(f64::NAN));
-        base.push(m["baseline"]["spin_max_gap_us"].as_f64().unwrap_or(f64::NAN));
-        sleep_t.push(m["transition"]["sleep_max_overshoot_us"].as_f64().unwrap_or(f64::NAN));
-        sleep_b.push(m["baseline"]["sleep_max_overshoot_us"].as_f64().unwrap_or(f64::NAN));
+        label = m["environment"]["label"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        trans.push(
+            m["transition"]["spin_max_gap_us"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
+        base.push(
+            m["baseline"]["spin_max_gap_us"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
+        sleep_t.push(
+            m["transition"]["sleep_max_overshoot_us"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
+        sleep_b.push(
+            m["baseline"]["sleep_max_overshoot_us"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
         added.push(m["added_stall_us"].as_f64().unwrap_or(f64::NAN));
         tms.push(v["transition_ms"].as_f64().unwrap_or(f64::NAN));
     }
     let n = trans.len();
     anyhow::ensure!(n == cycles, "expected {cycles} measurements, got {n}");
     println!("interruption bench: {n} load/unload cycles of hp_cmdline, one guest");
-    println!("environment: {label} ({:?}, kernel {})", out.accel, out.kernel_version);
+    println!(
+        "environment: {label} ({:?}, kernel {})",
+        out.accel, out.kernel_version
+    );
     println!("{:<34} {:>10} {:>10} {:>10}", "", "p50", "p90", "max");
     for (name, v) in [
         ("spin max gap, transition (µs)", &mut trans),

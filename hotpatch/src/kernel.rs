@@ -324,6 +324,29 @@ fn numeric_dirs(p: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// A task's kernel stack. The kernel shows nothing for a task that is
+/// running at that instant, and a stalled task is usually asleep, so an empty
+/// read is retried briefly: the stack is the one clue to why it stalls.
+fn read_stack(p: &Path) -> Vec<String> {
+    for attempt in 0..5 {
+        let frames: Vec<String> = read_text(p)
+            .map(|s| {
+                s.lines()
+                    .map(|l| l.trim().to_string())
+                    .filter(|l| !l.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !frames.is_empty() || !p.exists() {
+            return frames;
+        }
+        if attempt < 4 {
+            std::thread::sleep(std::time::Duration::from_millis(7));
+        }
+    }
+    Vec::new()
+}
+
 impl Paths {
     /// Every task's `patch_state`; tasks that exit mid-scan are skipped.
     pub fn task_states(&self) -> Vec<(u32, u32, i32)> {
@@ -354,9 +377,7 @@ impl Paths {
                     tid,
                     comm: read_attr(t.join("comm")).unwrap_or_default(),
                     patch_state: s,
-                    stack: read_text(t.join("stack"))
-                        .map(|s| s.lines().map(|l| l.trim().to_string()).collect())
-                        .unwrap_or_default(),
+                    stack: read_stack(&t.join("stack")),
                 }
             })
             .collect()

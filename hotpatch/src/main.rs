@@ -320,11 +320,13 @@ fn run(cli: Cli) -> Result<i32> {
             let release = paths.release()?;
             let _lock = state::lock(&paths, LOCK_WAIT)?;
             let e = state::install(&paths, &release, &name, &info.sha256, &file)?;
-            let msgs = journal_simple(
+            let msgs = state::record(
                 &paths,
                 "install",
-                &name,
+                Some(&name),
                 Some(&info.sha256),
+                "ok",
+                None,
                 serde_json::json!({ "kernel": release, "source": e.source }),
             );
             if json {
@@ -342,11 +344,13 @@ fn run(cli: Cli) -> Result<i32> {
             let release = paths.release()?;
             let _lock = state::lock(&paths, LOCK_WAIT)?;
             let e = state::uninstall(&paths, &release, &name)?;
-            journal_simple(
+            state::record(
                 &paths,
                 "uninstall",
-                &name,
+                Some(&name),
                 Some(&e.sha256),
+                "ok",
+                None,
                 serde_json::json!({ "kernel": release }),
             );
             if json {
@@ -383,29 +387,6 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::SUCCESS)
         }
-    }
-}
-
-fn journal_simple(
-    paths: &Paths,
-    op: &str,
-    name: &str,
-    sha: Option<&str>,
-    detail: serde_json::Value,
-) -> Vec<String> {
-    let e = state::JournalEntry {
-        time: state::now_unix(),
-        user: state::actor(),
-        op: op.into(),
-        module: Some(name.into()),
-        sha256: sha.map(String::from),
-        result: "ok".into(),
-        duration_ms: None,
-        detail,
-    };
-    match state::journal(paths, &e) {
-        Ok(()) => vec![],
-        Err(err) => vec![format!("warning: could not write the journal: {err:#}")],
     }
 }
 
@@ -452,10 +433,12 @@ fn load_installed(
                 hotpatch::SKIP_SWITCH
             );
         }
-        journal_simple(
+        state::record(
             paths,
             "load-installed",
-            "-",
+            None,
+            None,
+            "ok",
             None,
             serde_json::json!({ "skipped": hotpatch::SKIP_SWITCH }),
         );

@@ -10,7 +10,7 @@ use crate::kmod::{self, Delete};
 use crate::measure::{self, Measurement};
 use crate::module::{self, ModuleInfo};
 use crate::paths::Paths;
-use crate::state::{self, JournalEntry, LoadedRecord};
+use crate::state::{self, LoadedRecord};
 use anyhow::{Context, Result, bail};
 use livehost_common::exit;
 use livehost_common::progress::Progress;
@@ -183,31 +183,6 @@ fn wait_gone(paths: &Paths, name: &str, timeout: Duration) -> bool {
     true
 }
 
-fn journal(
-    paths: &Paths,
-    op: &str,
-    module: Option<&str>,
-    sha: Option<&str>,
-    result: &str,
-    dur: Option<f64>,
-    detail: serde_json::Value,
-) -> Vec<String> {
-    let e = JournalEntry {
-        time: state::now_unix(),
-        user: state::actor(),
-        op: op.into(),
-        module: module.map(String::from),
-        sha256: sha.map(String::from),
-        result: result.into(),
-        duration_ms: dur,
-        detail,
-    };
-    match state::journal(paths, &e) {
-        Ok(()) => Vec::new(),
-        Err(err) => vec![format!("warning: could not write the journal: {err:#}")],
-    }
-}
-
 /// Inspect, preflight, load, watch; roll back on stall unless told not to.
 pub fn load(
     paths: &Paths,
@@ -233,7 +208,7 @@ pub fn load(
     };
     if !pre.ok {
         let reasons: Vec<&str> = pre.failures().map(|c| c.detail.as_str()).collect();
-        report.messages.extend(journal(
+        report.messages.extend(state::record(
             paths,
             "load",
             info.name.as_deref(),
@@ -258,7 +233,7 @@ pub fn load(
         if let Some(p) = probe {
             p.stop();
         }
-        report.messages.extend(journal(
+        report.messages.extend(state::record(
             paths,
             "load",
             Some(&name),
@@ -332,7 +307,7 @@ pub fn load(
                 }
             }
             progress.finish();
-            report.messages.extend(journal(paths, "load", Some(&name), Some(&info.sha256), "ok", report.transition_ms, serde_json::json!({ "file": report.file, "replaced_removed": report.replaced_removed })));
+            report.messages.extend(state::record(paths, "load", Some(&name), Some(&info.sha256), "ok", report.transition_ms, serde_json::json!({ "file": report.file, "replaced_removed": report.replaced_removed })));
             Ok(report)
         }
         Wait::TimedOut(d) => {
@@ -373,7 +348,7 @@ pub fn load(
                         opts.timeout.as_secs_f64()
                     ),
                 }
-                report.messages.extend(journal(
+                report.messages.extend(state::record(
                     paths,
                     "load",
                     Some(&name),
@@ -388,7 +363,7 @@ pub fn load(
             if !opts.rollback {
                 report.outcome = Outcome::Stalled;
                 report.messages.push(format!("{name} left in transition (--no-rollback); the kernel keeps retrying. `hotpatch status` shows progress; `hotpatch disable {name}` reverses it"));
-                report.messages.extend(journal(
+                report.messages.extend(state::record(
                     paths,
                     "load",
                     Some(&name),
@@ -407,7 +382,7 @@ pub fn load(
                 wait_transition(paths, &name, 0, opts.timeout, opts.poll, progress, r0)
             {
                 let still = paths.lagging_tasks(0);
-                report.messages.extend(journal(paths, "load", Some(&name), Some(&info.sha256), "error", None, serde_json::json!({ "stalled": report.stalled_tasks, "reverse_stalled": still })));
+                report.messages.extend(state::record(paths, "load", Some(&name), Some(&info.sha256), "error", None, serde_json::json!({ "stalled": report.stalled_tasks, "reverse_stalled": still })));
                 bail!(
                     "{name}: the reverse transition also stalled ({} task(s)); the patch is left half-applied: see `hotpatch status`",
                     still.len()
@@ -424,7 +399,7 @@ pub fn load(
             report.rollback_ms = Some(ms(r0.elapsed()));
             report.outcome = Outcome::RolledBack;
             report.messages.push(format!("{name}: transition stalled, reversed and the module removed: the kernel is as before"));
-            report.messages.extend(journal(
+            report.messages.extend(state::record(
                 paths,
                 "load",
                 Some(&name),
@@ -506,7 +481,7 @@ pub fn disable(
     }
     let r = disable_and_wait(paths, name, timeout, poll, progress);
     let res = if r.is_ok() { "ok" } else { "error" };
-    let mut messages = journal(
+    let mut messages = state::record(
         paths,
         "disable",
         Some(name),
@@ -560,7 +535,7 @@ pub fn enable(
             timeout.as_secs_f64()
         )),
     };
-    let mut messages = journal(
+    let mut messages = state::record(
         paths,
         "enable",
         Some(name),
@@ -615,7 +590,7 @@ pub fn unload(
         })?;
         Ok(t)
     })();
-    let mut messages = journal(
+    let mut messages = state::record(
         paths,
         "unload",
         Some(name),
@@ -699,8 +674,12 @@ pub fn status(paths: &Paths) -> Status {
                 .find(|m| m.name == p.name)
                 .and_then(|m| m.refcount),
             sha256: rec.as_ref().map(|r| r.sha256.clone()),
+            patch: LivePatch {
+                // Before 6.11 sysfs has no `replace`; the file we loaded does.
+                replace: p.replace.or(rec.as_ref().and_then(|r| r.replace)),
+                ..p.clone()
+            },
             file: rec.map(|r| r.path),
-            patch: p.clone(),
         });
     }
     let mut functions: Vec<FunctionOwner> = Vec::new();

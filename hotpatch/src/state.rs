@@ -113,6 +113,33 @@ pub fn journal(paths: &Paths, e: &JournalEntry) -> Result<()> {
     Ok(())
 }
 
+/// Journal one change, stamped with the time and who made it. Returns the
+/// warning to show when the journal could not be written.
+pub fn record(
+    paths: &Paths,
+    op: &str,
+    module: Option<&str>,
+    sha: Option<&str>,
+    result: &str,
+    duration_ms: Option<f64>,
+    detail: serde_json::Value,
+) -> Vec<String> {
+    let e = JournalEntry {
+        time: now_unix(),
+        user: actor(),
+        op: op.into(),
+        module: module.map(String::from),
+        sha256: sha.map(String::from),
+        result: result.into(),
+        duration_ms,
+        detail,
+    };
+    match journal(paths, &e) {
+        Ok(()) => Vec::new(),
+        Err(err) => vec![format!("warning: could not write the journal: {err:#}")],
+    }
+}
+
 pub fn read_journal(paths: &Paths) -> Result<Vec<JournalEntry>> {
     let text = match std::fs::read_to_string(paths.journal()) {
         Ok(t) => t,

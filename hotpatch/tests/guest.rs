@@ -363,7 +363,9 @@ step mods cat /proc/modules
         m4.contains("hp_replace") && !m4.contains("hp_cmdline") && !m4.contains("hp_stack"),
         "{m4}"
     );
-    assert_eq!(s.json("list4")["patches"].as_array().unwrap().len(), 1);
+    let l4 = s.json("list4");
+    assert_eq!(l4["patches"].as_array().unwrap().len(), 1);
+    assert_eq!(l4["patches"][0]["replace"], true, "{l4}");
 
     // Reloading a replaced module works (no EEXIST) and stacks on top.
     assert_eq!(s.json("again")["outcome"], "loaded");
