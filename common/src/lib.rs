@@ -6,6 +6,7 @@
 
 pub mod base64;
 pub mod exit;
+pub mod guest_mem;
 pub mod lock;
 pub mod progress;
 pub mod sysfs;

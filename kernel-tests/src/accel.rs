@@ -11,6 +11,7 @@
 
 use anyhow::{Context, Result, bail};
 use kvm_ioctls::{Kvm, VcpuExit};
+use livehost_common::guest_mem::GuestMem;
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
@@ -137,63 +138,20 @@ fn run_probe() -> KvmProbe {
 
 extern "C" fn on_kick(_: libc::c_int) {}
 
-/// Anonymous memory for a probe guest, unmapped on drop.
-struct GuestMem {
-    host: *mut u8,
-    len: usize,
-}
-
-impl GuestMem {
-    fn new(len: usize) -> Result<Self> {
-        // SAFETY: anonymous private mapping, checked for MAP_FAILED below.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if host == libc::MAP_FAILED {
-            bail!("cannot map guest memory");
-        }
-        Ok(GuestMem {
-            host: host as *mut u8,
-            len,
-        })
-    }
-
-    fn write(&mut self, at: usize, bytes: &[u8]) {
-        assert!(at + bytes.len() <= self.len);
-        // SAFETY: bounds checked above; the mapping is ours and writable.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.host.add(at), bytes.len()) };
-    }
-
-    /// Register the memory as slot 0 at guest physical address 0.
-    ///
-    /// # Safety
-    /// The VM must be dropped before this `GuestMem`.
-    unsafe fn attach(&self, vm: &kvm_ioctls::VmFd) -> Result<()> {
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            guest_phys_addr: 0,
-            memory_size: self.len as u64,
-            userspace_addr: self.host as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is our live mapping; the caller keeps it alive
-        // longer than the VM.
-        unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION failed")
-    }
-}
-
-impl Drop for GuestMem {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created in `new` with this length.
-        unsafe { libc::munmap(self.host as *mut libc::c_void, self.len) };
-    }
+/// Register `mem` as slot 0 at guest physical address 0.
+///
+/// # Safety
+/// The VM must be dropped before `mem`.
+unsafe fn attach(mem: &GuestMem, vm: &kvm_ioctls::VmFd) -> Result<()> {
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: mem.len() as u64,
+        userspace_addr: mem.host_addr(),
+        flags: 0,
+    };
+    // SAFETY: the region is a live mapping the caller keeps longer than the VM.
+    unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION failed")
 }
 
 /// Result of running a minimal 64-bit guest to its first exit.
@@ -220,7 +178,7 @@ pub fn probe_long_mode() -> Result<LongModeProbe> {
     mem.write(0x4000, &(0x83u64).to_le_bytes());
     mem.write(0x1000, &[0xe6, 0x10, 0xf4]);
     // SAFETY: `vm` is dropped before `mem` (explicitly, below).
-    unsafe { mem.attach(&vm)? };
+    unsafe { attach(&mem, &vm)? };
     let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU failed")?;
     let mut sregs = vcpu.get_sregs()?;
     let code = kvm_bindings::kvm_segment {
@@ -290,7 +248,7 @@ fn probe_inner() -> Result<KvmProbe> {
     ];
     mem.write(0x1000, &code);
     // SAFETY: `vm` is dropped before `mem` (explicitly, below).
-    unsafe { mem.attach(&vm)? };
+    unsafe { attach(&mem, &vm)? };
     let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU failed")?;
     let mut sregs = vcpu.get_sregs()?;
     sregs.cs.base = 0;
