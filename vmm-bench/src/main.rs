@@ -245,13 +245,15 @@ fn real_main(cli: Cli) -> Result<i32> {
                     Some(r.checksum)
                 }
                 PathKind::QemuUnikernel => {
-                    let r = qemu::run_unikernel(vm::boot::UNIKERNEL, kib, loops, t)?;
+                    let accel = qemu::choose_accel(vm::probe::probe(Duration::from_secs(1)).accel);
+                    let r = qemu::run_unikernel(vm::boot::UNIKERNEL, kib, loops, t, accel)?;
                     print(&r, json)?;
                     qemu::field_u64(&r.line, "checksum")
                 }
                 PathKind::QemuLinux => {
                     let img = qemu::linux_image()?;
-                    let r = qemu::run_linux(&img, kib, loops, t)?;
+                    let accel = qemu::choose_accel(vm::probe::probe(Duration::from_secs(1)).accel);
+                    let r = qemu::run_linux(&img, kib, loops, t, accel)?;
                     print(&r, json)?;
                     qemu::field_u64(&r.line, "checksum")
                 }

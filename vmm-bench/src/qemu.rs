@@ -1,7 +1,8 @@
 //! QEMU runners: the unikernel through the PVH entry (`-kernel`), and the
 //! Debian kernel booting the static workload as `/init`. Both run under the
-//! accelerator QEMU can use here (TCG on this project's machines, since a
-//! Linux guest never gets past real-mode set-up on their nested KVM).
+//! accelerator [`choose_accel`] picks from the KVM probe (TCG on this
+//! project's machines, since a Linux guest never gets past real-mode set-up
+//! on their emulating nested KVM).
 
 use crate::container::{Reaper, read_until};
 use crate::vm::probe::Accel;
@@ -41,7 +42,45 @@ pub fn field_u64(line: &str, key: &str) -> Option<u64> {
     }
 }
 
-fn spawn_and_watch(args: &[String], marker: &str, timeout: Duration, ram: u64) -> Result<QemuRun> {
+/// The accelerator QEMU gets: KVM only where our probe saw guests run
+/// natively on it (hardware or a nested KVM that does not emulate); an
+/// emulating nested KVM cannot boot Linux, so those hosts get TCG.
+pub fn choose_accel(kvm: Option<Accel>) -> Accel {
+    match kvm {
+        Some(a @ (Accel::HardwareKvm | Accel::NestedKvm)) => a,
+        _ => Accel::Tcg,
+    }
+}
+
+fn base_args(accel: Accel) -> Vec<String> {
+    let a: &[&str] = if accel == Accel::Tcg {
+        &["-accel", "tcg", "-cpu", "max"]
+    } else {
+        &["-accel", "kvm", "-cpu", "host"]
+    };
+    a.iter()
+        .chain(
+            [
+                "-nodefaults",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-serial",
+                "stdio",
+            ]
+            .iter(),
+        )
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn spawn_and_watch(
+    args: &[String],
+    marker: &str,
+    timeout: Duration,
+    ram: u64,
+    accel: Accel,
+) -> Result<QemuRun> {
     let launch = Instant::now();
     let mut child = std::process::Command::new(QEMU)
         .args(args)
@@ -122,7 +161,7 @@ fn spawn_and_watch(args: &[String], marker: &str, timeout: Duration, ram: u64) -
         .ok()
         .unwrap_or(launch + Duration::from_micros(total_us as u64));
     Ok(QemuRun {
-        accel: Accel::Tcg,
+        accel,
         line,
         exit_code: code,
         to_result_us: (at - launch).as_secs_f64() * 1e6,
@@ -145,24 +184,17 @@ fn write_temp(name: &str, bytes: &[u8]) -> Result<PathBuf> {
     Ok(p)
 }
 
-const BASE_ARGS: &[&str] = &[
-    "-accel",
-    "tcg",
-    "-cpu",
-    "max",
-    "-nodefaults",
-    "-display",
-    "none",
-    "-no-reboot",
-    "-serial",
-    "stdio",
-];
-
 /// Boot the unikernel in QEMU through its PVH note.
-pub fn run_unikernel(image: &[u8], kib: u64, loops: u64, timeout: Duration) -> Result<QemuRun> {
+pub fn run_unikernel(
+    image: &[u8],
+    kib: u64,
+    loops: u64,
+    timeout: Duration,
+    accel: Accel,
+) -> Result<QemuRun> {
     let p = write_temp("unikernel.elf", image)?;
     let ram_mb = 16 + (kib >> 10) + 8;
-    let mut args: Vec<String> = BASE_ARGS.iter().map(|s| s.to_string()).collect();
+    let mut args = base_args(accel);
     args.extend([
         "-m".into(),
         format!("{ram_mb}M"),
@@ -173,7 +205,7 @@ pub fn run_unikernel(image: &[u8], kib: u64, loops: u64, timeout: Duration) -> R
         "-append".into(),
         format!("kib={kib} loops={loops}"),
     ]);
-    let r = spawn_and_watch(&args, "LIVEHOST-UK", timeout, ram_mb << 20)?;
+    let r = spawn_and_watch(&args, "LIVEHOST-UK", timeout, ram_mb << 20, accel)?;
     // isa-debug-exit: the guest wrote 0x10, QEMU exits with (0x10 << 1) | 1.
     if r.exit_code != 33 {
         bail!(
@@ -252,10 +284,16 @@ pub fn linux_image() -> Result<LinuxImage> {
 }
 
 /// Boot the Debian kernel with the workload as init.
-pub fn run_linux(img: &LinuxImage, kib: u64, loops: u64, timeout: Duration) -> Result<QemuRun> {
+pub fn run_linux(
+    img: &LinuxImage,
+    kib: u64,
+    loops: u64,
+    timeout: Duration,
+    accel: Accel,
+) -> Result<QemuRun> {
     let initrd = write_temp("initramfs.cpio", &initramfs(crate::LINUX_INIT))?;
     let ram_mb = 256 + (kib >> 10);
-    let mut args: Vec<String> = BASE_ARGS.iter().map(|s| s.to_string()).collect();
+    let mut args = base_args(accel);
     args.extend([
         "-m".into(),
         format!("{ram_mb}M"),
@@ -266,7 +304,7 @@ pub fn run_linux(img: &LinuxImage, kib: u64, loops: u64, timeout: Duration) -> R
         "-append".into(),
         format!("console=ttyS0 panic=-1 quiet loglevel=1 rdinit=/init -- kib={kib} loops={loops} --reboot"),
     ]);
-    spawn_and_watch(&args, "LIVEHOST-LX", timeout, ram_mb << 20)
+    spawn_and_watch(&args, "LIVEHOST-LX", timeout, ram_mb << 20, accel)
 }
 
 /// True when QEMU is installed.

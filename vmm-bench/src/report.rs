@@ -626,6 +626,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
     }
 
     // QEMU.
+    let qaccel = qemu::choose_accel(kvm_accel);
     if !qemu::qemu_available() {
         b.skip(
             "QEMU",
@@ -635,7 +636,15 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
         pr.step("unikernel under QEMU (PVH)");
         let qn = if opts.quick { 2 } else { 5 };
         match (0..qn)
-            .map(|_| qemu::run_unikernel(UNIKERNEL, opts.kib, opts.loops, Duration::from_secs(30)))
+            .map(|_| {
+                qemu::run_unikernel(
+                    UNIKERNEL,
+                    opts.kib,
+                    opts.loops,
+                    Duration::from_secs(30),
+                    qaccel,
+                )
+            })
             .collect::<Result<Vec<_>>>()
         {
             Ok(runs) => {
@@ -649,7 +658,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                     "launch to result line",
                     median(runs.iter().map(|r| r.to_result_us).collect()),
                     "us",
-                    Accel::Tcg,
+                    qaccel,
                     "host",
                     qn,
                 );
@@ -665,7 +674,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                             .collect(),
                     ),
                     "us",
-                    Accel::Tcg,
+                    qaccel,
                     "guest",
                     qn,
                 );
@@ -679,7 +688,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                             .collect(),
                     ),
                     "us",
-                    Accel::Tcg,
+                    qaccel,
                     "guest",
                     qn,
                 );
@@ -694,7 +703,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                             .collect(),
                     ),
                     "ns",
-                    Accel::Tcg,
+                    qaccel,
                     "guest",
                     qn,
                 );
@@ -709,7 +718,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                             .collect(),
                     ),
                     "ns",
-                    Accel::Tcg,
+                    qaccel,
                     "guest",
                     qn,
                 );
@@ -722,7 +731,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                     ),
                     runs[0].max_rss_bytes as f64 / 1024.0,
                     "KiB",
-                    Accel::Tcg,
+                    qaccel,
                     "host",
                     1,
                 );
@@ -735,7 +744,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
             pr.step("Debian kernel under QEMU with the workload as init");
             match qemu::linux_image().and_then(|img| {
                 Ok((
-                    qemu::run_linux(&img, opts.kib, opts.loops, Duration::from_secs(120))?,
+                    qemu::run_linux(&img, opts.kib, opts.loops, Duration::from_secs(120), qaccel)?,
                     img,
                 ))
             }) {
@@ -748,7 +757,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                         "launch to result line",
                         r.to_result_us,
                         "us",
-                        Accel::Tcg,
+                        qaccel,
                         "host",
                         1,
                     );
@@ -759,7 +768,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                             "guest boot (kernel start to init)",
                             bt as f64 / 1e3,
                             "us",
-                            Accel::Tcg,
+                            qaccel,
                             "guest",
                             1,
                         );
@@ -771,7 +780,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                             "workload time",
                             w as f64 / 1e3,
                             "us",
-                            Accel::Tcg,
+                            qaccel,
                             "guest",
                             1,
                         );
@@ -783,7 +792,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                             "null syscall (getppid)",
                             s as f64 / opts.loops as f64,
                             "ns",
-                            Accel::Tcg,
+                            qaccel,
                             "guest",
                             1,
                         );
@@ -797,7 +806,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
                         ),
                         r.max_rss_bytes as f64 / 1024.0,
                         "KiB",
-                        Accel::Tcg,
+                        qaccel,
                         "host",
                         1,
                     );

@@ -18,6 +18,11 @@ fn args(extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// QEMU's accelerator as the report would choose it for this host.
+fn accel() -> vmm_bench::vm::probe::Accel {
+    qemu::choose_accel(vm::probe::probe(Duration::from_secs(1)).accel)
+}
+
 fn root() {
     assert!(
         livehost_common::is_root(),
@@ -187,7 +192,14 @@ fn runc_absent_gives_a_clear_error() {
 
 #[test]
 fn unikernel_under_qemu_pvh_returns_the_checksum() {
-    let r = qemu::run_unikernel(vm::boot::UNIKERNEL, KIB, 100, Duration::from_secs(60)).unwrap();
+    let r = qemu::run_unikernel(
+        vm::boot::UNIKERNEL,
+        KIB,
+        100,
+        Duration::from_secs(60),
+        accel(),
+    )
+    .unwrap();
     assert_eq!(r.exit_code, 33);
     assert_eq!(
         field_u64(&r.line, "checksum"),
@@ -201,7 +213,7 @@ fn unikernel_under_qemu_pvh_returns_the_checksum() {
 #[test]
 fn linux_under_qemu_returns_the_checksum() {
     let img = qemu::linux_image().unwrap();
-    let r = qemu::run_linux(&img, KIB, 100, Duration::from_secs(120)).unwrap();
+    let r = qemu::run_linux(&img, KIB, 100, Duration::from_secs(120), accel()).unwrap();
     assert_eq!(
         field_u64(&r.line, "checksum"),
         Some(expected()),
