@@ -17,6 +17,11 @@ fn bench(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_millis(300));
 
+    g.bench_function("native/workload_64k_in_process", |b| {
+        let mut buf = vec![0u8; 64 << 10];
+        b.iter(|| vmm_bench_workload::checksum(&mut buf, vmm_bench_workload::DEFAULT_SEED))
+    });
+
     g.bench_function("native/null_syscall", |b| {
         // SAFETY: getppid has no preconditions.
         b.iter(|| unsafe { libc::getppid() })
@@ -34,6 +39,21 @@ fn bench(c: &mut Criterion) {
                     .map(|_| {
                         let r = boot::run_unikernel(&kvm, &cfg).expect("unikernel run");
                         Duration::from_secs_f64(r.guest_boot_us.unwrap_or(r.boot_timer_us) / 1e6)
+                    })
+                    .sum()
+            })
+        });
+        let work = UnikernelRun {
+            kib: 16,
+            loop_n: 1,
+            ..Default::default()
+        };
+        g.bench_function("vm/workload_16k_guest_time", |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        let r = boot::run_unikernel(&kvm, &work).expect("unikernel run");
+                        Duration::from_secs_f64(r.guest_workload_us.expect("TSC rate known") / 1e6)
                     })
                     .sum()
             })
