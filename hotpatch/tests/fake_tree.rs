@@ -366,3 +366,57 @@ fn systemd_unit_command_runs() {
     assert_eq!(j.last().unwrap().op, "load-installed");
     assert_eq!(j.last().unwrap().detail["skipped"], "hotpatch.skip=1");
 }
+
+#[test]
+fn transition_wait_has_a_deadline_and_sees_completion() {
+    use hotpatch::ops::{Wait, wait_transition};
+    use livehost_common::progress::Progress;
+    use std::time::{Duration, Instant};
+    let (d, paths) = tree();
+    let quiet = Progress::silent();
+    let poll = Duration::from_millis(5);
+    // hp_b stays in transition: the wait ends at its deadline, not later.
+    let t0 = Instant::now();
+    match wait_transition(
+        &paths,
+        "hp_b",
+        1,
+        Duration::from_millis(120),
+        poll,
+        &quiet,
+        t0,
+    ) {
+        Wait::TimedOut(d) => assert!(d >= Duration::from_millis(120) && d < Duration::from_secs(2)),
+        Wait::Done(_) => panic!("hp_b is still in transition"),
+    }
+    // Completion written by "the kernel" mid-wait is noticed within a poll or two.
+    let flip = d.path().join("sys/kernel/livepatch/hp_b/transition");
+    let f2 = flip.clone();
+    let h = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(60));
+        std::fs::write(f2, "0\n").unwrap();
+        Instant::now()
+    });
+    let t0 = Instant::now();
+    let w = wait_transition(&paths, "hp_b", 1, Duration::from_secs(5), poll, &quiet, t0);
+    let flipped = h.join().unwrap();
+    assert!(matches!(w, Wait::Done(_)));
+    assert!(
+        flipped.elapsed() < Duration::from_millis(200),
+        "noticed late"
+    );
+    // A patch that vanished (freed after unpatching) counts as done.
+    std::fs::remove_dir_all(d.path().join("sys/kernel/livepatch/hp_a")).unwrap();
+    assert!(matches!(
+        wait_transition(
+            &paths,
+            "hp_a",
+            0,
+            Duration::from_secs(1),
+            poll,
+            &quiet,
+            Instant::now()
+        ),
+        Wait::Done(_)
+    ));
+}

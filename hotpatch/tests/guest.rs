@@ -630,6 +630,55 @@ fn inspect_reads_every_fixture() {
     for cut in (0..bytes.len()).step_by(97) {
         let _ = hotpatch::module::inspect(&bytes[..cut]);
     }
+    // klp-convert / kpatch-build metadata, made by renaming in place: a
+    // relocation section becomes `.klp.rela.xx..txt` and a symbol becomes
+    // `.klp.sym.vmlinux.ab,1` in the SHN_LIVEPATCH section.
+    let mut klp = bytes.clone();
+    {
+        let elf = goblin::elf::Elf::parse(&bytes).unwrap();
+        let shstr = elf.section_headers[elf.header.e_shstrndx as usize].sh_offset as usize;
+        let sh = elf
+            .section_headers
+            .iter()
+            .find(|s| elf.shdr_strtab.get_at(s.sh_name) == Some(".rela__mcount_loc"))
+            .unwrap();
+        let at = shstr + sh.sh_name;
+        klp[at..at + 17].copy_from_slice(b".klp.rela.xx..txt");
+        let symtab_idx = elf
+            .section_headers
+            .iter()
+            .position(|s| s.sh_type == goblin::elf::section_header::SHT_SYMTAB)
+            .unwrap();
+        let symtab = &elf.section_headers[symtab_idx];
+        let strtab = elf.section_headers[symtab.sh_link as usize].sh_offset as usize;
+        let (i, sym) = elf
+            .syms
+            .iter()
+            .enumerate()
+            .find(|(_, s)| elf.strtab.get_at(s.st_name) == Some("hp_stack_version_show"))
+            .unwrap();
+        let at = strtab + sym.st_name;
+        klp[at..at + 21].copy_from_slice(b".klp.sym.vmlinux.ab,1");
+        let ent = symtab.sh_offset as usize + i * 24;
+        klp[ent + 6..ent + 8]
+            .copy_from_slice(&(hotpatch::module::SHN_LIVEPATCH as u16).to_le_bytes());
+    }
+    let k = hotpatch::module::inspect(&klp).unwrap();
+    assert_eq!(k.klp_rela_objects, ["xx"]);
+    assert_eq!(
+        k.klp_symbols,
+        [hotpatch::module::KlpSymbol {
+            object: "vmlinux".into(),
+            name: "ab".into(),
+            sympos: 1
+        }]
+    );
+    assert_eq!(
+        k.objects[0].functions.len(),
+        2,
+        "patch structure still followed"
+    );
+
     // A signature trailer on a real module is recognised and split off.
     let mut signed = bytes.clone();
     signed.extend_from_slice(&[0xAB; 40]);
