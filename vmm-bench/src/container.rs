@@ -546,3 +546,202 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
         max_rss_bytes: rss,
     })
 }
+
+/// Options for running an arbitrary command as a container (the CLI's
+/// `vmm-bench container`): output is inherited, not captured.
+#[derive(Debug, Clone)]
+pub struct CommandOpts {
+    pub argv: Vec<String>,
+    pub hostname: String,
+    /// Name of the cgroup leaf under the v2 root; created if absent and
+    /// removed afterwards if we created it.
+    pub cgroup: String,
+    pub net: bool,
+    /// None: run until the command exits or we get SIGTERM/SIGINT/SIGHUP.
+    pub timeout: Option<Duration>,
+}
+
+/// How a command container ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandEnd {
+    pub pid: i32,
+    pub cgroup: Option<String>,
+    /// Exit status, 128+signal when killed.
+    pub exit_code: i32,
+    /// The signal we received and answered by killing the container.
+    pub stopped_by: Option<i32>,
+    pub timed_out: bool,
+}
+
+fn resolve(cmd: &str) -> Result<PathBuf> {
+    if cmd.contains('/') {
+        return Ok(PathBuf::from(cmd));
+    }
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            p.to_str()?
+                .split(':')
+                .map(|d| Path::new(d).join(cmd))
+                .find(|p| p.is_file())
+        })
+        .with_context(|| format!("{cmd} not found on PATH"))
+}
+
+/// Run `argv` in new pid, mount, uts, ipc (opt. net) namespaces and a named
+/// cgroup leaf, with a private /proc. SIGTERM, SIGINT and SIGHUP to this
+/// process kill the container; either way the init is reaped and the leaf
+/// removed (if we created it) before returning.
+pub fn run_command(opts: &CommandOpts) -> Result<CommandEnd> {
+    if !livehost_common::is_root() {
+        bail!("the container launcher needs root (namespaces, mounts, cgroups): rerun with sudo");
+    }
+    let Some(prog) = opts.argv.first() else {
+        bail!("no command given: vmm-bench container [OPTIONS] -- COMMAND [ARGS...]");
+    };
+    if opts.cgroup.is_empty() || opts.cgroup.contains('/') || opts.cgroup.starts_with('.') {
+        bail!("cgroup name {:?} must be one path component", opts.cgroup);
+    }
+    let exe = resolve(prog)?;
+    let root = cgroup2_root().context("this host has no cgroup v2 hierarchy mounted")?;
+    let leaf_path = root.join(&opts.cgroup);
+    let created = match std::fs::create_dir(&leaf_path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot create cgroup {}", leaf_path.display()));
+        }
+    };
+    let leaf = created.then(|| CgroupLeaf(leaf_path.clone()));
+    let cg_fd = std::fs::File::open(&leaf_path)
+        .with_context(|| format!("cannot open cgroup {}", leaf_path.display()))?;
+
+    let path = cstr(&exe.to_string_lossy())?;
+    let argv_c: Vec<CString> = opts.argv.iter().map(|a| cstr(a)).collect::<Result<_>>()?;
+    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let env_c: Vec<CString> = std::env::vars()
+        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+        .collect();
+    let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let host = opts.hostname.clone().into_bytes();
+    let proc_s = cstr("proc")?;
+    let proc_t = cstr("/proc")?;
+    let rootdir = cstr("/")?;
+
+    // Block the stop signals so they wait for us in sigtimedwait below; the
+    // child restores an empty mask before exec.
+    // SAFETY: sigset manipulation on local values.
+    let (stop, empty) = unsafe {
+        let mut s: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut s);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut s, sig);
+        }
+        let mut e: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut e);
+        (s, e)
+    };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: changing this thread's mask; restored before returning.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &stop, &mut old) };
+    struct Restore(libc::sigset_t);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restoring the mask saved above.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+        }
+    }
+    let _restore = Restore(old);
+
+    let mut flags =
+        libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    if opts.net {
+        flags |= libc::CLONE_NEWNET;
+    }
+    let child = move || -> isize {
+        // SAFETY (whole closure): system calls on values prepared before
+        // clone; any failure ends the child with a distinct status.
+        unsafe {
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                return 119;
+            }
+            if libc::sethostname(host.as_ptr().cast(), host.len()) != 0 {
+                return 121;
+            }
+            if libc::mount(
+                std::ptr::null(),
+                rootdir.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return 122;
+            }
+            if libc::mount(
+                proc_s.as_ptr(),
+                proc_t.as_ptr(),
+                proc_s.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ) != 0
+            {
+                return 123;
+            }
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            127
+        }
+    };
+    let (pid, placed) = spawn_child(flags, Some(cg_fd.as_raw_fd()), child)?;
+    let reaper = Reaper(pid);
+    if !placed {
+        std::fs::write(leaf_path.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("cannot move the container into {}", leaf_path.display()))?;
+    }
+    let start = Instant::now();
+    let pid = reaper.0;
+    std::mem::forget(reaper);
+    let mut end = CommandEnd {
+        pid,
+        cgroup: Some(leaf_path.display().to_string()),
+        exit_code: 0,
+        stopped_by: None,
+        timed_out: false,
+    };
+    loop {
+        let mut status = 0;
+        // SAFETY: polling our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            end.exit_code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+            break;
+        }
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000_000,
+        };
+        // SAFETY: waiting for one of the blocked stop signals, 50 ms at most.
+        let sig = unsafe { libc::sigtimedwait(&stop, std::ptr::null_mut(), &ts) };
+        let over = opts.timeout.is_some_and(|t| start.elapsed() >= t);
+        if sig > 0 || over {
+            end.stopped_by = (sig > 0).then_some(sig);
+            end.timed_out = over && sig <= 0;
+            // Killing the pid namespace's init kills everything in it.
+            // SAFETY: our own unreaped child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            end.exit_code = 128 + if sig > 0 { sig } else { libc::SIGKILL };
+            break;
+        }
+    }
+    drop(cg_fd);
+    drop(leaf);
+    Ok(end)
+}

@@ -19,7 +19,7 @@ Every number is labelled with the accelerator it ran under: hardware KVM, nested
 KVM that emulates guest instructions (numbers describe that host, not hardware), or QEMU TCG.\n\n\
 Start with `vmm-bench probe` to see what this host's KVM can do, then `vmm-bench report --quick`.\n\
 Most paths need root (namespaces, cgroups, /dev/kvm).",
-    after_help = "Examples:\n  vmm-bench probe\n  vmm-bench run vm --kib 64\n  vmm-bench run container --json\n  vmm-bench report --quick --out /tmp/vmm-report"
+    after_help = "Examples:\n  vmm-bench probe\n  vmm-bench run vm --kib 64\n  vmm-bench run container --json\n  vmm-bench container --name web --cgroup web -- /bin/sh -c 'hostname; cat /proc/self/cgroup'\n  vmm-bench report --quick --out /tmp/vmm-report"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,6 +47,31 @@ enum Cmd {
         timeout: u64,
         #[arg(long)]
         json: bool,
+    },
+    /// Run a command as a container: new pid, mount, uts, ipc (opt. net)
+    /// namespaces, a named cgroup v2 leaf, private /proc. SIGTERM/SIGINT
+    /// kill it; the leaf is removed afterwards if this created it.
+    Container {
+        /// Hostname inside the container.
+        #[arg(long, default_value = "livehost-ctr")]
+        name: String,
+        /// cgroup leaf name under the v2 root (default: the --name).
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Also give it its own network namespace.
+        #[arg(long)]
+        net: bool,
+        /// Kill it after this many seconds (default: run until it exits).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// No status lines on stderr.
+        #[arg(long)]
+        quiet: bool,
+        #[arg(long)]
+        json: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Time our VMM's exit loop against a bare KVM_RUN loop, in one run.
     CompareExits {
@@ -265,6 +290,47 @@ fn real_main(cli: Cli) -> Result<i32> {
                 println!("checksum matches the native reference ({expected:#018x})");
             }
             Ok(exit::SUCCESS)
+        }
+        Cmd::Container {
+            name,
+            cgroup,
+            net,
+            timeout,
+            quiet,
+            json,
+            command,
+        } => {
+            let opts = container::CommandOpts {
+                argv: command,
+                cgroup: cgroup.unwrap_or_else(|| name.clone()),
+                hostname: name,
+                net,
+                timeout: timeout.map(Duration::from_secs),
+            };
+            if !quiet {
+                eprintln!(
+                    "vmm-bench: starting container {} in cgroup {}",
+                    opts.hostname, opts.cgroup
+                );
+            }
+            let end = container::run_command(&opts)?;
+            if json {
+                print(&end, true)?;
+            } else if !quiet {
+                eprintln!(
+                    "vmm-bench: container pid {} ended with status {}{}",
+                    end.pid,
+                    end.exit_code,
+                    end.stopped_by
+                        .map(|s| format!(" (we were sent signal {s} and killed it)"))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(if end.timed_out {
+                exit::TIMEOUT
+            } else {
+                end.exit_code
+            })
         }
         Cmd::CompareExits {
             exits,

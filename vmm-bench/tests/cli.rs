@@ -89,3 +89,81 @@ fn bad_arguments_are_refused_clearly() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn container_command_runs_isolated_and_stops_on_sigterm() {
+    assert!(livehost_common::is_root(), "needs root (CI runs as root)");
+    let name = format!("vmmb-cli-{}", std::process::id());
+    let out = Command::new(EXE)
+        .args([
+            "container",
+            "--name",
+            &name,
+            "--quiet",
+            "--",
+            "/bin/sh",
+            "-c",
+            "hostname; echo pid=$$; tail -n1 /proc/self/cgroup",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains(&name) && s.contains("pid=1") && s.contains(&format!("0::/{name}")),
+        "{s}"
+    );
+    let root = vmm_bench::container::cgroup2_root().unwrap();
+    assert!(!root.join(&name).exists(), "cgroup leaf left behind");
+
+    // A command that never ends: SIGTERM to vmm-bench kills it and cleans up.
+    let name = format!("vmmb-cli-term-{}", std::process::id());
+    let mut child = Command::new(EXE)
+        .args([
+            "container",
+            "--name",
+            &name,
+            "--quiet",
+            "--",
+            "/bin/sh",
+            "-c",
+            "while :; do sleep 1; done",
+        ])
+        .spawn()
+        .unwrap();
+    let procs = root.join(&name).join("cgroup.procs");
+    let t = std::time::Instant::now();
+    while std::fs::read_to_string(&procs)
+        .map(|p| p.trim().is_empty())
+        .unwrap_or(true)
+    {
+        assert!(
+            t.elapsed().as_secs() < 10,
+            "container never appeared in its cgroup"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let inside: Vec<i32> = std::fs::read_to_string(&procs)
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM));
+    assert!(
+        !root.join(&name).exists(),
+        "cgroup leaf left behind after SIGTERM"
+    );
+    for p in inside {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists(),
+            "container process {p} survived"
+        );
+    }
+}
