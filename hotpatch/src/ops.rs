@@ -95,10 +95,21 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Write a livepatch sysfs attribute, naming the attribute on error.
+/// Write a livepatch sysfs attribute, naming the attribute on error and
+/// saying what the kernel's refusal means.
 fn write_attr(paths: &Paths, name: &str, attr: &str, value: &str) -> Result<()> {
     let p = paths.patch_dir(name).join(attr);
-    std::fs::write(&p, value).with_context(|| format!("cannot write {value} to {}", p.display()))
+    std::fs::write(&p, value).map_err(|e| {
+        let why = match e.raw_os_error() {
+            Some(libc::EBUSY) => {
+                ": another patch is in transition; only one may be at a time (hotpatch status)"
+            }
+            Some(libc::EINVAL) => ": the kernel refused the change in this state (hotpatch status)",
+            Some(libc::ENOENT) => ": the patch is gone (freed by the kernel)",
+            _ => "",
+        };
+        anyhow::anyhow!("cannot write {value} to {}: {e}{why}", p.display())
+    })
 }
 
 pub enum Wait {
