@@ -1,6 +1,7 @@
 //! The VMM's 64-bit guest on the hardware-virtualization code path: inside a
 //! kernel-tests guest (Debian 6.1 under TCG, -cpu max) with kvm_amd on
-//! emulated SVM. One guest boot: probe, then the unikernel with the workload.
+//! emulated SVM. One guest boot: probe, the unikernel with the workload, and
+//! the container launcher on the guest's pure cgroup v2 hierarchy.
 
 use kernel_tests::{GuestStatus, RunOptions};
 use std::path::PathBuf;
@@ -13,7 +14,9 @@ fn unikernel_runs_on_nested_svm_kvm() {
         "this test boots a QEMU guest; run it as root (CI is root)"
     );
     let mut opts = RunOptions::new([
-        "/usr/bin/vmm-bench probe --json; echo ===; /usr/bin/vmm-bench run vm --kib 4 --loops 20 --timeout 60 --json",
+        "/usr/bin/vmm-bench probe --json; echo ===; /usr/bin/vmm-bench run vm --kib 4 --loops 20 --timeout 60 --json; \
+         echo ===; /usr/bin/vmm-bench container --name in-guest --quiet -- /bin/sh -c 'hostname; echo pid=$$; tail -n1 /proc/self/cgroup'; \
+         test ! -e /sys/fs/cgroup/in-guest && echo leaf-removed",
     ]);
     opts.with_kvm = true;
     opts.files.push((
@@ -38,4 +41,9 @@ fn unikernel_runs_on_nested_svm_kvm() {
     let want = vmm_bench::native::expected_checksum(4, vmm_bench_workload::DEFAULT_SEED);
     assert_eq!(run["checksum"].as_u64(), Some(want), "{diag}");
     assert_eq!(run["exits"]["hlt"].as_u64(), Some(1), "{diag}");
+    // The container launcher as the demo uses it, on a pure cgroup v2 guest.
+    let ctr = parts.next().unwrap_or("");
+    for want in ["in-guest", "pid=1", "0::/in-guest", "leaf-removed"] {
+        assert!(ctr.contains(want), "container output lacks {want}: {diag}");
+    }
 }
