@@ -64,24 +64,39 @@ fn cstr(s: &str) -> Result<CString> {
     CString::new(s).with_context(|| format!("{s:?} contains a NUL byte"))
 }
 
-/// A file holding the static workload, written once per process.
+/// A file holding the static workload (see [`cached_file`]).
 pub fn workload_path() -> Result<PathBuf> {
-    static PATH: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
-    // Held while writing, so concurrent first callers do not race on the file.
-    let mut guard = PATH.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = guard.as_ref() {
-        return Ok(p.clone());
-    }
-    let dir = std::env::temp_dir().join(format!("livehost-vmm-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let p = dir.join("workload");
-    let tmp = dir.join("workload.tmp");
-    std::fs::write(&tmp, crate::LINUX_INIT)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    cached_file("workload", crate::LINUX_INIT, 0o755)
+}
+
+/// Write `bytes` once into a shared cache directory under a name that
+/// includes a hash of the content, and return its path. Every process and
+/// thread reuses the same file (no per-run litter in /tmp); writers race
+/// safely through a unique temporary name and an atomic rename.
+pub fn cached_file(name: &str, bytes: &[u8], mode: u32) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-    std::fs::rename(&tmp, &p)?;
-    *guard = Some(p.clone());
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    // FNV-1a: not for security, only to tell builds apart.
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x1000_0000_01b3)
+    });
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let dir = std::env::temp_dir().join(format!("livehost-vmm-bench-cache-{uid}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let p = dir.join(format!("{name}-{h:016x}"));
+    if std::fs::metadata(&p).is_ok_and(|m| m.len() == bytes.len() as u64) {
+        return Ok(p);
+    }
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, &p).with_context(|| format!("cannot create {}", p.display()))?;
     Ok(p)
 }
 

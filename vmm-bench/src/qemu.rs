@@ -177,11 +177,7 @@ fn tail(s: &str) -> String {
 }
 
 fn write_temp(name: &str, bytes: &[u8]) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("livehost-vmm-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))?;
-    Ok(p)
+    crate::container::cached_file(name, bytes, 0o644)
 }
 
 /// Boot the unikernel in QEMU through its PVH note.
