@@ -166,6 +166,7 @@ fn setup(c: &Common) -> Result<Setup, (i32, anyhow::Error)> {
         btf_dir: c.btf_dir.clone(),
         vms: !c.containers_only,
         containers: !c.vm_only,
+        calibrate: false,
     };
     let observer = Observer::start(&oopts).map_err(refuse)?;
     Ok(Setup {
