@@ -46,22 +46,24 @@ pub fn build_all(kernel: &GuestKernel, src: &Path) -> Result<Vec<PathBuf>> {
         h.update(kernel.version.as_bytes());
         h.finalize()
     });
-    let build = cache_dir()
+    // Build in a private directory, then move each .ko into place with an
+    // atomic rename: a path handed out earlier (to another test, another
+    // process) always names a complete module, never a half-rebuilt one.
+    let dest = cache_dir()
         .join("modules")
         .join(format!("{name}-{}", &key[..12]));
-    let _lock = livehost_common::lock::FileLock::acquire(&build.with_extension("lock"))?;
-    let _ = std::fs::remove_dir_all(&build);
-    std::fs::create_dir_all(&build)?;
+    std::fs::create_dir_all(&dest)?;
+    let build = scratch_dir(&dest)?;
     for e in std::fs::read_dir(&src)? {
         let e = e?;
         if e.file_type()?.is_file() {
-            std::fs::copy(e.path(), build.join(e.file_name()))?;
+            std::fs::copy(e.path(), build.path.join(e.file_name()))?;
         }
     }
     let out = Command::new("make")
         .arg("-C")
         .arg(headers)
-        .arg(format!("M={}", build.display()))
+        .arg(format!("M={}", build.path.display()))
         .arg("modules")
         .output()
         .context("cannot run make: install the make and gcc packages")?;
@@ -74,10 +76,15 @@ pub fn build_all(kernel: &GuestKernel, src: &Path) -> Result<Vec<PathBuf>> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut kos: Vec<PathBuf> = std::fs::read_dir(&build)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "ko"))
-        .collect();
+    let mut kos = Vec::new();
+    for e in std::fs::read_dir(&build.path)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "ko") {
+            let target = dest.join(p.file_name().unwrap_or_default());
+            std::fs::rename(&p, &target)?;
+            kos.push(target);
+        }
+    }
     kos.sort();
     if kos.is_empty() {
         bail!(
@@ -86,4 +93,28 @@ pub fn build_all(kernel: &GuestKernel, src: &Path) -> Result<Vec<PathBuf>> {
         );
     }
     Ok(kos)
+}
+
+/// A uniquely named scratch directory inside `parent`, removed on drop.
+struct ScratchDir {
+    path: PathBuf,
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn scratch_dir(parent: &Path) -> Result<ScratchDir> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let path = parent.join(format!(
+        ".build-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    Ok(ScratchDir { path })
 }
