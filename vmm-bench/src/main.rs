@@ -45,6 +45,10 @@ enum Cmd {
         /// Deadline for the run in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// For `vm` and `qemu-unikernel`: boot this ELF instead of the
+        /// built-in unikernel (it must follow the same guest ABI to report).
+        #[arg(long)]
+        image: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -138,6 +142,26 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Read a user-supplied image with a size bound, so a wrong path (a disk
+/// image, a device) is refused instead of read whole.
+fn read_image(p: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(p)
+        .map_err(|e| anyhow::anyhow!("cannot open image {}: {e}", p.display()))?;
+    let mut v = Vec::new();
+    f.take(vm::elf::MAX_IMAGE + 1).read_to_end(&mut v)?;
+    if v.len() as u64 > vm::elf::MAX_IMAGE {
+        bail!(
+            "image {} is larger than the {} MiB limit: not a vmm-bench unikernel",
+            p.display(),
+            vm::elf::MAX_IMAGE >> 20
+        );
+    }
+    vm::elf::parse(&v, usize::MAX >> 1)
+        .map_err(|e| anyhow::anyhow!("refusing image {}: {e:#}", p.display()))?;
+    Ok(v)
+}
+
 fn print<T: serde::Serialize>(v: &T, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(v)?);
@@ -223,8 +247,13 @@ fn real_main(cli: Cli) -> Result<i32> {
             kib,
             loops,
             timeout,
+            image,
             json,
         } => {
+            let image = match &image {
+                Some(p) => read_image(p)?,
+                None => vm::boot::UNIKERNEL.to_vec(),
+            };
             let t = Duration::from_secs(timeout);
             let args = vec![format!("kib={kib}"), format!("loops={loops}")];
             let expected = native::expected_checksum(kib, vmm_bench_workload::DEFAULT_SEED);
@@ -257,6 +286,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                     let r = vm::boot::run_unikernel(
                         &kvm,
                         &vm::boot::UnikernelRun {
+                            image: &image,
                             kib,
                             loop_n: loops,
                             timeout: t,
@@ -271,7 +301,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 }
                 PathKind::QemuUnikernel => {
                     let accel = qemu::choose_accel(vm::probe::probe(Duration::from_secs(1)).accel);
-                    let r = qemu::run_unikernel(vm::boot::UNIKERNEL, kib, loops, t, accel)?;
+                    let r = qemu::run_unikernel(&image, kib, loops, t, accel)?;
                     print(&r, json)?;
                     qemu::field_u64(&r.line, "checksum")
                 }

@@ -167,3 +167,31 @@ fn container_command_runs_isolated_and_stops_on_sigterm() {
         );
     }
 }
+
+#[test]
+fn corrupt_or_oversized_image_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.elf");
+    std::fs::write(&bad, b"\x7fELF this is not really an ELF").unwrap();
+    let out = Command::new(EXE)
+        .args(["run", "vm", "--image"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("refusing image") && e.contains("bad.elf"), "{e}");
+
+    // Sparse file just over the limit: refused by size before parsing.
+    let big = dir.path().join("big.elf");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(vmm_bench::vm::elf::MAX_IMAGE + 1).unwrap();
+    let out = Command::new(EXE)
+        .args(["run", "vm", "--image"])
+        .arg(&big)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("larger than"), "{e}");
+}
