@@ -114,6 +114,8 @@ pub struct ExitVal {
 pub struct VcpuVal {
     pub tgid: u32,
     pub vcpu_id: i32,
+    /// The thread's name when first seen (it may have exited since).
+    pub comm: [u8; 16],
     pub rq_count: u64,
     pub rq_sum_ns: u64,
     pub rq_max_ns: u64,
@@ -450,6 +452,7 @@ impl Observer {
                 VcpuVal {
                     tgid: v.tgid,
                     vcpu_id: v.vcpu_id,
+                    comm: v.comm.map(|c| c as u8),
                     rq_count: v.rq_count,
                     rq_sum_ns: v.rq_sum_ns,
                     rq_max_ns: v.rq_max_ns,

@@ -4,7 +4,7 @@
 use crate::cgroup::{self, Resolver};
 use crate::observer::RawSnapshot;
 use crate::reasons;
-use crate::report::{Filter, comm};
+use crate::report::{Filter, comm_or};
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -77,7 +77,14 @@ pub fn render(
             };
             let vcpu = snap.vcpus.get(&k.tid).map(|v| v.vcpu_id).unwrap_or(-1);
             let l = vec![
-                ("vm", format!("{}/{}", k.tgid, comm(k.tgid))),
+                (
+                    "vm",
+                    format!(
+                        "{}/{}",
+                        k.tgid,
+                        comm_or(k.tgid, snap.vcpus.get(&k.tid).map(|v| &v.comm))
+                    ),
+                ),
                 ("vcpu", vcpu.to_string()),
                 ("tid", k.tid.to_string()),
                 ("kind", kind.to_string()),
@@ -115,7 +122,10 @@ pub fn render(
                 continue;
             }
             let l = [
-                ("vm", format!("{}/{}", v.tgid, comm(v.tgid))),
+                (
+                    "vm",
+                    format!("{}/{}", v.tgid, comm_or(v.tgid, Some(&v.comm))),
+                ),
                 ("vcpu", v.vcpu_id.to_string()),
                 ("tid", tid.to_string()),
             ];

@@ -195,6 +195,22 @@ pub fn comm(pid: u32) -> String {
     livehost_common::sysfs::read_attr(format!("/proc/{pid}/comm")).unwrap_or_else(|_| "?".into())
 }
 
+/// A thread's name: /proc while it lives, else what BPF saw at first sight.
+pub fn comm_or(pid: u32, seen: Option<&[u8; 16]>) -> String {
+    let live = comm(pid);
+    if live != "?" {
+        return live;
+    }
+    match seen {
+        Some(c) => {
+            let end = c.iter().position(|b| *b == 0).unwrap_or(c.len());
+            let s = String::from_utf8_lossy(&c[..end]).into_owned();
+            if s.is_empty() { live } else { s }
+        }
+        None => live,
+    }
+}
+
 /// Default-hierarchy cgroup path of a process ("0::/path" line).
 pub fn pid_cgroup_path(pid: u32) -> Option<String> {
     let text = livehost_common::sysfs::read_text(format!("/proc/{pid}/cgroup")).ok()?;
@@ -299,16 +315,17 @@ pub fn build(
                         } else {
                             -1
                         },
-                        comm: comm(tid),
+                        comm: comm_or(tid, cur.vcpus.get(&tid).map(|v| &v.comm)),
                         rq_delay_ns: v.rq_sum_ns.saturating_sub(pv.rq_sum_ns),
                         rq_waits: v.rq_count.saturating_sub(pv.rq_count),
                         exits,
                     }
                 })
                 .collect();
+            let seen = cur.vcpus.values().find(|v| v.tgid == pid).map(|v| &v.comm);
             VmRow {
                 pid,
-                comm: comm(pid),
+                comm: comm_or(pid, seen),
                 exits: vcpus
                     .iter()
                     .flat_map(|v| {

@@ -40,6 +40,7 @@ struct exit_val {
 struct vcpu_val {
 	__u32 tgid;
 	__s32 vcpu_id; /* -1 until a kvm_exit tells us */
+	char comm[16]; /* at first sight; the thread may be gone at report time */
 	__u64 rq_count;
 	__u64 rq_sum_ns;
 	__u64 rq_max_ns;

@@ -157,6 +157,7 @@ static __always_inline struct vcpu_val *vcpu_of(u32 tid, u32 tgid)
 	if (v)
 		return v;
 	struct vcpu_val init = { .tgid = tgid, .vcpu_id = -1 };
+	bpf_get_current_comm(init.comm, sizeof(init.comm));
 	/* EEXIST from a racing insert is fine: the lookup below finds it. */
 	bpf_map_update_elem(&vcpus, &tid, &init, BPF_NOEXIST);
 	v = bpf_map_lookup_elem(&vcpus, &tid);
