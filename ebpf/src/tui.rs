@@ -1,46 +1,236 @@
-//! The terminal view of `overhead top`: clears and redraws the plain tables
-//! with ANSI sequences; q or Ctrl-C quits.
+//! The terminal view of `overhead top` (ratatui): a header with drops and
+//! notes, the VM table and the cgroup table, redrawn every interval.
+//! q, Esc or Ctrl-C quits.
 
-use crate::report::{Report, render_text};
+use crate::report::Report;
 use anyhow::Result;
-use std::io::Write;
+use ratatui::Frame;
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Modifier, Style, Stylize};
+use ratatui::text::Line;
+use ratatui::widgets::{Block, Paragraph, Row, Table};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+fn ms(ns: u64) -> String {
+    format!("{:.3}", ns as f64 / 1e6)
+}
+
+fn us(ns: u64) -> String {
+    format!("{:.1}", ns as f64 / 1e3)
+}
+
+fn draw(f: &mut Frame, r: &Report, interval: Duration) {
+    let [head, vms, cgs] = Layout::vertical([
+        Constraint::Length(4),
+        Constraint::Percentage(40),
+        Constraint::Fill(1),
+    ])
+    .areas(f.area());
+
+    let mut lines = vec![Line::from(format!(
+        "overhead — interval {:.1}s (refresh {:.1}s)  drops {}  programs {}/{}   q: quit",
+        r.interval_s,
+        interval.as_secs_f64(),
+        r.drops.values().sum::<u64>(),
+        r.programs.attached.len(),
+        r.programs.attached.len() + r.programs.skipped.len()
+    ))];
+    for s in r.programs.skipped.iter().take(1) {
+        lines.push(Line::from(format!("note: {} skipped: {}", s.tracepoint, s.reason)).yellow());
+    }
+    for n in r.noisy.iter().take(2) {
+        let who: Vec<String> = n
+            .top_preempters
+            .iter()
+            .map(|p| p.path.clone().unwrap_or_else(|| p.cgroup_id.to_string()))
+            .collect();
+        lines.push(
+            Line::from(format!(
+                "NOISY: {} p99 wait {} us; preempted most by {}",
+                n.path.clone().unwrap_or_else(|| n.cgroup_id.to_string()),
+                us(n.rq_p99_ns),
+                if who.is_empty() {
+                    "-".into()
+                } else {
+                    who.join(", ")
+                }
+            ))
+            .red()
+            .bold(),
+        );
+    }
+    f.render_widget(Paragraph::new(lines), head);
+
+    let bold = Style::default().add_modifier(Modifier::BOLD);
+    let vm_rows: Vec<Row> = r
+        .vms
+        .iter()
+        .flat_map(|vm| {
+            vm.vcpus.iter().map(move |v| {
+                let exits: u64 = v
+                    .exits
+                    .iter()
+                    .filter(|e| e.kind == "hw" || e.kind == "user")
+                    .map(|e| e.count)
+                    .sum();
+                let exit_ns: u64 = v.exits.iter().map(|e| e.sum_ns).sum();
+                let top: Vec<String> = v
+                    .exits
+                    .iter()
+                    .take(3)
+                    .map(|e| format!("{}/{} {}", e.kind, e.name, e.count))
+                    .collect();
+                Row::new(vec![
+                    vm.pid.to_string(),
+                    v.tid.to_string(),
+                    v.vcpu_id.to_string(),
+                    v.comm.clone(),
+                    exits.to_string(),
+                    ms(exit_ns),
+                    ms(v.rq_delay_ns),
+                    top.join(", "),
+                ])
+            })
+        })
+        .collect();
+    let vm_table = Table::new(
+        vm_rows,
+        [
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(5),
+            Constraint::Length(16),
+            Constraint::Length(9),
+            Constraint::Length(10),
+            Constraint::Length(10),
+            Constraint::Fill(1),
+        ],
+    )
+    .header(
+        Row::new([
+            "PID",
+            "TID",
+            "VCPU",
+            "COMM",
+            "EXITS",
+            "EXIT_ms",
+            "RQDLY_ms",
+            "TOP EXITS",
+        ])
+        .style(bold),
+    )
+    .block(Block::bordered().title(" VMs / vCPUs (by exit time + run-queue delay) "));
+    f.render_widget(vm_table, vms);
+
+    let cg_rows: Vec<Row> = r
+        .cgroups
+        .iter()
+        .map(|c| {
+            let by: Vec<String> = c
+                .preempted_by
+                .iter()
+                .take(3)
+                .map(|p| {
+                    let who = match p.class {
+                        "same" | "idle" | "unknown" => p.class.to_string(),
+                        _ => p.path.clone().unwrap_or_else(|| p.cgroup_id.to_string()),
+                    };
+                    format!("{} {}", who, ms(p.wait_ns))
+                })
+                .collect();
+            let row = Row::new(vec![
+                c.path.clone().unwrap_or_else(|| format!("#{}", c.id)),
+                c.container.clone().unwrap_or_else(|| "-".into()),
+                ms(c.cpu_ns),
+                c.rq_waits.to_string(),
+                ms(c.rq_sum_ns),
+                us(c.rq_p50_ns),
+                us(c.rq_p99_ns),
+                c.cpu_files
+                    .nr_throttled
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                by.join(", "),
+            ]);
+            if c.noisy { row.red() } else { row }
+        })
+        .collect();
+    let cg_table = Table::new(
+        cg_rows,
+        [
+            Constraint::Percentage(25),
+            Constraint::Length(18),
+            Constraint::Length(9),
+            Constraint::Length(7),
+            Constraint::Length(9),
+            Constraint::Length(8),
+            Constraint::Length(9),
+            Constraint::Length(6),
+            Constraint::Fill(1),
+        ],
+    )
+    .header(
+        Row::new([
+            "CGROUP",
+            "CONTAINER",
+            "CPU_ms",
+            "WAITS",
+            "RQ_ms",
+            "p50_us",
+            "p99_us",
+            "THRTL",
+            "WAITED BEHIND (ms)",
+        ])
+        .style(bold),
+    )
+    .block(Block::bordered().title(" Cgroups (by run-queue wait) "));
+    f.render_widget(cg_table, cgs);
+}
+
+/// Run the live view until q/Esc/Ctrl-C, a stop signal, or `iterations`.
 pub fn run(
     interval: Duration,
     iterations: Option<u64>,
     stop: &AtomicBool,
     mut next: impl FnMut() -> Result<Report>,
 ) -> Result<()> {
-    let mut n = 0;
-    let mut out = std::io::stdout();
-    while !stop.load(Ordering::SeqCst) && iterations.is_none_or(|m| n < m) {
-        let end = Instant::now() + interval;
-        while Instant::now() < end && !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
+    let mut term = ratatui::try_init()?;
+    let result = (|| -> Result<()> {
+        let mut n = 0;
+        let mut last: Option<Report> = None;
+        term.draw(|f| {
+            f.render_widget(
+                Paragraph::new("overhead: collecting the first interval…"),
+                f.area(),
+            )
+        })?;
+        let mut due = Instant::now() + interval;
+        while !stop.load(Ordering::SeqCst) && iterations.is_none_or(|m| n < m) {
+            let wait = due
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
+            if event::poll(wait)?
+                && let Event::Key(k) = event::read()?
+            {
+                let ctrl_c =
+                    k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
+                if ctrl_c || k.code == KeyCode::Char('q') || k.code == KeyCode::Esc {
+                    break;
+                }
+            }
+            if Instant::now() >= due {
+                last = Some(next()?);
+                n += 1;
+                due = Instant::now() + interval;
+            }
+            if let Some(r) = &last {
+                term.draw(|f| draw(f, r, interval))?;
+            }
         }
-        let r = next()?;
-        let rows = terminal_rows().saturating_sub(8) / 2;
-        write!(out, "\x1b[H\x1b[2J{}", render_text(&r, rows.max(3)))?;
-        out.flush()?;
-        n += 1;
-    }
-    Ok(())
-}
-
-fn terminal_rows() -> usize {
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ fills the winsize we pass; failure leaves it zeroed.
-    let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0;
-    if ok && ws.ws_row > 0 {
-        ws.ws_row as usize
-    } else {
-        40
-    }
+        Ok(())
+    })();
+    ratatui::restore();
+    result
 }

@@ -271,3 +271,49 @@ fn help_teaches() {
         assert!(s.contains(w), "--help lacks {w}");
     }
 }
+
+#[test]
+fn top_on_a_terminal_draws_the_tables_and_restores_the_terminal() {
+    util::require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // `script` (util-linux) gives the command a pseudo-terminal.
+    let cmd = format!("stty cols 160 rows 40; {OVERHEAD} top --interval 0.5 --iterations 2");
+    let out = Command::new("timeout")
+        .args(["30", "script", "-qec", &cmd, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "top on a pty failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        raw.contains("\x1b[?1049h") && raw.contains("\x1b[?1049l"),
+        "alternate screen entered and left"
+    );
+    // Strip escape sequences; ratatui moves the cursor between cells.
+    let mut text = String::new();
+    let mut esc = false;
+    for c in raw.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, c) if c.is_ascii_alphabetic() => esc = false,
+            (true, _) => {}
+            (false, c) => text.push(c),
+        }
+    }
+    let squeezed: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    for want in [
+        "VMs/vCPUs",
+        "Cgroups(byrun-queuewait)",
+        "WAITEDBEHIND",
+        "programs7/7",
+    ] {
+        assert!(
+            squeezed.contains(want),
+            "{want} missing from the drawn screen: {squeezed}"
+        );
+    }
+}
