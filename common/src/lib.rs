@@ -5,6 +5,7 @@
 //! the process exit-code conventions the binaries share.
 
 pub mod base64;
+pub mod container;
 pub mod exit;
 pub mod guest_mem;
 pub mod lock;

@@ -59,7 +59,8 @@ enum Cmd {
         /// Hostname inside the container.
         #[arg(long, default_value = "livehost-ctr")]
         name: String,
-        /// cgroup leaf name under the v2 root (default: the --name).
+        /// cgroup leaf name under the v2 root (default: livehost-NAME.scope,
+        /// which `overhead` shows as container "livehost:NAME").
         #[arg(long)]
         cgroup: Option<String>,
         /// Also give it its own network namespace.
@@ -332,7 +333,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         } => {
             let opts = container::CommandOpts {
                 argv: command,
-                cgroup: cgroup.unwrap_or_else(|| name.clone()),
+                cgroup: cgroup.unwrap_or_else(|| livehost_common::container::cgroup_leaf(&name)),
                 hostname: name,
                 net,
                 timeout: timeout.map(Duration::from_secs),

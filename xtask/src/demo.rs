@@ -45,7 +45,7 @@ step() { n=$1; shift; echo "@@begin $n"; "$@" 2>/tmp/.err; rc=$?; echo; echo "@@
 mkdir -p /sys/fs/cgroup/demo-busy
 # The workload: a container from vmm-bench's launcher, and a plain busy loop
 # in a cgroup of its own, both competing with the patching for the CPUs.
-vmm-bench container --name demo-app --cgroup demo-app --quiet -- /bin/sh -c 'while :; do :; done' >/tmp/container.out 2>&1 &
+vmm-bench container --name demo-app --quiet -- /bin/sh -c 'while :; do :; done' >/tmp/container.out 2>&1 &
 CONT=$!
 sh -c 'echo $$ > /sys/fs/cgroup/demo-busy/cgroup.procs; exec sh -c "while :; do :; done"' &
 BUSY=$!

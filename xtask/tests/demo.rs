@@ -97,27 +97,48 @@ fn demo_patches_a_live_guest_and_reports_it() {
     });
     assert!(seen, "the busy cgroup's CPU time was not observed");
     assert!(
-        md.contains("demo-app"),
+        md.contains("livehost:demo-app"),
         "the container from vmm-bench's launcher should appear in the observer's table"
     );
 
     // Every path in the comparison has a number or a stated reason.
     let cmp = &report["comparison"];
-    let rows = cmp["rows"].as_array().unwrap_or_else(|| panic!("comparison has no rows: {cmp}"));
+    let rows = cmp["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("comparison has no rows: {cmp}"));
     let skipped = cmp["skipped"].as_array().cloned().unwrap_or_default();
     assert!(!rows.is_empty());
     for r in rows {
-        assert!(r["value"].as_f64().is_some_and(f64::is_finite), "row without a number: {r}");
-        assert!(!r["accel"].as_str().unwrap_or("").is_empty(), "row without its accelerator: {r}");
+        assert!(
+            r["value"].as_f64().is_some_and(f64::is_finite),
+            "row without a number: {r}"
+        );
+        assert!(
+            !r["accel"].as_str().unwrap_or("").is_empty(),
+            "row without its accelerator: {r}"
+        );
     }
     for s in &skipped {
-        assert!(!s["reason"].as_str().unwrap_or("").is_empty(), "skipped without a reason: {s}");
+        assert!(
+            !s["reason"].as_str().unwrap_or("").is_empty(),
+            "skipped without a reason: {s}"
+        );
     }
     let has = |p: &str| {
-        rows.iter().any(|r| r["path"].as_str().is_some_and(|x| x.contains(p)))
-            || skipped.iter().any(|r| r["path"].as_str().is_some_and(|x| x.contains(p)))
+        rows.iter()
+            .any(|r| r["path"].as_str().is_some_and(|x| x.contains(p)))
+            || skipped
+                .iter()
+                .any(|r| r["path"].as_str().is_some_and(|x| x.contains(p)))
     };
-    for path in ["native", "container", "runc", "unikernel", "VMM", "Linux under QEMU"] {
+    for path in [
+        "native",
+        "container",
+        "runc",
+        "unikernel",
+        "VMM",
+        "Linux under QEMU",
+    ] {
         assert!(has(path), "the comparison says nothing about {path}");
     }
     // Every path that ran the workload returned the same checksum.
