@@ -67,8 +67,8 @@ struct {
  * on the sched_switch path, and it is freed with the task. */
 struct task_info {
 	u64 wake_ts;  /* when the task became runnable and started waiting */
-	u32 is_vcpu;  /* set once the task ran KVM_RUN */
-	u32 pad;
+	u32 is_vcpu;  /* set once the task ran KVM_RUN (vcpus entry exists) */
+	u32 id_known; /* vcpu_id recorded */
 };
 
 struct {
@@ -128,6 +128,8 @@ static __always_inline u32 log2_slot(u64 v)
 
 /* Default-hierarchy cgroup id of any task (bpf_get_current_cgroup_id only
  * serves current, and sched_switch needs prev and next). */
+static __always_inline struct vcpu_val *vcpu_of(u32 tid, u32 tgid);
+
 static __always_inline u64 task_cgid(struct task_struct *t)
 {
 	/* tp_btf pointers are BTF-typed: direct loads are checked PROBE_MEM
@@ -144,11 +146,16 @@ static __always_inline struct task_info *tinfo_of(struct task_struct *t)
 	return ti;
 }
 
-static __always_inline void mark_vcpu(void)
+/* First sight of a vCPU thread creates its vcpus entry; later exits only
+ * touch task storage, which needs no hashing. */
+static __always_inline struct task_info *mark_vcpu(u64 id)
 {
 	struct task_info *ti = tinfo_of(bpf_get_current_task_btf());
-	if (ti)
+	if (ti && ti->is_vcpu)
+		return ti;
+	if (vcpu_of((u32)id, id >> 32) && ti)
 		ti->is_vcpu = 1;
+	return ti;
 }
 
 static __always_inline struct vcpu_val *vcpu_of(u32 tid, u32 tgid)
@@ -227,10 +234,14 @@ int handle_kvm_exit(u64 *ctx)
 		.kind = KIND_HW_EXIT, .isa = isa,
 	};
 	exit_add(&k, 1, 0, false);
-	struct vcpu_val *v = vcpu_of(tid, id >> 32);
-	if (v)
-		v->vcpu_id = BPF_CORE_READ(vcpu, vcpu_id);
-	mark_vcpu();
+	struct task_info *ti = mark_vcpu(id);
+	if (ti && !ti->id_known) {
+		struct vcpu_val *v = bpf_map_lookup_elem(&vcpus, &tid);
+		if (v) {
+			v->vcpu_id = BPF_CORE_READ(vcpu, vcpu_id);
+			ti->id_known = 1;
+		}
+	}
 	return 0;
 }
 
@@ -262,8 +273,7 @@ int handle_kvm_userspace_exit(u64 *ctx)
 		.tgid = id >> 32, .tid = (u32)id, .reason = reason,
 		.kind = KIND_USER_EXIT,
 	};
-	vcpu_of((u32)id, id >> 32);
-	mark_vcpu();
+	mark_vcpu(id);
 	exit_add(&k, 1, 0, false);
 	return 0;
 }
@@ -347,10 +357,13 @@ int handle_sched_switch(u64 *ctx)
 	struct oncpu *o = bpf_map_lookup_elem(&oncpu, &zero);
 	if (!o)
 		return 0;
+	/* Most switches stay inside one cgroup: one hash lookup serves both
+	 * prev's CPU time and next's wait. */
+	struct cg_val *cprev = 0;
 	if (prev_pid && o->ts && o->pid == prev_pid) {
-		struct cg_val *c = cg_of(prev_cg);
-		if (c)
-			c->cpu_ns += now - o->ts;
+		cprev = cg_of(prev_cg);
+		if (cprev)
+			cprev->cpu_ns += now - o->ts;
 	}
 
 	if (prev_pid && prev_state == TASK_RUNNING) {
@@ -378,7 +391,8 @@ int handle_sched_switch(u64 *ctx)
 			u64 t0 = nti->wake_ts;
 			u64 delta = now > t0 ? now - t0 : 0;
 			nti->wake_ts = 0;
-			struct cg_val *c = cg_of(next_cg);
+			struct cg_val *c =
+				(cprev && next_cg == prev_cg) ? cprev : cg_of(next_cg);
 			if (c) {
 				c->rq_count++;
 				c->rq_sum_ns += delta;
