@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use livehost_common::exit;
 use livehost_ebpf::cgroup::Resolver;
-use livehost_ebpf::observer::{Observer, ObserverOptions};
+use livehost_ebpf::observer::{Observer, ObserverOptions, RawSnapshot};
 use livehost_ebpf::report::{self, Filter, Programs, ReportOptions};
 use livehost_ebpf::{prom, tui};
 use std::io::{IsTerminal, Write};
@@ -180,6 +180,23 @@ fn setup(c: &Common) -> Result<Setup, (i32, anyhow::Error)> {
     })
 }
 
+impl Setup {
+    /// Read the maps and report what changed since `prev`, which becomes
+    /// the new baseline.
+    fn next_report(&mut self, prev: &mut RawSnapshot) -> Result<report::Report> {
+        let cur = self.observer.snapshot()?;
+        let r = report::build(
+            &cur,
+            Some(prev),
+            &mut self.resolver,
+            programs(&self.observer),
+            &self.ropts,
+        );
+        *prev = cur;
+        Ok(r)
+    }
+}
+
 fn programs(o: &Observer) -> Programs {
     Programs {
         attached: o.attached.clone(),
@@ -233,14 +250,7 @@ fn run(cli: Cli) -> Result<(), (i32, anyhow::Error)> {
             let mut out = std::io::stdout().lock();
             while !STOP.load(Ordering::SeqCst) && start.elapsed() + iv / 2 < total {
                 sleep_interruptible(iv);
-                let cur = s.observer.snapshot().map_err(err)?;
-                let r = report::build(
-                    &cur,
-                    Some(&prev),
-                    &mut s.resolver,
-                    programs(&s.observer),
-                    &s.ropts,
-                );
+                let r = s.next_report(&mut prev).map_err(err)?;
                 let line = if json {
                     serde_json::to_string(&r)
                         .context("encoding JSON")
@@ -256,7 +266,6 @@ fn run(cli: Cli) -> Result<(), (i32, anyhow::Error)> {
                 {
                     break; // reader went away (head, closed pipe)
                 }
-                prev = cur;
             }
             Ok(())
         }
@@ -270,34 +279,16 @@ fn run(cli: Cli) -> Result<(), (i32, anyhow::Error)> {
             let mut s = setup(&common)?;
             let tty = std::io::stdout().is_terminal();
             if tty {
-                let p = programs(&s.observer);
                 let mut prev = s.observer.snapshot().map_err(err)?;
-                let obs = &s.observer;
-                let resolver = &mut s.resolver;
-                let ropts = &s.ropts;
-                return tui::run(iv, iterations, &STOP, || {
-                    let cur = obs.snapshot()?;
-                    let r = report::build(&cur, Some(&prev), resolver, p.clone(), ropts);
-                    prev = cur;
-                    Ok(r)
-                })
-                .map_err(err);
+                return tui::run(iv, iterations, &STOP, || s.next_report(&mut prev)).map_err(err);
             }
             let mut prev = s.observer.snapshot().map_err(err)?;
             notes(&s.observer);
             let mut n = 0;
             while !STOP.load(Ordering::SeqCst) && iterations.is_none_or(|m| n < m) {
                 sleep_interruptible(iv);
-                let cur = s.observer.snapshot().map_err(err)?;
-                let r = report::build(
-                    &cur,
-                    Some(&prev),
-                    &mut s.resolver,
-                    programs(&s.observer),
-                    &s.ropts,
-                );
+                let r = s.next_report(&mut prev).map_err(err)?;
                 println!("{}", report::render_text(&r, rows));
-                prev = cur;
                 n += 1;
             }
             Ok(())

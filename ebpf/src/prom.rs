@@ -4,7 +4,7 @@
 use crate::cgroup::{self, Resolver};
 use crate::observer::RawSnapshot;
 use crate::reasons;
-use crate::report::{Filter, comm_or};
+use crate::report::{self, Filter, comm_or};
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -185,17 +185,7 @@ pub fn render(
             let Some((_, vl)) = named.iter().find(|(i, _)| i == victim) else {
                 continue;
             };
-            let class = if *culprit == 0 {
-                "idle"
-            } else if *culprit == u64::MAX {
-                "unknown"
-            } else if culprit == victim {
-                "same"
-            } else if *culprit == root {
-                "host"
-            } else {
-                "other"
-            };
+            let class = report::culprit_class(*victim, *culprit, root);
             let mut l = vl.clone();
             l.push((
                 "by",

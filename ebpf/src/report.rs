@@ -139,6 +139,21 @@ pub struct NoisyRow {
     pub top_preempters: Vec<PreemptRow>,
 }
 
+/// How a culprit relates to the cgroup that waited (see `PreemptRow::class`).
+pub fn culprit_class(victim: u64, culprit: u64, root: u64) -> &'static str {
+    if culprit == 0 {
+        "idle"
+    } else if culprit == u64::MAX {
+        "unknown"
+    } else if culprit == victim {
+        "same"
+    } else if culprit == root {
+        "host"
+    } else {
+        "other"
+    }
+}
+
 /// Upper bound of the log2 bucket holding the q-quantile, clipped to max.
 pub fn hist_quantile(hist: &[u64; 32], q: f64, max: u64) -> u64 {
     let total: u64 = hist.iter().sum();
@@ -365,17 +380,7 @@ pub fn build(
             if waits == 0 && preemptions == 0 {
                 continue;
             }
-            let class = if *culprit == 0 {
-                "idle"
-            } else if *culprit == u64::MAX {
-                "unknown"
-            } else if culprit == victim {
-                "same"
-            } else if *culprit == root {
-                "host"
-            } else {
-                "other"
-            };
+            let class = culprit_class(*victim, *culprit, root);
             by_victim.entry(*victim).or_default().push(PreemptRow {
                 cgroup_id: *culprit,
                 path: if *culprit == u64::MAX {
@@ -454,12 +459,75 @@ pub fn build(
     }
 }
 
-fn ms(ns: u64) -> String {
+pub fn ms(ns: u64) -> String {
     format!("{:.3}", ns as f64 / 1e6)
 }
 
-fn us(ns: u64) -> String {
+pub fn us(ns: u64) -> String {
     format!("{:.1}", ns as f64 / 1e3)
+}
+
+/// The VM table's cells for one vCPU, shared by the text and terminal
+/// views: pid, tid, vcpu id, comm, exits (hw + user), exit ms, run-queue
+/// delay ms, the top three exit reasons (count, average us when timed).
+pub fn vcpu_cells(vm: &VmRow, v: &VcpuRow) -> [String; 8] {
+    let top: Vec<String> = v
+        .exits
+        .iter()
+        .take(3)
+        .map(|e| match e.sum_ns.checked_div(e.timed) {
+            Some(avg) => format!("{}/{} {} {}", e.kind, e.name, e.count, us(avg)),
+            None => format!("{}/{} {}", e.kind, e.name, e.count),
+        })
+        .collect();
+    let exits: u64 = v
+        .exits
+        .iter()
+        .filter(|e| e.kind == "hw" || e.kind == "user")
+        .map(|e| e.count)
+        .sum();
+    [
+        vm.pid.to_string(),
+        v.tid.to_string(),
+        v.vcpu_id.to_string(),
+        v.comm.clone(),
+        exits.to_string(),
+        ms(v.exits.iter().map(|e| e.sum_ns).sum()),
+        ms(v.rq_delay_ns),
+        top.join(", "),
+    ]
+}
+
+/// The cgroup table's cells, shared by the text and terminal views: path,
+/// container, CPU ms, waits, wait ms, p50 us, p99 us, throttled periods,
+/// top three culprits with the ms they held the CPU.
+pub fn cgroup_cells(c: &CgroupRow) -> [String; 9] {
+    let by: Vec<String> = c
+        .preempted_by
+        .iter()
+        .take(3)
+        .map(|p| {
+            let who = match p.class {
+                "same" | "idle" | "unknown" => p.class.to_string(),
+                _ => p.path.clone().unwrap_or_else(|| p.cgroup_id.to_string()),
+            };
+            format!("{} {}", who, ms(p.wait_ns))
+        })
+        .collect();
+    [
+        c.path.clone().unwrap_or_else(|| format!("#{}", c.id)),
+        c.container.clone().unwrap_or_else(|| "-".into()),
+        ms(c.cpu_ns),
+        c.rq_waits.to_string(),
+        ms(c.rq_sum_ns),
+        us(c.rq_p50_ns),
+        us(c.rq_p99_ns),
+        c.cpu_files
+            .nr_throttled
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "-".into()),
+        by.join(", "),
+    ]
 }
 
 /// Plain-text tables (the non-terminal `top` view and `record` without --json).
@@ -485,42 +553,11 @@ pub fn render_text(r: &Report, max_rows: usize) -> String {
     );
     for vm in r.vms.iter().take(max_rows) {
         for v in &vm.vcpus {
-            let top: Vec<String> = v
-                .exits
-                .iter()
-                .take(3)
-                .map(|e| {
-                    if e.sum_ns > 0 {
-                        format!(
-                            "{}/{} {} {}",
-                            e.kind,
-                            e.name,
-                            e.count,
-                            us(e.sum_ns / e.timed.max(1))
-                        )
-                    } else {
-                        format!("{}/{} {}", e.kind, e.name, e.count)
-                    }
-                })
-                .collect();
-            let exits: u64 = v
-                .exits
-                .iter()
-                .filter(|e| e.kind == "hw" || e.kind == "user")
-                .map(|e| e.count)
-                .sum();
-            let exit_ns: u64 = v.exits.iter().map(|e| e.sum_ns).sum();
+            let c = vcpu_cells(vm, v);
             let _ = writeln!(
                 s,
                 "{:>8} {:>8} {:>5} {:<16} {:>9} {:>10} {:>10}  {}",
-                vm.pid,
-                v.tid,
-                v.vcpu_id,
-                v.comm,
-                exits,
-                ms(exit_ns),
-                ms(v.rq_delay_ns),
-                top.join(", ")
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
             );
         }
     }
@@ -531,35 +568,19 @@ pub fn render_text(r: &Report, max_rows: usize) -> String {
         "CGROUP", "CONTAINER", "CPU_ms", "WAITS", "RQ_ms", "p50_us", "p99_us", "THROTL"
     );
     for c in r.cgroups.iter().take(max_rows) {
-        let by: Vec<String> = c
-            .preempted_by
-            .iter()
-            .take(3)
-            .map(|p| {
-                let who = match p.class {
-                    "same" => "same".to_string(),
-                    "idle" | "unknown" => p.class.to_string(),
-                    _ => p.path.clone().unwrap_or_else(|| p.cgroup_id.to_string()),
-                };
-                format!("{} {}", who, ms(p.wait_ns))
-            })
-            .collect();
-        let path = c.path.clone().unwrap_or_else(|| format!("#{}", c.id));
+        let cells = cgroup_cells(c);
         let _ = writeln!(
             s,
             "{:<40} {:<20} {:>9} {:>8} {:>9} {:>9} {:>9} {:>7}  {}{}",
-            path,
-            c.container.as_deref().unwrap_or("-"),
-            ms(c.cpu_ns),
-            c.rq_waits,
-            ms(c.rq_sum_ns),
-            us(c.rq_p50_ns),
-            us(c.rq_p99_ns),
-            c.cpu_files
-                .nr_throttled
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "-".into()),
-            by.join(", "),
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8],
             if c.noisy { "  NOISY" } else { "" }
         );
     }

@@ -2,7 +2,7 @@
 //! notes, the VM table and the cgroup table, redrawn every interval.
 //! q, Esc or Ctrl-C quits.
 
-use crate::report::Report;
+use crate::report::{self, Report, us};
 use anyhow::Result;
 use ratatui::Frame;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
@@ -12,14 +12,6 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-fn ms(ns: u64) -> String {
-    format!("{:.3}", ns as f64 / 1e6)
-}
-
-fn us(ns: u64) -> String {
-    format!("{:.1}", ns as f64 / 1e3)
-}
 
 fn draw(f: &mut Frame, r: &Report, interval: Duration) {
     let [head, vms, cgs] = Layout::vertical([
@@ -68,31 +60,9 @@ fn draw(f: &mut Frame, r: &Report, interval: Duration) {
         .vms
         .iter()
         .flat_map(|vm| {
-            vm.vcpus.iter().map(move |v| {
-                let exits: u64 = v
-                    .exits
-                    .iter()
-                    .filter(|e| e.kind == "hw" || e.kind == "user")
-                    .map(|e| e.count)
-                    .sum();
-                let exit_ns: u64 = v.exits.iter().map(|e| e.sum_ns).sum();
-                let top: Vec<String> = v
-                    .exits
-                    .iter()
-                    .take(3)
-                    .map(|e| format!("{}/{} {}", e.kind, e.name, e.count))
-                    .collect();
-                Row::new(vec![
-                    vm.pid.to_string(),
-                    v.tid.to_string(),
-                    v.vcpu_id.to_string(),
-                    v.comm.clone(),
-                    exits.to_string(),
-                    ms(exit_ns),
-                    ms(v.rq_delay_ns),
-                    top.join(", "),
-                ])
-            })
+            vm.vcpus
+                .iter()
+                .map(move |v| Row::new(report::vcpu_cells(vm, v)))
         })
         .collect();
     let vm_table = Table::new(
@@ -128,32 +98,7 @@ fn draw(f: &mut Frame, r: &Report, interval: Duration) {
         .cgroups
         .iter()
         .map(|c| {
-            let by: Vec<String> = c
-                .preempted_by
-                .iter()
-                .take(3)
-                .map(|p| {
-                    let who = match p.class {
-                        "same" | "idle" | "unknown" => p.class.to_string(),
-                        _ => p.path.clone().unwrap_or_else(|| p.cgroup_id.to_string()),
-                    };
-                    format!("{} {}", who, ms(p.wait_ns))
-                })
-                .collect();
-            let row = Row::new(vec![
-                c.path.clone().unwrap_or_else(|| format!("#{}", c.id)),
-                c.container.clone().unwrap_or_else(|| "-".into()),
-                ms(c.cpu_ns),
-                c.rq_waits.to_string(),
-                ms(c.rq_sum_ns),
-                us(c.rq_p50_ns),
-                us(c.rq_p99_ns),
-                c.cpu_files
-                    .nr_throttled
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                by.join(", "),
-            ]);
+            let row = Row::new(report::cgroup_cells(c));
             if c.noisy { row.red() } else { row }
         })
         .collect();
