@@ -78,16 +78,12 @@ fn counts_exactly_n_userspace_io_exits_for_the_vcpu_thread() {
     );
 }
 
-#[test]
-fn missing_kvm_tracepoints_are_skipped_with_a_note() {
-    util::require_root();
-    // A BTF directory whose vmlinux lacks every kvm tracepoint typedef: a
-    // copy of the real one with the names defaced (same length, so the file
-    // stays well-formed for anyone else reading it).
+/// A BTF directory whose vmlinux lacks some tracepoint typedefs: a copy of
+/// the real one with the names defaced (same length, so the file stays
+/// well-formed for anyone else reading it).
+fn defaced_btf(from: &[u8], to: &[u8]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let mut btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("kernel BTF");
-    let from = b"btf_trace_kvm_";
-    let to = b"btf_trace_xvm_";
     let mut i = 0;
     while i + from.len() <= btf.len() {
         if &btf[i..i + from.len()] == from {
@@ -96,6 +92,30 @@ fn missing_kvm_tracepoints_are_skipped_with_a_note() {
         i += 1;
     }
     std::fs::write(dir.path().join("vmlinux"), &btf).unwrap();
+    dir
+}
+
+#[test]
+fn missing_sched_tracepoints_refuse_container_observation() {
+    util::require_root();
+    let dir = defaced_btf(b"btf_trace_sched_", b"btf_trace_xched_");
+    let err = Observer::start(&ObserverOptions {
+        btf_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .err()
+    .expect("no sched tracepoints: refused");
+    assert!(
+        err.to_string()
+            .contains("lacks the sched_switch/sched_wakeup"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_kvm_tracepoints_are_skipped_with_a_note() {
+    util::require_root();
+    let dir = defaced_btf(b"btf_trace_kvm_", b"btf_trace_xvm_");
     let obs = Observer::start(&ObserverOptions {
         btf_dir: dir.path().to_path_buf(),
         ..Default::default()
