@@ -34,6 +34,11 @@ struct seg {
 struct oncpu {
 	u64 ts;
 	u64 cgid;
+	/* CPU time not yet added to cg_stats: flushed when the cgroup changes
+	 * or when its cg_val is at hand anyway; user space adds it when reading,
+	 * so totals stay exact while most switches skip a hash lookup. */
+	u64 pend_cg;
+	u64 pend_ns;
 	u32 pid;
 	u32 head;
 	struct seg segs[SEGS];
@@ -357,13 +362,15 @@ int handle_sched_switch(u64 *ctx)
 	struct oncpu *o = bpf_map_lookup_elem(&oncpu, &zero);
 	if (!o)
 		return 0;
-	/* Most switches stay inside one cgroup: one hash lookup serves both
-	 * prev's CPU time and next's wait. */
-	struct cg_val *cprev = 0;
 	if (prev_pid && o->ts && o->pid == prev_pid) {
-		cprev = cg_of(prev_cg);
-		if (cprev)
-			cprev->cpu_ns += now - o->ts;
+		if (o->pend_ns && o->pend_cg != prev_cg) {
+			struct cg_val *f = cg_of(o->pend_cg);
+			if (f)
+				f->cpu_ns += o->pend_ns;
+			o->pend_ns = 0;
+		}
+		o->pend_cg = prev_cg;
+		o->pend_ns += now - o->ts;
 	}
 
 	if (prev_pid && prev_state == TASK_RUNNING) {
@@ -391,8 +398,11 @@ int handle_sched_switch(u64 *ctx)
 			u64 t0 = nti->wake_ts;
 			u64 delta = now > t0 ? now - t0 : 0;
 			nti->wake_ts = 0;
-			struct cg_val *c =
-				(cprev && next_cg == prev_cg) ? cprev : cg_of(next_cg);
+			struct cg_val *c = cg_of(next_cg);
+			if (c && o->pend_ns && o->pend_cg == next_cg) {
+				c->cpu_ns += o->pend_ns;
+				o->pend_ns = 0;
+			}
 			if (c) {
 				c->rq_count++;
 				c->rq_sum_ns += delta;
