@@ -55,7 +55,13 @@ pub fn mounts() -> Mounts {
 pub struct Resolver {
     pub mounts: Mounts,
     paths: HashMap<u64, String>,
+    last_walk: Option<std::time::Instant>,
 }
+
+/// Unknown ids (cgroups created since the last walk, or already gone) start
+/// a new walk at most this often, so a burst of short-lived cgroups costs
+/// one walk per report, not one per id.
+const REWALK_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A bound on the walk so a huge or looping tree cannot stall a refresh.
 const MAX_CGROUPS: usize = 100_000;
@@ -65,12 +71,14 @@ impl Resolver {
         let mut r = Resolver {
             mounts: mounts(),
             paths: HashMap::new(),
+            last_walk: None,
         };
         r.refresh();
         r
     }
 
     pub fn refresh(&mut self) {
+        self.last_walk = Some(std::time::Instant::now());
         self.paths.clear();
         let Some(root) = self.mounts.v2.clone() else {
             return;
@@ -105,7 +113,9 @@ impl Resolver {
         if id == 0 {
             return None;
         }
-        if !self.paths.contains_key(&id) {
+        if !self.paths.contains_key(&id)
+            && self.last_walk.is_none_or(|t| t.elapsed() >= REWALK_AFTER)
+        {
             self.refresh();
         }
         self.paths.get(&id).cloned()
@@ -125,7 +135,10 @@ impl Resolver {
     /// or an absolute path under it) into an id, or say why not.
     pub fn lookup(&mut self, arg: &str) -> anyhow::Result<u64> {
         if let Ok(id) = arg.parse::<u64>() {
-            if self.path(id).is_some() {
+            if !self.paths.contains_key(&id) {
+                self.refresh();
+            }
+            if self.paths.contains_key(&id) {
                 return Ok(id);
             }
             anyhow::bail!("no cgroup with id {id} exists in the cgroup v2 hierarchy");
