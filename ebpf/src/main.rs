@@ -241,6 +241,11 @@ fn run(cli: Cli) -> Result<(), (i32, anyhow::Error)> {
         } => {
             let iv = check_interval("interval", interval).map_err(usage)?;
             let total = check_interval("duration", duration).map_err(usage)?;
+            if total < iv {
+                return Err(usage(anyhow::anyhow!(
+                    "--duration ({duration}s) is shorter than one --interval ({interval}s): nothing would be recorded"
+                )));
+            }
             let mut s = setup(&common)?;
             // Baseline first: a workload started on the "attached" note must
             // land in the first interval, not in the baseline.

@@ -25,13 +25,16 @@ fn labels(pairs: &[(&str, String)]) -> String {
     format!("{{{}}}", inner.join(","))
 }
 
-/// Cumulative log2 histogram as Prometheus buckets (le in seconds).
+/// Cumulative log2 histogram as Prometheus buckets (le in seconds). All 32
+/// buckets are always written, so every series keeps the same bucket set
+/// over time (histogram_quantile needs that).
 fn histogram(out: &mut String, name: &str, base: &[(&str, String)], hist: &[u64; 32], sum_ns: u64) {
     let mut cum = 0;
     for (i, c) in hist.iter().enumerate() {
         cum += c;
-        if *c == 0 && i > 0 && cum == hist.iter().sum::<u64>() && hist[i - 1] == 0 {
-            continue; // trailing empty buckets say nothing new
+        // The last slot also holds everything longer; +Inf covers it.
+        if i + 1 == hist.len() {
+            break;
         }
         let le = ((1u64 << (i + 1)) as f64) / 1e9;
         let mut l = base.to_vec();
@@ -326,4 +329,35 @@ pub fn handle(mut stream: TcpStream, body: impl FnOnce() -> String) -> Result<()
     stream.write_all(head.as_bytes())?;
     stream.write_all(text.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_complete() {
+        let mut h = [0u64; 32];
+        h[3] = 2; // [8, 16) ns
+        h[31] = 1; // >= 2^31 ns
+        let mut o = String::new();
+        histogram(&mut o, "x", &[("cgroup", "/a\"b".into())], &h, 40);
+        let buckets: Vec<&str> = o.lines().filter(|l| l.starts_with("x_bucket")).collect();
+        assert_eq!(buckets.len(), 32, "31 finite buckets + +Inf");
+        assert!(
+            buckets[2].ends_with(" 0") && buckets[3].ends_with(" 2"),
+            "{o}"
+        );
+        assert!(buckets[3].contains("le=\"1.6e-8\""), "{o}");
+        assert!(
+            buckets[30].ends_with(" 2")
+                && buckets[31].contains("+Inf")
+                && buckets[31].ends_with(" 3")
+        );
+        assert!(
+            o.contains("x_count{cgroup=\"/a\\\"b\"} 3"),
+            "label escaping: {o}"
+        );
+        assert!(o.contains("x_sum{cgroup=\"/a\\\"b\"} 0.00000004"), "{o}");
+    }
 }
