@@ -171,6 +171,9 @@ pub fn container_name(path: &str) -> Option<String> {
     // Innermost matching component wins: a container's own scope is deeper
     // than the pod or slice holding it.
     for comp in path.rsplit('/') {
+        if let Some(name) = livehost_common::container::name_from_leaf(comp) {
+            return Some(format!("livehost:{name}"));
+        }
         let stem = comp.strip_suffix(".scope").unwrap_or(comp);
         for (prefix, runtime) in [
             ("docker-", "docker"),
@@ -306,6 +309,10 @@ garbage line\n - \n";
 
     #[test]
     fn container_names() {
+        assert_eq!(
+            container_name("/livehost-demo-app.scope").as_deref(),
+            Some("livehost:demo-app")
+        );
         let id = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa00998877665544332211";
         assert_eq!(
             container_name(&format!("/system.slice/docker-{id}.scope")).as_deref(),

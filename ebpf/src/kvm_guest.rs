@@ -4,6 +4,7 @@
 
 use anyhow::{Context, Result, bail};
 use kvm_ioctls::{Kvm, VcpuExit};
+use livehost_common::guest_mem::GuestMem;
 
 /// Port the guest writes to (unused by any real device; we are the VMM).
 pub const PORT: u16 = 0x510;
@@ -30,42 +31,6 @@ fn code(n: u32) -> Vec<u8> {
     c
 }
 
-/// Anonymous guest memory, unmapped on drop.
-struct GuestMem {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl GuestMem {
-    fn new(len: usize) -> Result<Self> {
-        // SAFETY: anonymous private mapping, no fd; failure is MAP_FAILED.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            bail!(
-                "cannot map guest memory: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(GuestMem { ptr, len })
-    }
-}
-
-impl Drop for GuestMem {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len came from our own successful mmap.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 /// Run a guest doing `n` (>= 1) port writes on the calling thread. Every
 /// KVM_RUN return is bounded by the guest's own finite loop; a guest that
 /// exits any other way is reported as an error.
@@ -74,27 +39,20 @@ pub fn run_pio_guest(n: u32) -> Result<GuestRun> {
         bail!("the guest needs at least one port write");
     }
     let kvm = Kvm::new().context("cannot open /dev/kvm (is KVM available and are you root?)")?;
+    // Declared before the VM so it is dropped after it: the VM must never
+    // outlive the memory registered with it.
+    let mut mem = GuestMem::new(MEM_SIZE)?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM failed")?;
-    let mem = GuestMem::new(MEM_SIZE)?;
-    let prog = code(n);
-    // SAFETY: the mapping is MEM_SIZE bytes and the code is a few bytes at
-    // offset GUEST_ADDR, well inside it.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            prog.as_ptr(),
-            (mem.ptr as *mut u8).add(GUEST_ADDR as usize),
-            prog.len(),
-        )
-    };
+    mem.write(GUEST_ADDR as usize, &code(n));
     let region = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: 0,
         memory_size: MEM_SIZE as u64,
-        userspace_addr: mem.ptr as u64,
+        userspace_addr: mem.host_addr(),
         flags: 0,
     };
     // SAFETY: the region describes our live mapping, which outlives the VM
-    // (mem is dropped after vm, declared earlier, in reverse order).
+    // (mem is declared first, so dropped last).
     unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION failed")?;
     let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU failed")?;
     let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS failed")?;
