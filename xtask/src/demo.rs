@@ -174,7 +174,7 @@ pub fn run(out_root: &Path, with_bench: bool, print_json: bool) -> Result<i32> {
             serde_json::from_str(&text).unwrap_or(json!({ "error": "report.json did not parse" }))
         }
     } else {
-        json!({ "skipped": "--no-bench" })
+        json!({ "not_run": "--no-bench" })
     };
 
     // 4. The report.
@@ -346,13 +346,25 @@ fn markdown(r: &Value, bench_md: &str) -> String {
     let _ = writeln!(s);
     let _ = writeln!(s, "## VM vs container vs unikernel (host)\n");
     let c = &r["comparison"];
-    if let Some(e) = c.get("error").or(c.get("skipped")) {
+    if let Some(e) = c.get("error").or(c.get("not_run")) {
         let _ = writeln!(s, "Not available: {e}\n");
     } else {
         let _ = writeln!(
             s,
-            "See `vmm-bench/report.md` and its SVG charts in this directory.\n"
+            "From `vmm-bench report --quick`; its SVG charts are in `vmm-bench/` beside this file.\n"
         );
+        // Its own headings go one level down, under this section.
+        for line in bench_md
+            .lines()
+            .skip_while(|l| l.starts_with("# ") || l.is_empty())
+        {
+            if line.starts_with('#') {
+                let _ = writeln!(s, "#{line}");
+            } else {
+                let _ = writeln!(s, "{line}");
+            }
+        }
+        let _ = writeln!(s);
     }
     let _ = writeln!(
         s,
