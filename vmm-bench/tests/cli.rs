@@ -114,11 +114,21 @@ fn container_command_runs_isolated_and_stops_on_sigterm() {
     );
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
-        s.contains(&name) && s.contains("pid=1") && s.contains(&format!("0::/{name}")),
+        s.contains(&name)
+            && s.contains("pid=1")
+            && s.contains(&format!(
+                "0::/{}",
+                livehost_common::container::cgroup_leaf(&name)
+            )),
         "{s}"
     );
     let root = vmm_bench::container::cgroup2_root().unwrap();
-    assert!(!root.join(&name).exists(), "cgroup leaf left behind");
+    assert!(
+        !root
+            .join(livehost_common::container::cgroup_leaf(&name))
+            .exists(),
+        "cgroup leaf left behind"
+    );
 
     // A command that never ends: SIGTERM to vmm-bench kills it and cleans up.
     let name = format!("vmmb-cli-term-{}", std::process::id());
@@ -157,7 +167,9 @@ fn container_command_runs_isolated_and_stops_on_sigterm() {
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(128 + libc::SIGTERM));
     assert!(
-        !root.join(&name).exists(),
+        !root
+            .join(livehost_common::container::cgroup_leaf(&name))
+            .exists(),
         "cgroup leaf left behind after SIGTERM"
     );
     for p in inside {
