@@ -37,10 +37,11 @@ fn nested_svm_exits_are_counted_per_reason_with_durations() {
     opts.require_config.push("CONFIG_DEBUG_INFO_BTF".into());
     let out = kernel_tests::run(&opts).expect("guest boots");
     let diag = format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}\ndmesg tail:\n{}",
+        "status {:?}\nstdout:\n{}\nstderr:\n{}\nconsole tail:\n{}\ndmesg tail:\n{}",
         out.status,
         out.stdout,
         out.stderr,
+        out.console_tail(30),
         out.dmesg
             .lines()
             .rev()

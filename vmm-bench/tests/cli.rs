@@ -145,7 +145,9 @@ fn container_command_runs_isolated_and_stops_on_sigterm() {
         ])
         .spawn()
         .unwrap();
-    let procs = root.join(&name).join("cgroup.procs");
+    let procs = root
+        .join(livehost_common::container::cgroup_leaf(&name))
+        .join("cgroup.procs");
     let t = std::time::Instant::now();
     while std::fs::read_to_string(&procs)
         .map(|p| p.trim().is_empty())

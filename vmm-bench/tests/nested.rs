@@ -16,7 +16,7 @@ fn unikernel_runs_on_nested_svm_kvm() {
     let mut opts = RunOptions::new([
         "/usr/bin/vmm-bench probe --json; echo ===; /usr/bin/vmm-bench run vm --kib 4 --loops 20 --timeout 60 --json; \
          echo ===; /usr/bin/vmm-bench container --name in-guest --quiet -- /bin/sh -c 'hostname; echo pid=$$; tail -n1 /proc/self/cgroup'; \
-         test ! -e /sys/fs/cgroup/in-guest && echo leaf-removed",
+         test ! -e /sys/fs/cgroup/livehost-in-guest.scope && echo leaf-removed",
     ]);
     opts.with_kvm = true;
     opts.files.push((
@@ -43,7 +43,11 @@ fn unikernel_runs_on_nested_svm_kvm() {
     assert_eq!(run["exits"]["hlt"].as_u64(), Some(1), "{diag}");
     // The container launcher as the demo uses it, on a pure cgroup v2 guest.
     let ctr = parts.next().unwrap_or("");
-    for want in ["in-guest", "pid=1", "0::/in-guest", "leaf-removed"] {
+    let leaf = format!(
+        "0::/{}",
+        livehost_common::container::cgroup_leaf("in-guest")
+    );
+    for want in ["in-guest", "pid=1", &leaf, "leaf-removed"] {
         assert!(ctr.contains(want), "container output lacks {want}: {diag}");
     }
 }

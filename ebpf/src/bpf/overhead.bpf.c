@@ -68,20 +68,19 @@ struct {
 	__type(value, struct vcpu_val);
 } vcpus SEC(".maps");
 
-/* Per-task state lives in the task itself (task local storage): no hashing
- * on the sched_switch path, and it is freed with the task. */
-struct task_info {
-	u64 wake_ts;  /* when the task became runnable and started waiting */
-	u32 is_vcpu;  /* set once the task ran KVM_RUN (vcpus entry exists) */
-	u32 id_known; /* vcpu_id recorded */
-};
-
+/* Keyed by tid: when a runnable task started waiting for a CPU. Consumed
+ * (deleted) when it is switched in, so it holds only tasks waiting now.
+ * A preallocated hash, deliberately not task-local storage: on 6.1-era
+ * kernels (Debian 12's) creating task storage from sched_wakeup or
+ * sched_switch allocates and takes the storage lock under the run-queue
+ * lock, and we saw that deadlock a guest's CPUs (soft lockup, RCU stall).
+ * A preallocated htab never allocates and refuses recursion with -EBUSY. */
 struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct task_info);
-} tinfo SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, u32);
+	__type(value, u64);
+} wake_ts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -133,34 +132,11 @@ static __always_inline u32 log2_slot(u64 v)
 
 /* Default-hierarchy cgroup id of any task (bpf_get_current_cgroup_id only
  * serves current, and sched_switch needs prev and next). */
-static __always_inline struct vcpu_val *vcpu_of(u32 tid, u32 tgid);
-
 static __always_inline u64 task_cgid(struct task_struct *t)
 {
 	/* tp_btf pointers are BTF-typed: direct loads are checked PROBE_MEM
 	 * loads, far cheaper than bpf_probe_read_kernel helper calls. */
 	return t->cgroups->dfl_cgrp->kn->id;
-}
-
-static __always_inline struct task_info *tinfo_of(struct task_struct *t)
-{
-	struct task_info *ti =
-		bpf_task_storage_get(&tinfo, t, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!ti)
-		drop(DROP_WAKE);
-	return ti;
-}
-
-/* First sight of a vCPU thread creates its vcpus entry; later exits only
- * touch task storage, which needs no hashing. */
-static __always_inline struct task_info *mark_vcpu(u64 id)
-{
-	struct task_info *ti = tinfo_of(bpf_get_current_task_btf());
-	if (ti && ti->is_vcpu)
-		return ti;
-	if (vcpu_of((u32)id, id >> 32) && ti)
-		ti->is_vcpu = 1;
-	return ti;
 }
 
 static __always_inline struct vcpu_val *vcpu_of(u32 tid, u32 tgid)
@@ -239,14 +215,9 @@ int handle_kvm_exit(u64 *ctx)
 		.kind = KIND_HW_EXIT, .isa = isa,
 	};
 	exit_add(&k, 1, 0, false);
-	struct task_info *ti = mark_vcpu(id);
-	if (ti && !ti->id_known) {
-		struct vcpu_val *v = bpf_map_lookup_elem(&vcpus, &tid);
-		if (v) {
-			v->vcpu_id = BPF_CORE_READ(vcpu, vcpu_id);
-			ti->id_known = 1;
-		}
-	}
+	struct vcpu_val *v = vcpu_of(tid, id >> 32);
+	if (v && v->vcpu_id < 0)
+		v->vcpu_id = BPF_CORE_READ(vcpu, vcpu_id);
 	return 0;
 }
 
@@ -278,7 +249,7 @@ int handle_kvm_userspace_exit(u64 *ctx)
 		.tgid = id >> 32, .tid = (u32)id, .reason = reason,
 		.kind = KIND_USER_EXIT,
 	};
-	mark_vcpu(id);
+	vcpu_of((u32)id, id >> 32);
 	exit_add(&k, 1, 0, false);
 	return 0;
 }
@@ -297,24 +268,25 @@ int handle_kvm_pio(u64 *ctx)
 	return 0;
 }
 
-static __always_inline void record_wake(struct task_struct *p)
+static __always_inline void record_wake(u32 pid, u64 now)
 {
-	struct task_info *ti = tinfo_of(p);
-	if (ti)
-		ti->wake_ts = bpf_ktime_get_ns();
+	if (pid && bpf_map_update_elem(&wake_ts, &pid, &now, BPF_ANY))
+		drop(DROP_WAKE);
 }
 
 SEC("tp_btf/sched_wakeup")
 int handle_sched_wakeup(u64 *ctx)
 {
-	record_wake((struct task_struct *)ctx[0]);
+	struct task_struct *p = (void *)ctx[0];
+	record_wake(p->pid, bpf_ktime_get_ns());
 	return 0;
 }
 
 SEC("tp_btf/sched_wakeup_new")
 int handle_sched_wakeup_new(u64 *ctx)
 {
-	record_wake((struct task_struct *)ctx[0]);
+	struct task_struct *p = (void *)ctx[0];
+	record_wake(p->pid, bpf_ktime_get_ns());
 	return 0;
 }
 
@@ -375,9 +347,7 @@ int handle_sched_switch(u64 *ctx)
 
 	if (prev_pid && prev_state == TASK_RUNNING) {
 		/* Involuntary: prev goes back on the run queue now. */
-		struct task_info *pti = tinfo_of(prev);
-		if (pti)
-			pti->wake_ts = now;
+		record_wake(prev_pid, now);
 		struct pair_val *p = pair_of(prev_cg, next_cg);
 		if (p)
 			p->preemptions++;
@@ -392,12 +362,12 @@ int handle_sched_switch(u64 *ctx)
 		o->head++;
 	}
 
-	struct task_info *nti = next_pid ? bpf_task_storage_get(&tinfo, next, 0, 0) : 0;
-	if (nti && nti->wake_ts) {
+	u64 *wts = next_pid ? bpf_map_lookup_elem(&wake_ts, &next_pid) : 0;
+	if (wts) {
 		{
-			u64 t0 = nti->wake_ts;
+			u64 t0 = *wts;
 			u64 delta = now > t0 ? now - t0 : 0;
-			nti->wake_ts = 0;
+			bpf_map_delete_elem(&wake_ts, &next_pid);
 			struct cg_val *c = cg_of(next_cg);
 			if (c && o->pend_ns && o->pend_cg == next_cg) {
 				c->cpu_ns += o->pend_ns;
@@ -457,8 +427,7 @@ int handle_sched_switch(u64 *ctx)
 					p->wait_ns += ns[j];
 				}
 			}
-			struct vcpu_val *v =
-				nti->is_vcpu ? bpf_map_lookup_elem(&vcpus, &next_pid) : 0;
+			struct vcpu_val *v = bpf_map_lookup_elem(&vcpus, &next_pid);
 			if (v) {
 				__sync_fetch_and_add(&v->rq_count, 1);
 				__sync_fetch_and_add(&v->rq_sum_ns, delta);
