@@ -234,6 +234,17 @@ pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Slots in the pid-indexed `task_state` map: the kernel's pid_max (a wake
+/// of a higher pid, possible only if pid_max is raised while we run, is
+/// counted as a drop).
+fn task_slots() -> u32 {
+    const KERNEL_LIMIT: u32 = 1 << 22; // PID_MAX_LIMIT on 64-bit
+    livehost_common::sysfs::read_text("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .map_or(KERNEL_LIMIT, |n| n.clamp(301, KERNEL_LIMIT))
+}
+
 /// Copy a map value's bytes into a skeleton struct.
 fn pod<T: Copy + Default>(bytes: &[u8]) -> Option<T> {
     if bytes.len() < std::mem::size_of::<T>() {
@@ -331,6 +342,11 @@ impl Observer {
             let name = prog.name().to_string_lossy().into_owned();
             prog.set_autoload(wanted.contains(&name.as_str()));
         }
+        // One 8-byte slot per possible pid: 32 MiB at systemd's 4194304.
+        open.maps
+            .task_state
+            .set_max_entries(task_slots())
+            .context("cannot size the per-task map")?;
         let skel = open.load().map_err(|e| {
             anyhow::anyhow!(
                 "the kernel refused to load the BPF programs: {e}\nlibbpf said:\n{}",

@@ -137,3 +137,84 @@ fn missing_kvm_tracepoints_are_skipped_with_a_note() {
     .expect("vm-only without kvm tracepoints must fail");
     assert!(err.to_string().contains("no KVM tracepoint"), "{err}");
 }
+
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
+}
+
+fn run_delay_ns(tid: i32) -> u64 {
+    let t = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).expect("schedstat");
+    t.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Steal time as the guest would see it: the vCPU thread shares CPU 0 with
+/// a busy thread, so it keeps waiting for the CPU. The observer must charge
+/// those waits to the vCPU, and their total must agree with the kernel's
+/// own schedstat run_delay for that thread.
+#[test]
+fn vcpu_run_queue_delay_matches_schedstat() {
+    util::require_root();
+    let obs = Observer::start(&ObserverOptions::default()).expect("observer starts");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hog = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            pin_to_cpu0();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let (run, delay_before, delay_after) = std::thread::spawn(|| {
+        pin_to_cpu0();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        // One exit first, so the thread is known as a vCPU before we count.
+        run_pio_guest(1).expect("guest runs");
+        let before = run_delay_ns(tid);
+        let run = run_pio_guest(20_000).expect("guest runs");
+        (run, before, run_delay_ns(tid))
+    })
+    .join()
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    hog.join().unwrap();
+    let snap = obs.snapshot().unwrap();
+    let v = snap
+        .vcpus
+        .get(&run.tid)
+        .expect("the vCPU thread is tracked");
+    let kernel = delay_after - delay_before;
+    eprintln!(
+        "vCPU {}: {} waits, {:.1} ms by BPF; schedstat run_delay grew {:.1} ms during the counted run",
+        run.tid,
+        v.rq_count,
+        v.rq_sum_ns as f64 / 1e6,
+        kernel as f64 / 1e6
+    );
+    assert!(
+        kernel > 1_000_000,
+        "sharing CPU 0 with a busy thread must delay the vCPU thread (schedstat says {kernel} ns)"
+    );
+    assert!(v.rq_count > 0, "the vCPU's waits are counted: {v:?}");
+    // BPF counts from the thread's first exit (the 1-exit warm-up guest, whose
+    // waits schedstat's window leaves out) and only finished waits: allow a
+    // CFS slice or two either way, and 20%.
+    let tol = (kernel / 5).max(10_000_000);
+    assert!(
+        v.rq_sum_ns + tol >= kernel && v.rq_sum_ns <= kernel + tol,
+        "BPF {} ns vs schedstat {} ns (tolerance {} ns)",
+        v.rq_sum_ns,
+        kernel,
+        tol
+    );
+}

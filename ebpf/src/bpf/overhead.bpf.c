@@ -68,19 +68,21 @@ struct {
 	__type(value, struct vcpu_val);
 } vcpus SEC(".maps");
 
-/* Keyed by tid: when a runnable task started waiting for a CPU. Consumed
- * (deleted) when it is switched in, so it holds only tasks waiting now.
- * A preallocated hash, deliberately not task-local storage: on 6.1-era
- * kernels (Debian 12's) creating task storage from sched_wakeup or
- * sched_switch allocates and takes the storage lock under the run-queue
- * lock, and we saw that deadlock a guest's CPUs (soft lockup, RCU stall).
- * A preallocated htab never allocates and refuses recursion with -EBUSY. */
+/* Indexed by tid: when a runnable task started waiting for a CPU (0: not
+ * waiting), and VCPU_FLAG once it ran KVM_RUN. A plain array, neither
+ * task-local storage nor a hash: creating task storage from sched_wakeup
+ * or sched_switch allocates and takes the storage lock under the run-queue
+ * lock, which deadlocked Debian 12's 6.1 kernel in our nested-KVM guest
+ * test (soft lockup, RCU stall); a hash takes a bucket lock and costs ~2x
+ * on these paths. An array slot is a plain load/store, never allocates,
+ * never locks. The loader sizes it to the kernel's pid_max. */
+#define VCPU_FLAG (1ULL << 63)
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 32768);
 	__type(key, u32);
 	__type(value, u64);
-} wake_ts SEC(".maps");
+} task_state SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -154,6 +156,15 @@ static __always_inline struct vcpu_val *vcpu_of(u32 tid, u32 tgid)
 	return v;
 }
 
+/* The vCPU thread's slot gets VCPU_FLAG, so sched_switch looks up vcpus
+ * only for vCPU threads. */
+static __always_inline void mark_vcpu(u32 tid)
+{
+	u64 *st = bpf_map_lookup_elem(&task_state, &tid);
+	if (st && !(*st & VCPU_FLAG))
+		__sync_fetch_and_or(st, VCPU_FLAG);
+}
+
 static __always_inline void exit_add(struct exit_key *k, u64 n, u64 dur, bool timed)
 {
 	struct exit_val *v = bpf_map_lookup_elem(&exit_stats, k);
@@ -218,6 +229,7 @@ int handle_kvm_exit(u64 *ctx)
 	struct vcpu_val *v = vcpu_of(tid, id >> 32);
 	if (v && v->vcpu_id < 0)
 		v->vcpu_id = BPF_CORE_READ(vcpu, vcpu_id);
+	mark_vcpu(tid);
 	return 0;
 }
 
@@ -250,6 +262,7 @@ int handle_kvm_userspace_exit(u64 *ctx)
 		.kind = KIND_USER_EXIT,
 	};
 	vcpu_of((u32)id, id >> 32);
+	mark_vcpu((u32)id);
 	exit_add(&k, 1, 0, false);
 	return 0;
 }
@@ -270,8 +283,11 @@ int handle_kvm_pio(u64 *ctx)
 
 static __always_inline void record_wake(u32 pid, u64 now)
 {
-	if (pid && bpf_map_update_elem(&wake_ts, &pid, &now, BPF_ANY))
-		drop(DROP_WAKE);
+	u64 *st = pid ? bpf_map_lookup_elem(&task_state, &pid) : 0;
+	if (st)
+		*st = (*st & VCPU_FLAG) | now;
+	else if (pid)
+		drop(DROP_WAKE); /* pid beyond the array: pid_max raised after load */
 }
 
 SEC("tp_btf/sched_wakeup")
@@ -362,12 +378,13 @@ int handle_sched_switch(u64 *ctx)
 		o->head++;
 	}
 
-	u64 *wts = next_pid ? bpf_map_lookup_elem(&wake_ts, &next_pid) : 0;
-	if (wts) {
+	u64 *st = next_pid ? bpf_map_lookup_elem(&task_state, &next_pid) : 0;
+	u64 state = st ? *st : 0;
+	if (state & ~VCPU_FLAG) {
 		{
-			u64 t0 = *wts;
+			u64 t0 = state & ~VCPU_FLAG;
 			u64 delta = now > t0 ? now - t0 : 0;
-			bpf_map_delete_elem(&wake_ts, &next_pid);
+			*st = state & VCPU_FLAG;
 			struct cg_val *c = cg_of(next_cg);
 			if (c && o->pend_ns && o->pend_cg == next_cg) {
 				c->cpu_ns += o->pend_ns;
@@ -427,7 +444,8 @@ int handle_sched_switch(u64 *ctx)
 					p->wait_ns += ns[j];
 				}
 			}
-			struct vcpu_val *v = bpf_map_lookup_elem(&vcpus, &next_pid);
+			struct vcpu_val *v = (state & VCPU_FLAG)
+				? bpf_map_lookup_elem(&vcpus, &next_pid) : 0;
 			if (v) {
 				__sync_fetch_and_add(&v->rq_count, 1);
 				__sync_fetch_and_add(&v->rq_sum_ns, delta);
