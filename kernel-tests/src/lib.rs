@@ -14,13 +14,15 @@
 //! Pieces: [`kernel`] fetches and caches Debian kernels, [`initramfs`] writes
 //! the guest's root (newc cpio), [`accel`] decides between KVM and TCG,
 //! [`guest`] boots QEMU and collects the result, [`module`] builds
-//! out-of-tree modules against a guest kernel's headers.
+//! out-of-tree modules against a guest kernel's headers, [`pvh`] turns a
+//! bzImage into the ELF QEMU boots directly (faster under TCG).
 
 pub mod accel;
 pub mod guest;
 pub mod initramfs;
 pub mod kernel;
 pub mod module;
+pub mod pvh;
 
 pub use accel::{Accel, AccelChoice};
 pub use guest::{GuestStatus, RunOptions, RunOutcome, run};

@@ -232,10 +232,11 @@ fn run(a: RunArgs) -> Result<i32> {
         eprint!("{}", out.stderr);
         let t = &out.timings;
         eprintln!(
-            "[guest] {} on {} ({}): {:?}; boot to command {:.0} ms (QEMU {:.0} + kernel {:.0} + init {:.0}), total {:.0} ms",
+            "[guest] {} on {} ({}), {} boot: {:?}; boot to command {:.0} ms (QEMU {:.0} + kernel {:.0} + init {:.0}), total {:.0} ms",
             out.kernel_version,
             out.accel,
             out.accel_reason,
+            out.boot,
             out.status,
             t.boot_to_command_ms.unwrap_or(f64::NAN),
             t.qemu_start_ms.unwrap_or(f64::NAN),
@@ -297,6 +298,7 @@ fn bench_boot(kernel: KernelSpec, accel: AccelChoice, runs: usize, json: bool) -
         "kernel": last.kernel_version,
         "accel": last.accel,
         "accel_reason": last.accel_reason,
+        "boot": last.boot,
         "runs": phases.len(),
         "phases": summary,
     });
@@ -320,7 +322,7 @@ fn bench_boot(kernel: KernelSpec, accel: AccelChoice, runs: usize, json: bool) -
                 p["max"].as_f64().unwrap_or(f64::NAN)
             );
         }
-        println!("({})", last.accel_reason);
+        println!("({}; {} boot)", last.accel_reason, last.boot);
     }
     Ok(0)
 }

@@ -33,6 +33,8 @@ fn uname_matches_the_fetched_kernel_and_status_comes_back() {
     assert_eq!(out.kernel_version, k.version);
     assert!(out.timings.kernel_boot_ms.unwrap() > 0.0);
     assert!(!out.accel_reason.is_empty());
+    // Debian's kernels are built with CONFIG_PVH: booted at that entry.
+    assert_eq!(out.boot, "pvh");
 }
 
 #[test]
