@@ -306,4 +306,38 @@ mod tests {
             "{libs:?}"
         );
     }
+
+    #[test]
+    fn a_program_whose_library_is_gone_is_refused_by_name() {
+        // A real dynamic program linked against a library we then delete:
+        // what a user's test binary looks like when built on another host.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("lib.c"),
+            "int livehost_answer(void) { return 42; }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("main.c"),
+            "int livehost_answer(void);\nint main(void) { return livehost_answer(); }\n",
+        )
+        .unwrap();
+        let gcc = |args: &[&str]| {
+            let st = Command::new("gcc")
+                .args(args)
+                .current_dir(d)
+                .status()
+                .expect("gcc (installed by ./x setup)");
+            assert!(st.success(), "gcc {args:?}");
+        };
+        gcc(&["-shared", "-fPIC", "-o", "liblivehostgone.so", "lib.c"]);
+        gcc(&["-o", "prog", "main.c", "-L.", "-llivehostgone"]);
+        std::fs::remove_file(d.join("liblivehostgone.so")).unwrap();
+        let e = shared_libraries(&d.join("prog")).unwrap_err().to_string();
+        assert!(
+            e.contains("liblivehostgone.so") && e.contains("not on this host"),
+            "{e}"
+        );
+    }
 }

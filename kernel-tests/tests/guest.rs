@@ -154,6 +154,73 @@ fn the_second_suite_boots_through_the_private_apt_config() {
     assert!(!sources.contains("trixie"));
 }
 
+#[test]
+fn without_qemu_the_error_says_what_to_install() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kernel-tests"))
+        .args(["run", "--", "true"])
+        .env("PATH", empty.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("qemu-system-x86_64 is not installed") && err.contains("apt-get install"),
+        "{err}"
+    );
+}
+
+/// A cached download that no longer matches the archive's SHA-256 is
+/// fetched again, in a cache of its own (seeded from the shared one, so
+/// only the corrupt package crosses the network).
+#[test]
+fn a_corrupt_cached_package_is_fetched_again() {
+    let k = kernel_tests::fetch(&KernelSpec::default()).unwrap();
+    let shared = kernel_tests::kernel::cache_dir().join("debs");
+    let cache = tempfile::tempdir().unwrap();
+    let debs = cache.path().join("debs");
+    std::fs::create_dir_all(&debs).unwrap();
+    let pkgver = k.package_version.clone().unwrap();
+    let mut corrupt = None;
+    for e in std::fs::read_dir(&shared).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.contains(&k.version) && !name.contains(&format!("_{pkgver}_all")) {
+            continue;
+        }
+        let dst = debs.join(&name);
+        std::fs::copy(&p, &dst).unwrap();
+        if name.starts_with(&format!("linux-headers-{}_", k.version)) {
+            corrupt = Some(dst);
+        }
+    }
+    let corrupt = corrupt.expect("the headers package is in the shared cache");
+    let mut bytes = std::fs::read(&corrupt).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid..mid + 64].fill(0xa5);
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kernel-tests"))
+        .args(["fetch"])
+        .env("LIVEHOST_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("is corrupt (checksum mismatch); fetching it again"),
+        "{err}"
+    );
+    assert_ne!(std::fs::read(&corrupt).unwrap(), bytes, "replaced");
+    // And it was unpacked: the headers tree the module builds use is there.
+    let makefile = cache
+        .path()
+        .join(format!("{}_{pkgver}", k.version))
+        .join("root/usr/src")
+        .join(format!("linux-headers-{}", k.version))
+        .join("Makefile");
+    assert!(makefile.is_file(), "{} missing", makefile.display());
+}
+
 /// PIDs of QEMU processes whose command line contains `marker`.
 fn qemu_pids_with(marker: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
