@@ -194,7 +194,9 @@ extern "C" fn lx_main(sp: *const usize) -> ! {
             exit(2);
         }
     }
-    if kib > 1 << 24 {
+    if kib == 0 || kib > workload::MAX_KIB {
+        let _ = write!(out, "LIVEHOST-LX error=kib-out-of-range\n");
+        out.flush();
         exit(2);
     }
     let len = (kib as usize) << 10;

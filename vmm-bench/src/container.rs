@@ -245,7 +245,7 @@ pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
         bail!("cannot release the container process");
     }
     let setup_us = launch.elapsed().as_secs_f64() * 1e6;
-    let deadline = launch + opts.timeout;
+    let deadline = crate::deadline(launch, opts.timeout);
     let stdout = read_until(out_r, deadline);
     let (code, rss) = reaper.wait(deadline)?;
     let total_us = launch.elapsed().as_secs_f64() * 1e6;
@@ -538,7 +538,7 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
     let mut child = child;
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
     let err: OwnedFd = child.stderr.take().context("no stderr pipe")?.into();
-    let deadline = launch + timeout;
+    let deadline = crate::deadline(launch, timeout);
     let stdout = read_until(out, deadline);
     let stderr = read_until(err, deadline).unwrap_or_default();
     let waited = reaper.wait(deadline);

@@ -36,14 +36,14 @@ enum Cmd {
     /// Run the workload once down one path and print its result.
     Run {
         path: PathKind,
-        /// Workload size in KiB (checksum over this much memory).
-        #[arg(long, default_value_t = 64)]
+        /// Workload size in KiB (checksum over this much memory), 1..=1048576.
+        #[arg(long, default_value_t = 64, value_parser = kib_parser())]
         kib: u64,
-        /// Iterations of the null-operation loop.
-        #[arg(long, default_value_t = 1000)]
+        /// Iterations of the null-operation loop, 1..=1000000000.
+        #[arg(long, default_value_t = 1000, value_parser = loops_parser())]
         loops: u64,
-        /// Deadline for the run in seconds.
-        #[arg(long, default_value_t = 60)]
+        /// Deadline for the run in seconds, 1..=86400.
+        #[arg(long, default_value_t = 60, value_parser = timeout_parser())]
         timeout: u64,
         /// For `vm` and `qemu-unikernel`: boot this ELF instead of the
         /// built-in unikernel (it must follow the same guest ABI to report).
@@ -66,8 +66,9 @@ enum Cmd {
         /// Also give it its own network namespace.
         #[arg(long)]
         net: bool,
-        /// Kill it after this many seconds (default: run until it exits).
-        #[arg(long)]
+        /// Kill it after this many seconds, 1..=86400 (default: run until it
+        /// exits).
+        #[arg(long, value_parser = timeout_parser())]
         timeout: Option<u64>,
         /// No status lines on stderr.
         #[arg(long)]
@@ -80,10 +81,12 @@ enum Cmd {
     },
     /// Time our VMM's exit loop against a bare KVM_RUN loop, in one run.
     CompareExits {
-        #[arg(long, default_value_t = 2000)]
+        /// Port-I/O exits per sample, 1..=1000000.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         exits: u32,
-        #[arg(long, default_value_t = 11)]
-        samples: usize,
+        /// Samples of each loop (alternating), 1..=1001.
+        #[arg(long, default_value_t = 11, value_parser = clap::value_parser!(u64).range(1..=1001))]
+        samples: u64,
         #[arg(long)]
         json: bool,
     },
@@ -95,11 +98,13 @@ enum Cmd {
         /// Output directory.
         #[arg(long, default_value = "vmm-bench-report")]
         out: PathBuf,
-        /// Workload size in KiB. Small by default because a nested,
-        /// emulating KVM runs every guest instruction through its emulator.
-        #[arg(long, default_value_t = 64)]
+        /// Workload size in KiB, 1..=1048576. Small by default because a
+        /// nested, emulating KVM runs every guest instruction through its
+        /// emulator.
+        #[arg(long, default_value_t = 64, value_parser = kib_parser())]
         kib: u64,
-        #[arg(long, default_value_t = 1000)]
+        /// Iterations of each null-operation loop, 1..=1000000000.
+        #[arg(long, default_value_t = 1000, value_parser = loops_parser())]
         loops: u64,
         /// Skip booting the Debian kernel under QEMU.
         #[arg(long)]
@@ -108,6 +113,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--kib`: every path accepts 1..=MAX_KIB (1 GiB); anything else is a
+/// usage error (exit 2) before anything is allocated or booted.
+fn kib_parser() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(1..=vmm_bench::MAX_KIB)
+}
+
+fn loops_parser() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(1..=1_000_000_000)
+}
+
+/// `--timeout`: at most a day, so a deadline never overflows the clock.
+fn timeout_parser() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(1..=vmm_bench::MAX_TIMEOUT.as_secs())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -257,7 +277,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             };
             let t = Duration::from_secs(timeout);
             let args = vec![format!("kib={kib}"), format!("loops={loops}")];
-            let expected = native::expected_checksum(kib, vmm_bench_workload::DEFAULT_SEED);
+            let expected = native::expected_checksum(kib, vmm_bench_workload::DEFAULT_SEED)?;
             let got = match path {
                 PathKind::Native => {
                     let r = native::run(&args, t)?;
@@ -369,7 +389,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             json,
         } => {
             let kvm = vm::Kvm::open()?;
-            let c = vm::boot::compare_exit_loops(&kvm, exits, samples.max(1))?;
+            let c = vm::boot::compare_exit_loops(&kvm, exits, samples as usize)?;
             print(&c, json)?;
             Ok(exit::SUCCESS)
         }

@@ -26,7 +26,7 @@ pub fn run(args: &[String], timeout: Duration) -> Result<NativeRun> {
         .with_context(|| format!("cannot run {}", exe.display()))?;
     let reaper = Reaper(child.id() as i32);
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
-    let deadline = launch + timeout;
+    let deadline = crate::deadline(launch, timeout);
     let stdout = read_until(out, deadline);
     let (code, rss) = reaper.wait(deadline)?;
     Ok(NativeRun {
@@ -38,10 +38,12 @@ pub fn run(args: &[String], timeout: Duration) -> Result<NativeRun> {
 }
 
 /// The workload's checksum computed in this process (the reference every
-/// path is checked against).
-pub fn expected_checksum(kib: u64, seed: u64) -> u64 {
+/// path is checked against). Sizes outside 1..=[`crate::MAX_KIB`] are
+/// refused before anything is allocated.
+pub fn expected_checksum(kib: u64, seed: u64) -> Result<u64> {
+    crate::check_kib(kib)?;
     let mut buf = vec![0u8; (kib as usize) << 10];
-    vmm_bench_workload::checksum(&mut buf, seed)
+    Ok(vmm_bench_workload::checksum(&mut buf, seed))
 }
 
 /// Host TSC rate, calibrated against the monotonic clock, so guest cycle

@@ -94,7 +94,7 @@ fn spawn_and_watch(
     let reaper = Reaper(child.id() as i32);
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
     let err: OwnedFd = child.stderr.take().context("no stderr pipe")?.into();
-    let deadline = launch + timeout;
+    let deadline = crate::deadline(launch, timeout);
     // Stream the console so the result line's arrival time is known.
     let (tx, rx) = std::sync::mpsc::channel::<Instant>();
     let marker_s = marker.to_string();
@@ -188,6 +188,8 @@ pub fn run_unikernel(
     timeout: Duration,
     accel: Accel,
 ) -> Result<QemuRun> {
+    // The PVH entry ignores a size it cannot hold: refuse it here instead.
+    crate::check_kib(kib)?;
     let p = write_temp("unikernel.elf", image)?;
     let ram_mb = 16 + (kib >> 10) + 8;
     let mut args = base_args(accel);
@@ -287,6 +289,7 @@ pub fn run_linux(
     timeout: Duration,
     accel: Accel,
 ) -> Result<QemuRun> {
+    crate::check_kib(kib)?;
     let initrd = write_temp("initramfs.cpio", &initramfs(crate::LINUX_INIT))?;
     let ram_mb = 256 + (kib >> 10);
     let mut args = base_args(accel);

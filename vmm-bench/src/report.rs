@@ -143,7 +143,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
     let pr = Progress::new("vmm-bench report");
     let n = if opts.quick { 5 } else { 20 };
     let args = vec![format!("kib={}", opts.kib), format!("loops={}", opts.loops)];
-    let expected = native::expected_checksum(opts.kib, vmm_bench_workload::DEFAULT_SEED);
+    let expected = native::expected_checksum(opts.kib, vmm_bench_workload::DEFAULT_SEED)?;
     let mut b = Builder {
         rows: vec![],
         skipped: vec![],

@@ -74,20 +74,58 @@ fn run_vm_checks_the_checksum() {
     assert!(j["checksum"].as_u64().is_some());
 }
 
+/// A usage error: exit 2, nothing run, and the message names the argument
+/// and the accepted range (no panic, no allocation failure).
+fn refused(args: &[&str], names: &[&str]) {
+    let out = Command::new(EXE).args(args).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {e}");
+    assert!(!e.contains("panicked"), "{args:?}: {e}");
+    for n in names {
+        assert!(e.contains(n), "{args:?}: want {n:?} in {e}");
+    }
+}
+
 #[test]
 fn bad_arguments_are_refused_clearly() {
-    let out = Command::new(EXE)
-        .args(["run", "vm", "--kib", "0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("out of range"), "{e}");
-    let out = Command::new(EXE)
-        .args(["run", "teleport"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    let max = vmm_bench::MAX_KIB.to_string();
+    let kib_range = format!("1..={max}");
+    for path in ["vm", "native", "container", "qemu-unikernel", "qemu-linux"] {
+        refused(&["run", path, "--kib", "0"], &["--kib", &kib_range]);
+        // Once aborted with an allocation failure (the reference checksum
+        // allocated kib << 10 bytes before any range check).
+        refused(
+            &["run", path, "--kib", "18446744073709551615"],
+            &["--kib", &kib_range],
+        );
+    }
+    // One past the largest size every path accepts (the unikernel's PVH
+    // entry under QEMU would ignore it and compute the wrong size).
+    let over = (vmm_bench::MAX_KIB + 1).to_string();
+    refused(&["run", "qemu-unikernel", "--kib", &over], &[&kib_range]);
+    refused(
+        &["report", "--kib", "99999999999999"],
+        &["--kib", &kib_range],
+    );
+    refused(&["report", "--loops", "0"], &["--loops"]);
+    // Deadlines that would overflow the clock (Instant + Duration panicked).
+    for args in [
+        &["run", "vm", "--timeout", "18446744073709551615"][..],
+        &["run", "native", "--timeout", "9999999999"],
+        &["run", "container", "--timeout", "0"],
+        &[
+            "container",
+            "--timeout",
+            "18446744073709551615",
+            "--",
+            "true",
+        ],
+    ] {
+        refused(args, &["--timeout", "1..=86400"]);
+    }
+    refused(&["compare-exits", "--exits", "0"], &["--exits", "1..="]);
+    refused(&["compare-exits", "--samples", "0"], &["--samples", "1..="]);
+    refused(&["run", "teleport"], &["teleport"]);
 }
 
 #[test]
@@ -195,6 +233,28 @@ fn corrupt_or_oversized_image_files_are_refused() {
     assert_eq!(out.status.code(), Some(1));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("refusing image") && e.contains("bad.elf"), "{e}");
+
+    // Program headers "at" u64::MAX - 8: refused, not an overflow panic.
+    let mut v = vec![0u8; 64];
+    v[..6].copy_from_slice(b"\x7fELF\x02\x01");
+    v[16] = 2; // ET_EXEC
+    v[18] = 62; // x86-64
+    v[32..40].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+    v[54] = 56; // phentsize
+    v[56] = 1; // phnum
+    let crafted = dir.path().join("phoff.elf");
+    std::fs::write(&crafted, &v).unwrap();
+    let out = Command::new(EXE)
+        .args(["run", "vm", "--image"])
+        .arg(&crafted)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("outside the file") && !e.contains("panicked"),
+        "{e}"
+    );
 
     // Sparse file just over the limit: refused by size before parsing.
     let big = dir.path().join("big.elf");

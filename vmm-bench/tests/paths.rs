@@ -9,7 +9,7 @@ use vmm_bench::{native, vm};
 const KIB: u64 = 64;
 
 fn expected() -> u64 {
-    native::expected_checksum(KIB, vmm_bench_workload::DEFAULT_SEED)
+    native::expected_checksum(KIB, vmm_bench_workload::DEFAULT_SEED).unwrap()
 }
 
 fn args(extra: &[&str]) -> Vec<String> {
@@ -137,7 +137,7 @@ fn container_timeout_kills_and_cleans_up() {
     root();
     // A workload far too big to finish in 50 ms.
     let e = container::run(&ContainerOpts {
-        args: vec!["kib=4000000".into(), "loops=100000000".into()],
+        args: vec!["kib=1048576".into(), "loops=100000000".into()],
         timeout: Duration::from_millis(50),
         ..Default::default()
     })

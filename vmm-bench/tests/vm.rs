@@ -15,7 +15,7 @@ fn kvm() -> Kvm {
 }
 
 fn expected(kib: u64) -> u64 {
-    vmm_bench::native::expected_checksum(kib, vmm_bench_workload::DEFAULT_SEED)
+    vmm_bench::native::expected_checksum(kib, vmm_bench_workload::DEFAULT_SEED).unwrap()
 }
 
 #[test]
@@ -99,6 +99,131 @@ fn guest_that_never_boots_times_out_with_registers() {
     assert!(msg.contains("without writing the boot timer"), "{msg}");
     // The spin loop is at the image base: the registers say where it hung.
     assert!(msg.contains("rip=0x20000"), "{msg}");
+}
+
+/// A minimal 64-bit x86-64 ET_EXEC header with the given program-header
+/// table fields and `phdrs` (type, offset, paddr, filesz, memsz) written at
+/// file offset 64, followed by `tail`.
+fn crafted_elf(
+    phoff: u64,
+    phentsize: u16,
+    phnum: u16,
+    entry: u64,
+    phdrs: &[(u32, u64, u64, u64, u64)],
+    tail: &[u8],
+) -> Vec<u8> {
+    let mut v = vec![0u8; 64];
+    v[..4].copy_from_slice(b"\x7fELF");
+    v[4] = 2; // 64-bit
+    v[5] = 1; // little-endian
+    v[6] = 1;
+    v[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    v[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    v[24..32].copy_from_slice(&entry.to_le_bytes());
+    v[32..40].copy_from_slice(&phoff.to_le_bytes());
+    v[54..56].copy_from_slice(&phentsize.to_le_bytes());
+    v[56..58].copy_from_slice(&phnum.to_le_bytes());
+    for &(ty, off, paddr, filesz, memsz) in phdrs {
+        let mut h = vec![0u8; 56];
+        h[..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&off.to_le_bytes());
+        h[16..24].copy_from_slice(&paddr.to_le_bytes());
+        h[24..32].copy_from_slice(&paddr.to_le_bytes());
+        h[32..40].copy_from_slice(&filesz.to_le_bytes());
+        h[40..48].copy_from_slice(&memsz.to_le_bytes());
+        v.extend_from_slice(&h);
+    }
+    v.extend_from_slice(tail);
+    v
+}
+
+#[test]
+fn crafted_elf_headers_are_refused_without_panicking() {
+    // Needs no /dev/kvm: the parser alone, as `run vm --image` uses it.
+    const BASE: u64 = vmm_bench::vm::layout::IMAGE_BASE;
+    let ram = 32 << 20;
+    let load = (1, 0, BASE, 64, 4096);
+    let refuse = |v: &[u8], want: &str| {
+        let e = format!("{:#}", elf::parse(v, ram).unwrap_err());
+        assert!(e.contains(want), "want {want:?} in: {e}");
+    };
+    // The header table offset near the end of the address space: the
+    // bounds check must not overflow (it panicked in debug builds).
+    for phoff in [u64::MAX - 8, u64::MAX, u64::MAX - 55, u64::MAX - 56 * 63] {
+        refuse(
+            &crafted_elf(phoff, 56, 1, BASE, &[load], &[]),
+            "lies outside the file",
+        );
+    }
+    // Largest entries times the most headers: still checked.
+    refuse(
+        &crafted_elf(64, u16::MAX, 64, BASE, &[load], &[]),
+        "lies outside the file",
+    );
+    // A table that starts inside the file but ends past it.
+    let v = crafted_elf(64, 56, 1, BASE, &[load], &[]);
+    refuse(&v[..100], "outside the file");
+    // No headers, too-small entries, too many.
+    refuse(
+        &crafted_elf(64, 56, 0, BASE, &[], &[]),
+        "not a loadable image",
+    );
+    refuse(
+        &crafted_elf(64, 8, 1, BASE, &[load], &[]),
+        "not a loadable image",
+    );
+    refuse(
+        &crafted_elf(64, 56, 65, BASE, &[load], &[]),
+        "not a loadable image",
+    );
+    // Segment file range that wraps around.
+    refuse(
+        &crafted_elf(64, 56, 1, BASE, &[(1, u64::MAX - 4, BASE, 16, 16)], &[]),
+        "lies outside",
+    );
+    // Segment memory range that wraps around, or sits below the image base.
+    refuse(
+        &crafted_elf(64, 56, 1, BASE, &[(1, 0, BASE, 64, u64::MAX)], &[]),
+        "does not fit guest RAM",
+    );
+    refuse(
+        &crafted_elf(64, 56, 1, 0, &[(1, 0, 0, 64, 4096)], &[]),
+        "does not fit guest RAM",
+    );
+    refuse(
+        &crafted_elf(64, 56, 1, u64::MAX, &[(1, 0, u64::MAX - 8, 0, 8)], &[]),
+        "does not fit guest RAM",
+    );
+    // More in the file than in memory.
+    refuse(
+        &crafted_elf(64, 56, 1, BASE, &[(1, 0, BASE, 100, 64)], &[]),
+        "exceeds memory size",
+    );
+    // Entry outside every segment.
+    refuse(
+        &crafted_elf(64, 56, 1, BASE + 8192, &[load], &[]),
+        "entry point",
+    );
+    // A note segment with absurd name and descriptor sizes: skipped, no panic.
+    let mut note = Vec::new();
+    note.extend_from_slice(&u32::MAX.to_le_bytes());
+    note.extend_from_slice(&u32::MAX.to_le_bytes());
+    note.extend_from_slice(&18u32.to_le_bytes());
+    note.extend_from_slice(b"Xen\0");
+    let at = 64 + 2 * 56;
+    let v = crafted_elf(
+        64,
+        56,
+        2,
+        BASE,
+        &[load, (4, at, 0, note.len() as u64, 0)],
+        &note,
+    );
+    let img = elf::parse(&v, ram).unwrap();
+    assert_eq!(img.pvh_entry, None);
+    // And the well-formed one parses.
+    let img = elf::parse(&crafted_elf(64, 56, 1, BASE, &[load], &[]), ram).unwrap();
+    assert_eq!(img.entry, BASE);
 }
 
 #[test]

@@ -232,7 +232,7 @@ extern "C" fn uk_main(pvh: u64) -> ! {
     } else {
         let mut p = (16 << 20, 4 << 20, workload::DEFAULT_SEED, 1000);
         pvh_cmdline(|k, v| match k {
-            b"kib" if v <= 1 << 20 => p.1 = v << 10,
+            b"kib" if v >= 1 && v <= workload::MAX_KIB => p.1 = v << 10,
             b"loops" => p.3 = v,
             b"seed" => p.2 = v,
             _ => {}

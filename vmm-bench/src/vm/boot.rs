@@ -60,9 +60,7 @@ pub struct UnikernelReport {
 
 /// Boot the unikernel in our VMM in 64-bit mode and run the workload.
 pub fn run_unikernel(kvm: &Kvm, cfg: &UnikernelRun) -> Result<UnikernelReport> {
-    if cfg.kib == 0 || cfg.kib > 2 << 20 {
-        bail!("workload size {} KiB is out of range (1..2097152)", cfg.kib);
-    }
+    crate::check_kib(cfg.kib)?;
     let ram = (layout::BUF_BASE + (cfg.kib << 10)).next_multiple_of(1 << 20) as usize + (1 << 20);
     let launch = Instant::now();
     let mut phases = Phases::default();
@@ -226,6 +224,11 @@ pub struct ExitCompare {
 }
 
 pub fn compare_exit_loops(kvm: &Kvm, n: u32, samples: usize) -> Result<ExitCompare> {
+    if n == 0 || samples == 0 {
+        bail!(
+            "the exit comparison needs at least one exit per sample and one sample (got {n} exits, {samples} samples)"
+        );
+    }
     let code = code::port_loop(n);
     let mut vmm = Vec::new();
     let mut bare = Vec::new();

@@ -73,9 +73,11 @@ pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
     let mut segments = Vec::new();
     let mut pvh_entry = None;
     for i in 0..phnum {
+        // phoff is outside data: every sum is checked, so a header offset
+        // near u64::MAX is refused instead of wrapping or panicking.
         let o = phoff
             .checked_add(i * phentsize)
-            .filter(|o| o + 56 <= b.len() as u64)
+            .filter(|o| o.checked_add(56).is_some_and(|end| end <= b.len() as u64))
             .ok_or_else(|| anyhow::anyhow!("program header {i} lies outside the file"))?
             as usize;
         let p_type = u32_at(b, o).ok_or_else(trunc)?;
@@ -138,14 +140,17 @@ pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
 /// Walk ELF notes for XEN_ELFNOTE_PHYS32_ENTRY (type 18, name "Xen").
 fn find_pvh(notes: &[u8]) -> Option<u32> {
     let mut o = 0usize;
-    while o + 12 <= notes.len() {
+    while o.checked_add(12).is_some_and(|e| e <= notes.len()) {
         let namesz = u32_at(notes, o)? as usize;
         let descsz = u32_at(notes, o + 4)? as usize;
         let ty = u32_at(notes, o + 8)?;
         let name_off = o + 12;
         let desc_off = name_off.checked_add(namesz.checked_add(3)? & !3)?;
         let next = desc_off.checked_add(descsz.checked_add(3)? & !3)?;
-        if ty == 18 && notes.get(name_off..name_off + namesz)? == b"Xen\0" && descsz >= 4 {
+        if ty == 18
+            && notes.get(name_off..name_off.checked_add(namesz)?)? == b"Xen\0"
+            && descsz >= 4
+        {
             return u32_at(notes, desc_off);
         }
         o = next;

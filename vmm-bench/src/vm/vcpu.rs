@@ -314,7 +314,7 @@ impl Kicker {
             s.spawn(move || {
                 let (lock, cv) = &*d;
                 let mut finished = lock.lock().unwrap_or_else(|e| e.into_inner());
-                let deadline = Instant::now() + limit;
+                let deadline = crate::deadline(Instant::now(), limit);
                 while !*finished {
                     let now = Instant::now();
                     if now >= deadline {

@@ -17,6 +17,12 @@ pub const DEFAULT_SEED: u64 = 0x6c69_7665_686f_7374; // "livehost"
 /// Bytes per MiB.
 pub const MIB: usize = 1 << 20;
 
+/// Largest workload size, in KiB, that every path accepts (1 GiB): the
+/// command line refuses anything larger, our VMM and the QEMU runners check
+/// it again, and the unikernel's PVH entry and the Linux init ignore or
+/// refuse larger values themselves.
+pub const MAX_KIB: u64 = 1 << 20;
+
 /// Fill `buf` with the stream for `seed` and return the checksum of it.
 ///
 /// The result depends only on `buf.len()` and `seed`, never on the buffer's
