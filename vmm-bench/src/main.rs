@@ -5,7 +5,24 @@ use clap::{Parser, Subcommand, ValueEnum};
 use livehost_common::exit;
 use std::path::PathBuf;
 use std::time::Duration;
+use vmm_bench::vm::probe::Accel;
 use vmm_bench::{container, native, qemu, report, vm};
+
+/// `println!` that returns an error instead of panicking when stdout is
+/// closed (`vmm-bench report | head`); see `main` for the exit status.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($t)*)?
+    }};
+}
+
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($t)*)?
+    }};
+}
 
 #[derive(Parser)]
 #[command(
@@ -150,6 +167,16 @@ fn main() {
     let cli = Cli::parse();
     let code = match real_main(cli) {
         Ok(c) => c,
+        // Whoever read our stdout went away: end quietly, as a shell tool
+        // killed by SIGPIPE would (128 + 13).
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            141
+        }
         Err(e) => {
             eprintln!("vmm-bench: {e:#}");
             let s = format!("{e:#}");
@@ -183,14 +210,55 @@ fn read_image(p: &std::path::Path) -> Result<Vec<u8>> {
     Ok(v)
 }
 
+/// What `run PATH` prints, the same shape for every path: `path`,
+/// `accel` (`kind` and `label`), `checksum` and `expected` (hex strings, so
+/// no JSON reader rounds them), `ok`, then that path's own fields.
+fn run_output(
+    path: PathKind,
+    accel: Option<Accel>,
+    got: Option<u64>,
+    expected: u64,
+    detail: serde_json::Value,
+) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let hex = |v: u64| format!("{v:#018x}");
+    let mut out = serde_json::Map::new();
+    out.insert(
+        "path".into(),
+        json!(
+            path.to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+        ),
+    );
+    out.insert(
+        "accel".into(),
+        json!({
+            "kind": accel,
+            "label": accel.map_or("KVM, not classified by the probe", |a| a.label()),
+        }),
+    );
+    out.insert("checksum".into(), json!(got.map(hex)));
+    out.insert("expected".into(), json!(hex(expected)));
+    out.insert("ok".into(), json!(got == Some(expected)));
+    if let Value::Object(m) = detail {
+        for (k, v) in m {
+            // The common fields win (the VMM's numeric checksum, QEMU's
+            // bare accelerator name).
+            out.entry(k).or_insert(v);
+        }
+    }
+    Value::Object(out)
+}
+
 fn print<T: serde::Serialize>(v: &T, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        outln!("{}", serde_json::to_string_pretty(v)?);
     } else {
         let mut lines = Vec::new();
         flatten("", &serde_json::to_value(v)?, &mut lines);
         for l in lines {
-            println!("{l}");
+            outln!("{l}");
         }
     }
     Ok(())
@@ -227,21 +295,21 @@ fn real_main(cli: Cli) -> Result<i32> {
                 print(&p, true)?;
             } else {
                 match (&p.error, p.accel) {
-                    (Some(e), _) => println!("KVM unusable: {e}"),
+                    (Some(e), _) => outln!("KVM unusable: {e}"),
                     (None, a) => {
-                        println!(
+                        outln!(
                             "KVM: {}",
                             a.map_or("present but no guest ran", |a| a.label())
                         );
-                        println!("  real mode:  {}", p.real_mode.as_deref().unwrap_or("-"));
-                        println!("  long mode:  {}", p.long_mode.as_deref().unwrap_or("-"));
+                        outln!("  real mode:  {}", p.real_mode.as_deref().unwrap_or("-"));
+                        outln!("  long mode:  {}", p.long_mode.as_deref().unwrap_or("-"));
                         if let Some(v) = p.create_to_first_exit_us {
-                            println!("  VM create to first exit: {v:.0} us");
+                            outln!("  VM create to first exit: {v:.0} us");
                         }
                         if let Some(v) = p.port_exit_ns {
-                            println!("  port-I/O exit round trip: {:.1} us", v / 1e3);
+                            outln!("  port-I/O exit round trip: {:.1} us", v / 1e3);
                         }
-                        println!(
+                        outln!(
                             "  guest register loop: {} (host {:.0} iterations/us)",
                             p.guest_loop_per_us.map_or(
                                 "did not finish in its time slice: instructions are emulated"
@@ -252,9 +320,10 @@ fn real_main(cli: Cli) -> Result<i32> {
                         );
                     }
                 }
-                println!(
+                outln!(
                     "  host is itself a guest: {}; probe took {:.0} ms",
-                    p.host_is_guest, p.elapsed_ms
+                    p.host_is_guest,
+                    p.elapsed_ms
                 );
             }
             Ok(if p.accel.is_some() {
@@ -271,6 +340,10 @@ fn real_main(cli: Cli) -> Result<i32> {
             image,
             json,
         } => {
+            if image.is_some() && !matches!(path, PathKind::Vm | PathKind::QemuUnikernel) {
+                eprintln!("vmm-bench: --image only applies to `run vm` and `run qemu-unikernel`");
+                return Ok(exit::USAGE);
+            }
             let image = match &image {
                 Some(p) => read_image(p)?,
                 None => vm::boot::UNIKERNEL.to_vec(),
@@ -278,11 +351,13 @@ fn real_main(cli: Cli) -> Result<i32> {
             let t = Duration::from_secs(timeout);
             let args = vec![format!("kib={kib}"), format!("loops={loops}")];
             let expected = native::expected_checksum(kib, vmm_bench_workload::DEFAULT_SEED)?;
-            let got = match path {
+            let probe_accel = || vm::probe::probe(Duration::from_secs(1)).accel;
+            // (accelerator, checksum the path returned, path-specific fields)
+            let (accel, got, detail): (Option<Accel>, Option<u64>, serde_json::Value) = match path {
                 PathKind::Native => {
                     let r = native::run(&args, t)?;
-                    print(&r, json)?;
-                    qemu::field_u64(&r.stdout, "checksum")
+                    let sum = qemu::field_u64(&r.stdout, "checksum");
+                    (Some(Accel::Native), sum, serde_json::to_value(&r)?)
                 }
                 PathKind::Container => {
                     let r = container::run(&container::ContainerOpts {
@@ -290,8 +365,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                         timeout: t,
                         ..Default::default()
                     })?;
-                    print(&r, json)?;
-                    qemu::field_u64(&r.stdout, "checksum")
+                    let sum = qemu::field_u64(&r.stdout, "checksum");
+                    (Some(Accel::Native), sum, serde_json::to_value(&r)?)
                 }
                 PathKind::Runc => {
                     let Some(runc) = container::find_runc() else {
@@ -299,8 +374,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                     };
                     let b = container::make_bundle(&args)?;
                     let r = container::run_runc(&runc, &b, t)?;
-                    print(&r, json)?;
-                    qemu::field_u64(&r.stdout, "checksum")
+                    let sum = qemu::field_u64(&r.stdout, "checksum");
+                    (Some(Accel::Native), sum, serde_json::to_value(&r)?)
                 }
                 PathKind::Vm => {
                     let kvm = vm::Kvm::open()?;
@@ -314,31 +389,34 @@ fn real_main(cli: Cli) -> Result<i32> {
                             ..Default::default()
                         },
                     )?;
-                    print(&r, json)?;
-                    if !json {
-                        println!("checksum (hex): {:#018x}", r.checksum);
-                    }
-                    Some(r.checksum)
+                    // Probed after the run, so the run's own memory figures
+                    // do not include the probe's VMs.
+                    (probe_accel(), Some(r.checksum), serde_json::to_value(&r)?)
                 }
                 PathKind::QemuUnikernel => {
-                    let accel = qemu::choose_accel(vm::probe::probe(Duration::from_secs(1)).accel);
+                    let accel = qemu::choose_accel(probe_accel());
                     let r = qemu::run_unikernel(&image, kib, loops, t, accel)?;
-                    print(&r, json)?;
-                    qemu::field_u64(&r.line, "checksum")
+                    let sum = qemu::field_u64(&r.line, "checksum");
+                    (Some(accel), sum, serde_json::to_value(&r)?)
                 }
                 PathKind::QemuLinux => {
                     let img = qemu::linux_image()?;
-                    let accel = qemu::choose_accel(vm::probe::probe(Duration::from_secs(1)).accel);
+                    let accel = qemu::choose_accel(probe_accel());
                     let r = qemu::run_linux(&img, kib, loops, t, accel)?;
-                    print(&r, json)?;
-                    qemu::field_u64(&r.line, "checksum")
+                    let sum = qemu::field_u64(&r.line, "checksum");
+                    (Some(accel), sum, serde_json::to_value(&r)?)
                 }
             };
+            let out = run_output(path, accel, got, expected, detail);
+            print(&out, json)?;
             if got != Some(expected) {
-                bail!("checksum mismatch: got {got:x?}, expected {expected:#x}");
+                bail!(
+                    "checksum mismatch: got {}, expected {expected:#018x}",
+                    got.map_or("none".into(), |g| format!("{g:#018x}"))
+                );
             }
             if !json {
-                println!("checksum matches the native reference ({expected:#018x})");
+                outln!("checksum matches the native reference ({expected:#018x})");
             }
             Ok(exit::SUCCESS)
         }
@@ -412,7 +490,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             if json {
                 print(&r, true)?;
             } else {
-                print!("{}", report::markdown(&r));
+                out!("{}", report::markdown(&r));
                 eprintln!(
                     "wrote {}",
                     files

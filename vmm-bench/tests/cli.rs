@@ -58,20 +58,63 @@ fn quick_report_writes_labelled_results() {
     }
 }
 
-#[test]
-fn run_vm_checks_the_checksum() {
-    assert!(livehost_common::is_root(), "needs root (CI runs as root)");
+/// `run PATH --json`: one object of the same shape for every path.
+fn run_json(path: &str) -> serde_json::Value {
     let out = Command::new(EXE)
-        .args(["run", "vm", "--kib", "16", "--json"])
+        .args(["run", path, "--kib", "16", "--loops", "50", "--json"])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "stderr: {}",
+        "{path}: stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(j["checksum"].as_u64().is_some());
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{path}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let want = format!(
+        "{:#018x}",
+        vmm_bench::native::expected_checksum(16, vmm_bench_workload::DEFAULT_SEED).unwrap()
+    );
+    assert_eq!(j["path"], path, "{j}");
+    assert_eq!(j["checksum"], want.as_str(), "{path}: {j}");
+    assert_eq!(j["expected"], want.as_str(), "{path}: {j}");
+    assert_eq!(j["ok"], true, "{path}: {j}");
+    assert!(
+        !j["accel"]["label"].as_str().unwrap_or("").is_empty(),
+        "{path}: accelerator label: {j}"
+    );
+    assert!(j["accel"]["kind"].is_string(), "{path}: {j}");
+    j
+}
+
+#[test]
+fn run_json_is_uniform_for_every_path() {
+    assert!(livehost_common::is_root(), "needs root (CI runs as root)");
+    let j = run_json("native");
+    assert_eq!(j["accel"]["kind"], "Native");
+    assert!(j["total_us"].as_f64().is_some(), "{j}");
+    let j = run_json("container");
+    assert_eq!(j["accel"]["kind"], "Native");
+    assert!(j["setup_us"].as_f64().is_some(), "{j}");
+    // The VMM's own fields stay beside the common ones.
+    let j = run_json("vm");
+    assert_ne!(j["accel"]["kind"], "Native");
+    assert_eq!(j["exits"]["hlt"], 1, "{j}");
+    assert!(j["vmm_overhead_bytes"].as_u64().is_some(), "{j}");
+    if vmm_bench::container::find_runc().is_some() {
+        let j = run_json("runc");
+        assert!(j["total_us"].as_f64().is_some(), "{j}");
+    }
+    if vmm_bench::qemu::qemu_available() {
+        // One PVH boot, ~0.2 s under TCG.
+        let j = run_json("qemu-unikernel");
+        assert!(j["to_result_us"].as_f64().is_some(), "{j}");
+        assert!(j["line"].as_str().unwrap().contains("LIVEHOST-UK"), "{j}");
+    }
 }
 
 /// A usage error: exit 2, nothing run, and the message names the argument
