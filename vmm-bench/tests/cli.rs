@@ -44,8 +44,39 @@ fn quick_report_writes_labelled_results() {
         skipped.iter().any(|k| k["path"] == "runc" && k["reason"].as_str().unwrap().contains("not installed")),
         "runc row skipped with a reason: {skipped:?}"
     );
+    // The image-size claim is tested without booting Linux: the kernel and
+    // initramfs are sized on their own (fetched into the kernel cache).
+    assert!(
+        skipped.iter().any(|k| k["path"] == "QEMU + Linux"),
+        "{skipped:?}"
+    );
+    let rows = j["rows"].as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["path"] == "Linux VM image" && r["value"].as_f64().unwrap() > 1000.0),
+        "the Linux image is sized under --no-linux: {skipped:?}"
+    );
+    let claim = j["claims"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["claim"].as_str().unwrap().contains("~4% of a VM image"))
+        .cloned()
+        .expect("the image-size claim is listed");
+    assert_ne!(claim["verdict"], "not tested", "{claim}");
+    assert!(
+        claim["measured"]
+            .as_str()
+            .unwrap()
+            .contains("KiB kernel+initramfs"),
+        "{claim}"
+    );
     let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     assert!(md.contains("## Claims") && md.contains("CPU:") && md.contains("Host kernel:"));
+    assert!(
+        md.contains("a unikernel image is ~4% of a VM image"),
+        "{md}"
+    );
     if j["probe"]["accel"] != "HardwareKvm" {
         assert!(
             md.contains("under emulation"),
