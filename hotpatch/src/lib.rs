@@ -16,6 +16,8 @@ pub mod module;
 pub mod ops;
 pub mod paths;
 pub mod state;
+#[doc(hidden)]
+pub mod testelf;
 
 /// Kernel command-line switch that makes `load --installed` do nothing, for
 /// a boot where a re-applied patch is suspected of causing trouble.

@@ -35,6 +35,31 @@ const MODULE_NAME_LEN: usize = 56;
 const MAX_STR: usize = 512;
 /// Bigger than any module we expect; keeps a wrong path from eating memory.
 pub const MAX_MODULE_SIZE: u64 = 256 << 20;
+/// The klp struct walk gives up after this many bytes without an entry: a
+/// `klp_object`/`klp_func` is far smaller, so a longer gap means we left the
+/// array (or the section size is made up).
+const MAX_GAP: u64 = 1024;
+/// Entries read from one array.
+const MAX_ARRAY_ENTRIES: usize = 1024;
+/// Functions reported for the whole patch.
+const MAX_FUNCTIONS: usize = 4096;
+/// `__this_module` pointers tried as the start of a `klp_patch`.
+const MAX_PATCH_CANDIDATES: usize = 64;
+/// Data relocations kept (a 256 MiB file could hold ten million).
+const MAX_RELOCS: usize = 1 << 20;
+
+/// The relocation type of a plain 64-bit absolute pointer (what fills the
+/// klp structs' pointer fields) on the architectures with livepatch.
+fn abs64_reloc_type(machine: u16) -> Option<u32> {
+    match machine {
+        header::EM_X86_64 => Some(1),    // R_X86_64_64
+        header::EM_AARCH64 => Some(257), // R_AARCH64_ABS64
+        header::EM_PPC64 => Some(38),    // R_PPC64_ADDR64
+        header::EM_S390 => Some(22),     // R_390_64
+        header::EM_RISCV => Some(2),     // R_RISCV_64
+        _ => None,
+    }
+}
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Signature {
@@ -388,6 +413,10 @@ impl<'a> View<'a> {
 
     fn collect_relocs(&self) -> HashMap<(usize, u64), Target> {
         let mut out = HashMap::new();
+        let abs64 = abs64_reloc_type(self.elf.header.e_machine);
+        if abs64.is_none() {
+            return out;
+        }
         for (rel_idx, relocs) in &self.elf.shdr_relocs {
             let Some(sh) = self.elf.section_headers.get(*rel_idx) else {
                 continue;
@@ -408,22 +437,49 @@ impl<'a> View<'a> {
             {
                 continue;
             }
+            // Code is never part of a klp struct, and its relocations
+            // (PC-relative, with negative addends) are not pointers to
+            // follow.
+            if target.sh_flags & u64::from(section_header::SHF_EXECINSTR) != 0 {
+                continue;
+            }
+            // Only relocations that can land inside the section's real bytes.
+            let Some(target_len) = self.data(target_sec).map(|d| d.len() as u64) else {
+                continue;
+            };
             for r in relocs.iter() {
+                // The klp structs' pointer fields are plain 64-bit absolute
+                // relocations; anything else is not a field we read.
+                if Some(r.r_type) != abs64 {
+                    continue;
+                }
+                if r.r_offset.checked_add(8).is_none_or(|end| end > target_len) {
+                    continue;
+                }
+                if out.len() >= MAX_RELOCS {
+                    return out;
+                }
                 let Some(s) = self.elf.syms.get(r.r_sym) else {
                     continue;
                 };
                 let addend = r.r_addend.unwrap_or(0);
                 let t = if s.st_type() == sym::STT_SECTION {
+                    let Ok(offset) = u64::try_from(addend) else {
+                        continue;
+                    };
                     Target::Local {
                         section: s.st_shndx,
-                        offset: addend as u64,
+                        offset,
                     }
                 } else if s.st_shndx != section_header::SHN_UNDEF as usize
                     && s.st_shndx < self.elf.section_headers.len()
                 {
+                    let Some(offset) = s.st_value.checked_add_signed(addend) else {
+                        continue;
+                    };
                     Target::Local {
                         section: s.st_shndx,
-                        offset: s.st_value.wrapping_add(addend as u64),
+                        offset,
                     }
                 } else {
                     let name = self.elf.strtab.get_at(s.st_name).unwrap_or("?");
@@ -492,31 +548,42 @@ impl<'a> View<'a> {
     /// `klp_func` entries start where a string pointer is followed by a code
     /// pointer.
     fn is_func_entry(&self, section: usize, off: u64) -> bool {
+        let Some(next) = off.checked_add(8) else {
+            return false;
+        };
         let name = self
             .relocs
             .get(&(section, off))
             .and_then(|t| self.string_at(t));
         let func = self
             .relocs
-            .get(&(section, off + 8))
+            .get(&(section, next))
             .and_then(|t| self.function_at(t));
         name.is_some() && func.is_some()
     }
 
+    /// The pointer relocated into `section` at `off + delta`.
+    fn reloc_at(&self, section: usize, off: u64, delta: u64) -> Option<&Target> {
+        self.relocs.get(&(section, off.checked_add(delta)?))
+    }
+
     /// End of the array starting at `start`: the size of the object symbol
-    /// there when the module kept one, else unbounded (the caller stops at
-    /// the first entry that does not match).
+    /// there when the module kept one, else the end of the section; never
+    /// past the section's bytes actually present in the file.
     fn array_end(&self, section: usize, start: u64) -> u64 {
+        let data_len = self.data(section).map_or(0, |d| d.len() as u64);
         self.objects
             .get(&section)
             .and_then(|v| v.iter().find(|(val, _)| *val == start))
             .map_or(u64::MAX, |(v, s)| v.saturating_add(*s))
+            .min(data_len)
     }
 
     /// Entries of an array at (section, start) matching `is_entry`, walking
-    /// 8-byte steps: arrays end with a zeroed terminator, so when the array
-    /// has no sized symbol we stop at the first gap wider than the stride
-    /// the first two entries establish.
+    /// 8-byte steps: arrays end with a zeroed terminator, so we stop at the
+    /// first gap wider than the stride the first two entries establish, and
+    /// after `MAX_GAP` bytes with no entry at all (from the start or since
+    /// the last entry), so a walk is bounded whatever the section claims.
     fn array_entries(
         &self,
         section: usize,
@@ -524,32 +591,26 @@ impl<'a> View<'a> {
         is_entry: impl Fn(u64) -> bool,
     ) -> Vec<u64> {
         let end = self.array_end(section, start);
-        let sec_len = self
-            .elf
-            .section_headers
-            .get(section)
-            .map_or(0, |s| s.sh_size);
-        let end = end.min(sec_len);
-        let mut found = Vec::new();
+        let mut found: Vec<u64> = Vec::new();
         let mut off = start;
-        while off < end && found.len() < 4096 {
+        while off < end && found.len() < MAX_ARRAY_ENTRIES {
+            let last = found.last().copied().unwrap_or(start);
+            if off - last > MAX_GAP {
+                break;
+            }
             if is_entry(off) {
                 if found.len() >= 2 {
                     let stride = found[1] - found[0];
-                    if off - found[found.len() - 1] != stride {
+                    if off - last != stride {
                         break;
                     }
                 }
                 found.push(off);
-            } else if end == u64::MAX || end == sec_len {
-                // No size known: a long gap means we left the array.
-                if let Some(&last) = found.last()
-                    && off - last > 1024
-                {
-                    break;
-                }
             }
-            off += 8;
+            let Some(next) = off.checked_add(8) else {
+                break;
+            };
+            off = next;
         }
         found
     }
@@ -567,16 +628,18 @@ impl<'a> View<'a> {
             .map(|(k, _)| *k)
             .collect();
         candidates.sort();
-        for (sec, p) in candidates {
+        // A real module has one klp_patch; a crafted one may point at
+        // __this_module from everywhere, so only the first few are tried.
+        for (sec, p) in candidates.into_iter().take(MAX_PATCH_CANDIDATES) {
             let Some(Target::Local {
                 section: osec,
                 offset: objs,
-            }) = self.relocs.get(&(sec, p + 8))
+            }) = self.reloc_at(sec, p, 8)
             else {
                 continue;
             };
             let (osec, objs) = (*osec, *objs);
-            let is_obj = |off: u64| match self.relocs.get(&(osec, off + 8)) {
+            let is_obj = |off: u64| match self.reloc_at(osec, off, 8) {
                 Some(Target::Local { section, offset }) => self.is_func_entry(*section, *offset),
                 _ => false,
             };
@@ -585,7 +648,13 @@ impl<'a> View<'a> {
                 continue;
             }
             let mut objects = Vec::new();
+            // Bounds the whole walk: objects x functions stays small even
+            // when every object points at the same long array.
+            let mut budget = MAX_FUNCTIONS;
             for o in obj_offs {
+                if budget == 0 {
+                    break;
+                }
                 let name = self
                     .relocs
                     .get(&(osec, o))
@@ -594,30 +663,33 @@ impl<'a> View<'a> {
                 let Some(Target::Local {
                     section: fsec,
                     offset: fstart,
-                }) = self.relocs.get(&(osec, o + 8))
+                }) = self.reloc_at(osec, o, 8)
                 else {
                     continue;
                 };
                 let (fsec, fstart) = (*fsec, *fstart);
-                let functions = self
+                let functions: Vec<PatchedFunction> = self
                     .array_entries(fsec, fstart, |off| self.is_func_entry(fsec, off))
                     .into_iter()
+                    .take(budget)
                     .filter_map(|f| {
                         let name = self
                             .relocs
                             .get(&(fsec, f))
                             .and_then(|t| self.string_at(t))?;
-                        let replacement = self
-                            .relocs
-                            .get(&(fsec, f + 8))
-                            .and_then(|t| self.function_at(t));
+                        let replacement =
+                            self.reloc_at(fsec, f, 8).and_then(|t| self.function_at(t));
                         Some(PatchedFunction {
                             name,
-                            sympos: self.u64_at(fsec, f + 16).unwrap_or(0),
+                            sympos: f
+                                .checked_add(16)
+                                .and_then(|at| self.u64_at(fsec, at))
+                                .unwrap_or(0),
                             replacement,
                         })
                     })
                     .collect();
+                budget = budget.saturating_sub(functions.len().max(1));
                 objects.push(PatchedObject { name, functions });
             }
             // `replace` is the bool after mod, objs and states.
@@ -764,6 +836,220 @@ mod tests {
                 ("name".to_string(), "hp_x".to_string()),
             ]
         );
+    }
+
+    use crate::testelf::{self, ModuleSpec, Object, Reloc, Sec, Sym};
+    use std::time::{Duration, Instant};
+
+    fn quick(bytes: &[u8]) -> Result<ModuleInfo> {
+        let t = Instant::now();
+        let r = inspect(bytes);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "inspect took {:?}",
+            t.elapsed()
+        );
+        r
+    }
+
+    fn two_objects() -> ModuleSpec {
+        ModuleSpec::livepatch(
+            "hp_gen",
+            &[
+                Object {
+                    name: None,
+                    funcs: vec![
+                        ("cmdline_proc_show".into(), 0),
+                        ("version_proc_show".into(), 2),
+                    ],
+                },
+                Object {
+                    name: Some("hp_busy".into()),
+                    funcs: vec![("hp_busy_sleeper".into(), 0)],
+                },
+            ],
+            true,
+        )
+    }
+
+    #[test]
+    fn generated_livepatch_is_followed() {
+        let i = quick(&two_objects().build().bytes).unwrap();
+        assert_eq!(i.name.as_deref(), Some("hp_gen"));
+        assert!(i.livepatch);
+        assert_eq!(i.replace, Some(true));
+        assert!(i.warnings.is_empty(), "{:?}", i.warnings);
+        let fs: Vec<(&str, &str, u64, Option<&str>)> = i
+            .functions()
+            .map(|(o, f)| (o, f.name.as_str(), f.sympos, f.replacement.as_deref()))
+            .collect();
+        assert_eq!(
+            fs,
+            [
+                (
+                    "vmlinux",
+                    "cmdline_proc_show",
+                    0,
+                    Some("hp_gen_cmdline_proc_show")
+                ),
+                (
+                    "vmlinux",
+                    "version_proc_show",
+                    2,
+                    Some("hp_gen_version_proc_show")
+                ),
+                (
+                    "hp_busy",
+                    "hp_busy_sleeper",
+                    0,
+                    Some("hp_gen_hp_busy_sleeper")
+                ),
+            ]
+        );
+    }
+
+    /// What 16 Debian modules (vsock, nf_tables, nfsd, aesni-intel, ...)
+    /// have: code that loads `__this_module`, with PC-relative relocations
+    /// and negative addends next to it. Following those wrapped offsets
+    /// overflowed; code relocations are now not followed at all.
+    #[test]
+    fn code_relocations_with_negative_addends_are_ignored() {
+        let mut m = two_objects();
+        m.text.extend_from_slice(&[0x90; 0x40]);
+        let base = m.text.len() as u64 - 0x40;
+        m.text_relocs.extend([
+            Reloc {
+                offset: base + 1,
+                sym: Sym::ThisModule,
+                kind: testelf::R_X86_64_32S,
+                addend: 0,
+            },
+            Reloc {
+                offset: base + 9,
+                sym: Sym::Section(Sec::Text),
+                kind: testelf::R_X86_64_32S,
+                addend: base as i64 + 0x20,
+            },
+            Reloc {
+                offset: base + 0x28,
+                sym: Sym::Section(Sec::Rodata),
+                kind: testelf::R_X86_64_PC32,
+                addend: -4,
+            },
+            Reloc {
+                offset: base + 0x30,
+                sym: Sym::Func(0),
+                kind: testelf::R_X86_64_PC32,
+                addend: -4,
+            },
+        ]);
+        let i = quick(&m.build().bytes).unwrap();
+        assert_eq!(i.functions().count(), 3);
+    }
+
+    /// Negative addends and non-pointer relocation types in data: skipped,
+    /// never wrapped into huge offsets.
+    #[test]
+    fn data_relocations_never_wrap() {
+        let mut m = two_objects();
+        m.data.extend_from_slice(&[0; 0x20]);
+        let at = m.data.len() as u64 - 0x20;
+        m.data_relocs.extend([
+            Reloc::abs64(at, Sym::Section(Sec::Data), -8),
+            Reloc::abs64(at + 8, Sym::Func(0), i64::MIN),
+            Reloc::abs64(at + 16, Sym::ThisModule, 0),
+            Reloc {
+                offset: at + 24,
+                sym: Sym::Section(Sec::Data),
+                kind: testelf::R_X86_64_PC32,
+                addend: -4,
+            },
+        ]);
+        let i = quick(&m.build().bytes).unwrap();
+        assert_eq!(i.functions().count(), 3);
+        // The same with every addend of the klp structs made negative.
+        let mut b = two_objects().build();
+        for n in 0..9 {
+            b.set_data_reloc_addend(n, -(n as i64) - 1);
+        }
+        let i = quick(&b.bytes).unwrap();
+        assert_eq!(i.functions().count(), 0);
+    }
+
+    /// /tmp/hp_ovf.ko: a `.rela.data` entry whose r_offset is near u64::MAX
+    /// (the relocation that points at `__this_module`).
+    #[test]
+    fn relocation_offset_near_u64_max_is_no_panic() {
+        for off in [u64::MAX, u64::MAX - 3, u64::MAX - 8, u64::MAX - 16, 1 << 63] {
+            for n in 0..3 {
+                let mut b = two_objects().build();
+                b.set_data_reloc_offset(n, off);
+                let i = quick(&b.bytes).unwrap();
+                assert!(i.livepatch);
+            }
+        }
+    }
+
+    /// /tmp/hp_hang.ko: `.data`'s sh_size claims 1 TiB and the objects
+    /// pointer points past the real bytes. The walk is bounded by the bytes
+    /// the file holds.
+    #[test]
+    fn made_up_section_size_does_not_hang() {
+        for size in [1u64 << 40, u64::MAX, u64::MAX - 7] {
+            let mut b = two_objects().build();
+            b.set_data_size(size);
+            b.set_data_reloc_addend(1, 0x1000);
+            let i = quick(&b.bytes).unwrap();
+            assert!(i.objects.is_empty());
+            assert!(i.warnings.iter().any(|w| w.contains("klp_patch")));
+        }
+        // A real (large) .data with the objects pointer into a long run of
+        // zeros: the walk stops after a bounded gap.
+        let mut m = two_objects();
+        let at = m.data.len() as i64;
+        m.data.resize(m.data.len() + (8 << 20), 0);
+        m.data_relocs[1].addend = at;
+        let i = quick(&m.build().bytes).unwrap();
+        assert!(i.objects.is_empty());
+    }
+
+    /// Every object pointing at one long functions array: the total is
+    /// capped, so objects x functions cannot blow up.
+    #[test]
+    fn objects_times_functions_is_bounded() {
+        let funcs: Vec<(String, u64)> = (0..2000).map(|i| (format!("f{i}"), 0)).collect();
+        let mut m = ModuleSpec::livepatch("hp_many", &[Object { name: None, funcs }], false);
+        // 1000 more objects, all pointing at the first object's functions.
+        let funcs_at = m.data_relocs[2].addend;
+        let objs_end = m.data.len() as u64;
+        let n = 1000u64;
+        m.data.resize((objs_end + (n + 1) * 0x60) as usize, 0);
+        m.data_relocs[1].addend = objs_end as i64;
+        for i in 0..n {
+            m.data_relocs.push(Reloc::abs64(
+                objs_end + i * 0x60 + 8,
+                Sym::Section(Sec::Data),
+                funcs_at,
+            ));
+        }
+        let i = quick(&m.build().bytes).unwrap();
+        assert!(i.functions().count() <= MAX_FUNCTIONS);
+        assert!(i.functions().count() >= MAX_ARRAY_ENTRIES);
+    }
+
+    /// Every single-byte corruption of a generated module, in the places
+    /// the walk reads: an error or a result, never a panic, never slow.
+    #[test]
+    fn corrupted_generated_module_never_panics() {
+        let b = two_objects().build();
+        for at in (b.rela_data..b.rela_data + 24 * 8).chain(b.data_shdr..b.data_shdr + 64) {
+            for v in [0x00, 0x7f, 0x80, 0xff] {
+                let mut x = b.bytes.clone();
+                x[at] = v;
+                let _ = quick(&x);
+            }
+        }
+        let _ = b.rodata;
     }
 
     #[test]
