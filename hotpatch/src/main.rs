@@ -104,7 +104,7 @@ enum Cmd {
     /// Disable, wait for the transition and the module's references, remove.
     Unload {
         /// Patch (module) name.
-        #[arg(required_unless_present = "all")]
+        #[arg(required_unless_present = "all", value_parser = module_name)]
         name: Option<String>,
         /// Every livepatch, top of the stack first.
         #[arg(long, conflicts_with = "name")]
@@ -114,12 +114,14 @@ enum Cmd {
     },
     /// Enable a loaded patch (only possible while it is still registered).
     Enable {
+        #[arg(value_parser = module_name)]
         name: String,
         #[command(flatten)]
         wait: WaitArgs,
     },
     /// Disable a patch and wait for the transition; the module stays loaded.
     Disable {
+        #[arg(value_parser = module_name)]
         name: String,
         #[command(flatten)]
         wait: WaitArgs,
@@ -130,13 +132,28 @@ enum Cmd {
     /// Keep a module for this kernel release and re-apply it at boot.
     Install { file: PathBuf },
     /// Forget an installed module (does not unload it).
-    Uninstall { name: String },
+    Uninstall {
+        #[arg(value_parser = module_name)]
+        name: String,
+    },
     /// Show the journal of changes.
     Journal {
         /// Only the last N entries.
         #[arg(long)]
         tail: Option<usize>,
     },
+}
+
+/// NAME arguments: a kernel module name, nothing a path could be built
+/// from. A bad one is a usage error (exit 2), like any other clap error.
+fn module_name(s: &str) -> std::result::Result<String, String> {
+    if module::is_module_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a module name: 1 to 55 letters, digits, '_' or '-' (`hotpatch list` shows the loaded ones)"
+        ))
+    }
 }
 
 fn main() {
@@ -316,7 +333,9 @@ fn run(cli: Cli) -> Result<i32> {
                     file.display()
                 );
             }
-            let name = info.name.clone().context("module has no name")?;
+            let name = info.name.clone().context(
+                "module has no usable name (neither struct module's name nor modinfo name= is a valid module name); refusing to install it",
+            )?;
             let release = paths.release()?;
             let _lock = state::lock(&paths, LOCK_WAIT)?;
             let e = state::install(&paths, &release, &name, &info.sha256, &file)?;

@@ -248,7 +248,17 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo> {
         .and_then(|d| d.get(THIS_MODULE_NAME_OFFSET..))
         .and_then(|d| c_string(&d[..d.len().min(MODULE_NAME_LEN)]))
         .filter(|s| is_module_name(s));
+    // The name becomes a file name under the state dir and a sysfs path:
+    // only what the kernel itself accepts as a module name is taken.
     let modinfo_name = first("name");
+    if let Some(n) = &modinfo_name
+        && !is_module_name(n)
+    {
+        warnings.push(format!(
+            "modinfo name {n:?} is not a valid module name; ignored"
+        ));
+    }
+    let modinfo_name = modinfo_name.filter(|s| is_module_name(s));
     if let (Some(a), Some(b)) = (&this_module_name, &modinfo_name)
         && a != b
     {
@@ -318,8 +328,11 @@ fn c_string(data: &[u8]) -> Option<String> {
     }
 }
 
-fn is_module_name(s: &str) -> bool {
+/// A kernel module name: 1 to 55 (`MODULE_NAME_LEN - 1`) characters of
+/// `[A-Za-z0-9_-]`. Everything hotpatch builds a path from passes this.
+pub fn is_module_name(s: &str) -> bool {
     !s.is_empty()
+        && s.len() < MODULE_NAME_LEN
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
@@ -1050,6 +1063,52 @@ mod tests {
             }
         }
         let _ = b.rodata;
+    }
+
+    #[test]
+    fn module_names_are_filtered() {
+        for good in ["hp_cmdline", "nf-tables", "a", &"x".repeat(55)] {
+            assert!(is_module_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "../../../a",
+            "a/b",
+            ".",
+            "..",
+            "a b",
+            "a\nb",
+            "é",
+            &"x".repeat(56),
+        ] {
+            assert!(!is_module_name(bad), "{bad}");
+        }
+    }
+
+    /// /tmp/hp_trav.ko: struct module's name unusable, modinfo
+    /// `name=../../../a`. Neither is taken: the module has no name.
+    #[test]
+    fn traversal_name_is_not_taken() {
+        let mut m = ModuleSpec::simple("hp/cmdline");
+        m.modinfo.retain(|(k, _)| k != "name");
+        m.modinfo.push(("name".into(), "../../../a".into()));
+        let i = quick(&m.build().bytes).unwrap();
+        assert_eq!(i.name, None);
+        assert!(
+            i.warnings
+                .iter()
+                .any(|w| w.contains("not a valid module name")),
+            "{:?}",
+            i.warnings
+        );
+        // A valid modinfo name is still the fallback.
+        let mut m = ModuleSpec::simple("hp/cmdline");
+        m.modinfo.retain(|(k, _)| k != "name");
+        m.modinfo.push(("name".into(), "hp_ok".into()));
+        assert_eq!(
+            quick(&m.build().bytes).unwrap().name.as_deref(),
+            Some("hp_ok")
+        );
     }
 
     #[test]

@@ -168,6 +168,30 @@ pub struct LoadedRecord {
     pub forced: bool,
 }
 
+/// Refuse a module name that is not one: names become file names under the
+/// state directory, so `../` or `/` must never get that far.
+pub fn check_name(name: &str) -> Result<()> {
+    if !crate::module::is_module_name(name) {
+        bail!("{name:?} is not a module name (1 to 55 letters, digits, '_' or '-')");
+    }
+    Ok(())
+}
+
+/// A kernel release as a directory name (`6.1.0-56-cloud-amd64`,
+/// `6.12.117+deb13-cloud-amd64`): it may come from a module's vermagic.
+pub fn check_release(release: &str) -> Result<()> {
+    let ok = !release.is_empty()
+        && release.len() <= 64
+        && !release.starts_with('.')
+        && release
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-~".contains(&b));
+    if !ok {
+        bail!("{release:?} is not a kernel release name");
+    }
+    Ok(())
+}
+
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().context("path has no parent")?;
     std::fs::create_dir_all(dir)?;
@@ -182,11 +206,13 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 pub fn loaded_record(paths: &Paths, name: &str) -> Option<LoadedRecord> {
+    check_name(name).ok()?;
     let t = std::fs::read_to_string(paths.loaded_dir().join(format!("{name}.json"))).ok()?;
     serde_json::from_str(&t).ok()
 }
 
 pub fn save_loaded(paths: &Paths, r: &LoadedRecord) -> Result<()> {
+    check_name(&r.name)?;
     write_atomic(
         &paths.loaded_dir().join(format!("{}.json", r.name)),
         &serde_json::to_vec_pretty(r)?,
@@ -194,6 +220,9 @@ pub fn save_loaded(paths: &Paths, r: &LoadedRecord) -> Result<()> {
 }
 
 pub fn forget_loaded(paths: &Paths, name: &str) {
+    if check_name(name).is_err() {
+        return;
+    }
     let _ = std::fs::remove_file(paths.loaded_dir().join(format!("{name}.json")));
 }
 
@@ -220,6 +249,7 @@ pub fn manifest_path(paths: &Paths, release: &str) -> PathBuf {
 }
 
 pub fn read_manifest(paths: &Paths, release: &str) -> Result<Manifest> {
+    check_release(release)?;
     let p = manifest_path(paths, release);
     match std::fs::read_to_string(&p) {
         Ok(t) => serde_json::from_str(&t)
@@ -233,6 +263,7 @@ pub fn read_manifest(paths: &Paths, release: &str) -> Result<Manifest> {
 }
 
 pub fn write_manifest(paths: &Paths, m: &Manifest) -> Result<()> {
+    check_release(&m.kernel)?;
     write_atomic(
         &manifest_path(paths, &m.kernel),
         &serde_json::to_vec_pretty(m)?,
@@ -248,6 +279,7 @@ pub fn install(
     sha256: &str,
     file: &Path,
 ) -> Result<Installed> {
+    check_name(name)?;
     let mut m = read_manifest(paths, release)?;
     let dir = paths.installed_dir(release);
     let fname = format!("{name}.ko");
@@ -271,6 +303,7 @@ pub fn install(
 }
 
 pub fn uninstall(paths: &Paths, release: &str, name: &str) -> Result<Installed> {
+    check_name(name)?;
     let mut m = read_manifest(paths, release)?;
     let Some(pos) = m.modules.iter().position(|e| e.name == name) else {
         let have: Vec<&str> = m.modules.iter().map(|e| e.name.as_str()).collect();
@@ -360,6 +393,43 @@ mod tests {
         assert!(err.contains("installed: b"), "{err}");
         // Other kernels are separate.
         assert!(read_manifest(&p, "6.2").unwrap().modules.is_empty());
+    }
+
+    /// A name or release that would leave the state dir is refused before
+    /// any path is built from it, and nothing is written.
+    #[test]
+    fn names_and_releases_cannot_leave_the_state_dir() {
+        let (d, p) = tmp_paths();
+        let ko = d.path().join("a.ko");
+        std::fs::write(&ko, b"one").unwrap();
+        for bad in ["../../../a", "a/b", "..", "", "a\0b"] {
+            let e = install(&p, "6.1", bad, "h", &ko).unwrap_err().to_string();
+            assert!(e.contains("not a module name"), "{e}");
+            assert!(uninstall(&p, "6.1", bad).is_err());
+            assert!(loaded_record(&p, bad).is_none());
+            forget_loaded(&p, bad);
+            let rec = LoadedRecord {
+                name: bad.into(),
+                sha256: "h".into(),
+                path: "/x".into(),
+                replace: None,
+                loaded_at: 0.0,
+                forced: false,
+            };
+            assert!(save_loaded(&p, &rec).is_err());
+        }
+        for bad in ["../x", "a/b", ".", "..", "", ".hidden", "6.1 x"] {
+            let e = install(&p, bad, "a", "h", &ko).unwrap_err().to_string();
+            assert!(e.contains("not a kernel release"), "{e}");
+        }
+        // Nothing was written anywhere under the temp dir but the module.
+        let mut left = Vec::new();
+        for e in std::fs::read_dir(d.path()).unwrap() {
+            left.push(e.unwrap().file_name().to_string_lossy().into_owned());
+        }
+        assert_eq!(left, ["a.ko"]);
+        assert!(check_release("6.12.117+deb13-cloud-amd64").is_ok());
+        assert!(check_release("6.1.0-56-cloud-amd64").is_ok());
     }
 
     #[test]

@@ -321,6 +321,42 @@ fn cli_list_json_and_errors() {
         Some(2)
     );
 
+    // NAME arguments are module names, never paths: exit 2, nothing done.
+    for args in [
+        &["unload", "../../../a"][..],
+        &["enable", "a/b"],
+        &["disable", ".."],
+        &["uninstall", "../x"],
+        &["--json", "uninstall", ""],
+    ] {
+        let out = bin(&paths, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("is not a module name"),
+            "{args:?}: {out:?}"
+        );
+    }
+    assert!(
+        !paths.state.exists(),
+        "a refused NAME touched the state dir"
+    );
+
+    // A module whose only name is `../../../a` (struct module's unusable) is
+    // not installed anywhere.
+    let mut m = hotpatch::testelf::ModuleSpec::simple("hp/trav");
+    m.modinfo.retain(|(k, _)| k != "name");
+    m.modinfo.push(("name".into(), "../../../a".into()));
+    let trav = d.path().join("trav.ko");
+    std::fs::write(&trav, m.build().bytes).unwrap();
+    let out = bin(&paths, &["install", trav.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no usable name"),
+        "{out:?}"
+    );
+    assert!(!d.path().join("a.ko").exists() && !d.path().join("a").exists());
+    assert!(!paths.state.join("installed").exists());
+
     // uninstall of something never installed says what is installed.
     let out = bin(&paths, &["uninstall", "hp_x"]);
     assert_eq!(out.status.code(), Some(1));
