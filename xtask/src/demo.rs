@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Where the workspace's sources are (the sample fix lives there).
@@ -108,47 +108,154 @@ fn step_rc(steps: &BTreeMap<String, (String, i32)>, name: &str) -> Option<i32> {
     steps.get(name).map(|(_, rc)| *rc)
 }
 
-pub fn run(out_root: &Path, with_bench: bool, print_json: bool) -> Result<i32> {
+/// What the guest part produced. `error` says why it is partial; whatever
+/// was produced before the failure is kept.
+#[derive(Default)]
+struct GuestPart {
+    kernel: Option<String>,
+    fix: Option<PathBuf>,
+    outcome: Option<kernel_tests::RunOutcome>,
+    error: Option<String>,
+}
+
+/// Steps 1–2: the guest kernel, the sample fix, the guest run. Never
+/// returns early: a failure is recorded in `error` so the report is still
+/// written.
+fn guest_part(progress: &Progress, out: &Path) -> GuestPart {
+    let mut part = GuestPart::default();
+    let r = (|| -> Result<()> {
+        // The binaries first: a missing build fails at once, not after the
+        // kernel fetch and the module build.
+        let bins = ["hotpatch", "overhead", "vmm-bench"]
+            .into_iter()
+            .map(|b| Ok((bin(b)?, format!("/usr/bin/{b}"))))
+            .collect::<Result<Vec<_>>>()?;
+        progress.step("fetching the guest kernel (debian:bookworm-cloud)");
+        let kernel = kernel_tests::kernel::fetch_with(&KernelSpec::default(), progress)?;
+        part.kernel = Some(kernel.version.clone());
+        progress.step(format!(
+            "building the sample livepatch against {}",
+            kernel.version
+        ));
+        let fix_src = repo_root().join("hotpatch/fixtures/cmdline");
+        let fix = kernel_tests::module::build(&kernel, &fix_src)?;
+        part.fix = Some(fix.clone());
+
+        let observe_secs = 20;
+        let mut opts = RunOptions::new([format!("OBSERVE_SECS={observe_secs}\n{GUEST_SCRIPT}")]);
+        opts.require_config = vec!["CONFIG_LIVEPATCH".into(), "CONFIG_DEBUG_INFO_BTF".into()];
+        opts.timeout = Duration::from_secs(150);
+        opts.memory_mb = 1536;
+        opts.progress = true;
+        opts.files = bins;
+        opts.files.push((fix, "/root/sample_fix.ko".into()));
+        progress.step("booting the guest: observer, workload, check, load --measure");
+        let guest = kernel_tests::run(&opts)?;
+        std::fs::write(out.join("guest-console.log"), &guest.console)?;
+        std::fs::write(out.join("guest-stdout.txt"), &guest.stdout)?;
+        std::fs::write(out.join("guest-dmesg.txt"), &guest.dmesg)?;
+        let exited = matches!(guest.status, GuestStatus::Exited(_));
+        let why = format!(
+            "the demo guest ended with {:?}; console tail:\n{}",
+            guest.status,
+            guest.console_tail(40)
+        );
+        part.outcome = Some(guest);
+        if !exited {
+            bail!(why);
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        part.error = Some(format!("{e:#}"));
+    }
+    part
+}
+
+/// Step 3: `vmm-bench report --quick` on the host. Its stdout (the same
+/// Markdown it writes to report.md) is discarded so it cannot get into ours.
+fn host_comparison(progress: &Progress, bdir: &Path) -> Value {
+    let exe = match bin("vmm-bench") {
+        Ok(e) => e,
+        Err(e) => return json!({ "error": format!("{e:#}") }),
+    };
+    let st = match Command::new(exe)
+        .args(["report", "--quick", "--out"])
+        .arg(bdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+    {
+        Ok(st) => st,
+        Err(e) => return json!({ "error": format!("cannot run vmm-bench: {e}") }),
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let text = std::fs::read_to_string(bdir.join("report.json")).ok();
+    let c = comparison(st.code(), st.signal(), text.as_deref());
+    if !st.success() {
+        progress.note(format!(
+            "vmm-bench report exited with {st}; {}",
+            if c.get("error").is_some() {
+                "the comparison is missing"
+            } else {
+                "its report.json is used as written, with the exit status recorded"
+            }
+        ));
+    }
+    c
+}
+
+/// The comparison from `vmm-bench report`'s report.json, whatever its exit
+/// status: a non-zero exit (1: a checksum mismatch or a path that failed)
+/// still leaves every row and skip reason in report.json, so it is used as
+/// written and the status is recorded beside it (`exit_code`, or `signal`
+/// when it was killed).
+fn comparison(code: Option<i32>, signal: Option<i32>, report_json: Option<&str>) -> Value {
+    let how = match (code, signal) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        (None, None) => "an unknown status".into(),
+    };
+    let mut v = match report_json.map(serde_json::from_str::<Value>) {
+        Some(Ok(Value::Object(m))) => Value::Object(m),
+        Some(_) => json!({
+            "error": format!("vmm-bench report ended with {how} and its report.json did not parse")
+        }),
+        None => json!({
+            "error": format!("vmm-bench report ended with {how} and wrote no report.json")
+        }),
+    };
+    v["exit_code"] = json!(code);
+    if signal.is_some() {
+        v["signal"] = json!(signal);
+    }
+    v
+}
+
+/// Run the demo. With `json_out`, the report JSON (and nothing else) goes
+/// there; otherwise the Markdown goes to stdout. The report directory is
+/// printed on stderr as `report: PATH` either way, and is in the JSON as
+/// `report_dir`.
+pub fn run(out_root: &Path, with_bench: bool, json_out: Option<std::fs::File>) -> Result<i32> {
     let started = Instant::now();
     let progress = Progress::new("demo");
     let stamp = chrono_like_stamp();
     let out = out_root.join(format!("demo-{stamp}"));
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
 
-    // 1. The guest kernel and the sample fix built against it.
-    progress.step("fetching the guest kernel (debian:bookworm-cloud)");
-    let kernel = kernel_tests::kernel::fetch_with(&KernelSpec::default(), &progress)?;
-    progress.step(format!(
-        "building the sample livepatch against {}",
-        kernel.version
-    ));
-    let fix_src = repo_root().join("hotpatch/fixtures/cmdline");
-    let fix = kernel_tests::module::build(&kernel, &fix_src)?;
-
-    // 2. The guest run.
-    let observe_secs = 20;
-    let mut opts = RunOptions::new([format!("OBSERVE_SECS={observe_secs}\n{GUEST_SCRIPT}")]);
-    opts.require_config = vec!["CONFIG_LIVEPATCH".into(), "CONFIG_DEBUG_INFO_BTF".into()];
-    opts.timeout = Duration::from_secs(150);
-    opts.memory_mb = 1536;
-    opts.progress = true;
-    for b in ["hotpatch", "overhead", "vmm-bench"] {
-        opts.files.push((bin(b)?, format!("/usr/bin/{b}")));
+    // 1–2. The guest kernel, the sample fix, the guest run.
+    let part = guest_part(&progress, &out);
+    if let Some(e) = &part.error {
+        progress.note(format!(
+            "the guest part failed; the report says so: {}",
+            e.lines().next().unwrap_or("")
+        ));
     }
-    opts.files.push((fix.clone(), "/root/sample_fix.ko".into()));
-    progress.step("booting the guest: observer, workload, check, load --measure");
-    let guest = kernel_tests::run(&opts)?;
-    std::fs::write(out.join("guest-console.log"), &guest.console)?;
-    std::fs::write(out.join("guest-stdout.txt"), &guest.stdout)?;
-    std::fs::write(out.join("guest-dmesg.txt"), &guest.dmesg)?;
-    if !matches!(guest.status, GuestStatus::Exited(_)) {
-        bail!(
-            "the demo guest ended with {:?}; console tail:\n{}",
-            guest.status,
-            guest.console_tail(40)
-        );
-    }
-    let steps = parse_steps(&guest.stdout);
+    let steps = part
+        .outcome
+        .as_ref()
+        .map(|g| parse_steps(&g.stdout))
+        .unwrap_or_default();
     let overhead_lines: Vec<Value> = step_text(&steps, "overhead")
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -158,37 +265,30 @@ pub fn run(out_root: &Path, with_bench: bool, print_json: bool) -> Result<i32> {
     // 3. The host-side comparison.
     let bench = if with_bench {
         progress.step("vmm-bench report --quick (host)");
-        let bdir = out.join("vmm-bench");
-        let st = Command::new(bin("vmm-bench")?)
-            .args(["report", "--quick", "--out"])
-            .arg(&bdir)
-            .status()
-            .context("cannot run vmm-bench")?;
-        if !st.success() {
-            progress.note(format!(
-                "vmm-bench report failed ({st}); the comparison is missing"
-            ));
-            json!({ "error": format!("vmm-bench report exited with {st}") })
-        } else {
-            let text = std::fs::read_to_string(bdir.join("report.json")).unwrap_or_default();
-            serde_json::from_str(&text).unwrap_or(json!({ "error": "report.json did not parse" }))
-        }
+        host_comparison(&progress, &out.join("vmm-bench"))
     } else {
         json!({ "not_run": "--no-bench" })
     };
 
     // 4. The report.
+    let guest = match &part.outcome {
+        Some(g) => json!({
+            "kernel": g.kernel_version,
+            "accel": g.accel,
+            "accel_reason": g.accel_reason,
+            "boot": g.boot,
+            "timings": g.timings,
+            "status": g.status,
+            "error": part.error,
+        }),
+        None => json!({ "kernel": part.kernel, "error": part.error }),
+    };
     let report = json!({
         "livehost_demo": 1,
-        "guest": {
-            "kernel": guest.kernel_version,
-            "accel": guest.accel,
-            "accel_reason": guest.accel_reason,
-            "timings": guest.timings,
-            "status": guest.status,
-        },
+        "report_dir": out.display().to_string(),
+        "guest": guest,
         "livepatch": {
-            "module": fix.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "module": part.fix.as_ref().and_then(|f| f.file_name()).map(|n| n.to_string_lossy().into_owned()),
             "before": step_text(&steps, "before"),
             "after": step_text(&steps, "after"),
             "took_effect": step_text(&steps, "before") != step_text(&steps, "after")
@@ -216,13 +316,15 @@ pub fn run(out_root: &Path, with_bench: bool, print_json: bool) -> Result<i32> {
     let md = markdown(&report, &bench_md);
     std::fs::write(out.join("report.md"), &md)?;
     progress.finish();
-    if print_json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{md}");
+    match json_out {
+        Some(mut f) => {
+            use std::io::Write;
+            writeln!(f, "{}", serde_json::to_string_pretty(&report)?)?;
+        }
+        None => println!("{md}"),
     }
-    println!("report: {}", out.display());
-    let ok = report["livepatch"]["took_effect"] == json!(true);
+    eprintln!("report: {}", out.display());
+    let ok = part.error.is_none() && report["livepatch"]["took_effect"] == json!(true);
     Ok(if ok { 0 } else { livehost_common::exit::ERROR })
 }
 
@@ -264,11 +366,19 @@ fn markdown(r: &Value, bench_md: &str) -> String {
     let g = &r["guest"];
     let lp = &r["livepatch"];
     let _ = writeln!(s, "# livehost demo\n");
+    if let Some(e) = g["error"].as_str() {
+        let _ = writeln!(
+            s,
+            "> **The guest part failed**, so this report is partial: {}\n",
+            e.lines().next().unwrap_or("")
+        );
+        let _ = writeln!(s, "```\n{}\n```\n", e.trim_end());
+    }
     let _ = writeln!(
         s,
         "Guest kernel `{}` under **{}** ({}).\n",
         g["kernel"].as_str().unwrap_or("?"),
-        g["accel"].as_str().unwrap_or("?").to_uppercase(),
+        g["accel"].as_str().unwrap_or("not started").to_uppercase(),
         g["accel_reason"].as_str().unwrap_or("")
     );
     if g["accel"] == "tcg" {
@@ -298,24 +408,8 @@ fn markdown(r: &Value, bench_md: &str) -> String {
         lp["load_exit"]
     );
     let load = &lp["load"];
-    for (label, key) in [
-        ("transition time", "transition_ms"),
-        ("load total", "total_ms"),
-    ] {
-        if let Some(v) = find_key(load, key) {
-            let _ = writeln!(s, "| {label} | {} |", fmt_num(v, "ms"));
-        }
-    }
-    if let Some(m) = find_key(load, "measure") {
-        for (label, key) in [
-            ("largest gap during transition", "transition_max_gap_us"),
-            ("largest gap, baseline", "baseline_max_gap_us"),
-            ("added stall", "added_stall_us"),
-        ] {
-            if let Some(v) = find_key(m, key) {
-                let _ = writeln!(s, "| {label} | {} |", fmt_num(v, "µs"));
-            }
-        }
+    for line in load_rows(load) {
+        let _ = writeln!(s, "{line}");
     }
     let _ = writeln!(
         s,
@@ -347,8 +441,19 @@ fn markdown(r: &Value, bench_md: &str) -> String {
     let _ = writeln!(s, "## VM vs container vs unikernel (host)\n");
     let c = &r["comparison"];
     if let Some(e) = c.get("error").or(c.get("not_run")) {
-        let _ = writeln!(s, "Not available: {e}\n");
+        let _ = writeln!(s, "Not available: {}\n", e.as_str().unwrap_or(""));
     } else {
+        if let Some(code) = c["exit_code"].as_i64().filter(|&c| c != 0) {
+            let _ = writeln!(
+                s,
+                "> `vmm-bench report` exited with {code}{}; its tables below are as it wrote them.\n",
+                if code == 1 {
+                    " (a checksum mismatch or a path that failed: see its Checksums table and Skipped list)"
+                } else {
+                    ""
+                }
+            );
+        }
         let _ = writeln!(
             s,
             "From `vmm-bench report --quick`; its SVG charts are in `vmm-bench/` beside this file.\n"
@@ -372,6 +477,64 @@ fn markdown(r: &Value, bench_md: &str) -> String {
         r["elapsed_s"].as_f64().unwrap_or(0.0)
     );
     s
+}
+
+/// The Markdown rows for `hotpatch load --measure`'s JSON (hotpatch's
+/// `LoadReport`: `load_syscall_ms`, `transition_ms`, and `measure` with
+/// `transition` / `baseline` windows, `added_stall_us` and the
+/// `environment` the numbers were taken in). The largest stall always gets
+/// a row: its number and environment, or why there is none.
+fn load_rows(load: &Value) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (label, key) in [
+        ("load syscall (`finit_module`)", "load_syscall_ms"),
+        ("transition time", "transition_ms"),
+    ] {
+        if let Some(v) = load.get(key).filter(|v| v.is_number()) {
+            rows.push(format!("| {label} | {} |", fmt_num(v, "ms")));
+        }
+    }
+    let m = &load["measure"];
+    let env = m["environment"]["label"]
+        .as_str()
+        .map(|l| l.replace('|', "\\|"));
+    let stall = &m["transition"]["spin_max_gap_us"];
+    match (stall.as_f64(), &env) {
+        (Some(_), Some(env)) => rows.push(format!(
+            "| largest stall during transition | {} (a spinning thread's longest time off the CPU; measured on {env}) |",
+            fmt_num(stall, "µs")
+        )),
+        (Some(_), None) => rows.push(format!(
+            "| largest stall during transition | {} (environment not reported) |",
+            fmt_num(stall, "µs")
+        )),
+        (None, _) => rows.push(format!(
+            "| largest stall during transition | not measured: {} |",
+            if load.is_null() {
+                "no `hotpatch load --measure` output"
+            } else {
+                "`hotpatch load --measure` reported no measurement"
+            }
+        )),
+    }
+    for (label, v, unit) in [
+        (
+            "largest stall, baseline (same probe, no patching)",
+            &m["baseline"]["spin_max_gap_us"],
+            "µs",
+        ),
+        ("added stall", &m["added_stall_us"], "µs"),
+        (
+            "worst 1 ms sleep overshoot during transition",
+            &m["transition"]["sleep_max_overshoot_us"],
+            "µs",
+        ),
+    ] {
+        if v.is_number() {
+            rows.push(format!("| {label} | {} |", fmt_num(v, unit)));
+        }
+    }
+    rows
 }
 
 /// One Markdown row per cgroup, summed over the observer's intervals.
@@ -440,18 +603,6 @@ fn observer_rows(intervals: &[Value]) -> Vec<String> {
     rows.into_iter().map(|(_, r)| r).collect()
 }
 
-/// Find a key anywhere in a JSON tree (the first match, depth-first), so
-/// the summary does not depend on how deep a tool nests a figure.
-fn find_key<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
-    match v {
-        Value::Object(m) => m
-            .get(key)
-            .or_else(|| m.values().find_map(|c| find_key(c, key))),
-        Value::Array(a) => a.iter().find_map(|c| find_key(c, key)),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,6 +615,85 @@ mod tests {
         assert_eq!(step_text(&s, "b"), "hello");
         assert_eq!(step_rc(&s, "b"), Some(3));
         assert_eq!(step_rc(&s, "c"), None);
+    }
+
+    #[test]
+    fn largest_stall_row_uses_hotpatchs_keys() {
+        // The shape `hotpatch --json load --measure` prints (LoadReport).
+        let load = json!({
+            "load_syscall_ms": 12.5,
+            "transition_ms": 1500.0,
+            "measure": {
+                "environment": { "kind": "vm-tcg", "label": "QEMU TCG guest" },
+                "transition": { "spin_max_gap_us": 4321.0, "sleep_max_overshoot_us": 900.0 },
+                "baseline": { "spin_max_gap_us": 1234.0 },
+                "added_stall_us": 3087.0
+            }
+        });
+        let rows = load_rows(&load).join("\n");
+        assert!(
+            rows.contains("| load syscall (`finit_module`) | 12.50 ms |"),
+            "{rows}"
+        );
+        assert!(rows.contains("| transition time | 1500 ms |"), "{rows}");
+        assert!(
+            rows.contains("| largest stall during transition | 4321 µs")
+                && rows.contains("measured on QEMU TCG guest"),
+            "{rows}"
+        );
+        assert!(
+            rows.contains("| largest stall, baseline (same probe, no patching) | 1234 µs |"),
+            "{rows}"
+        );
+        assert!(rows.contains("| added stall | 3087 µs |"), "{rows}");
+        // No measurement: the row says so instead of vanishing.
+        let rows = load_rows(&Value::Null).join("\n");
+        assert!(
+            rows.contains("largest stall during transition | not measured"),
+            "{rows}"
+        );
+    }
+
+    #[test]
+    fn comparison_keeps_a_failed_reports_rows_and_status() {
+        let c = comparison(
+            Some(1),
+            None,
+            Some(r#"{"rows":[{"path":"native"}],"checks":[]}"#),
+        );
+        assert_eq!(c["exit_code"], 1);
+        assert_eq!(c["rows"][0]["path"], "native");
+        assert!(c.get("error").is_none());
+        let c = comparison(None, Some(9), None);
+        assert!(c["error"].as_str().unwrap().contains("signal 9"), "{c}");
+        assert_eq!(c["signal"], 9);
+        let c = comparison(Some(1), None, Some("{truncated"));
+        assert!(
+            c["error"].as_str().unwrap().contains("did not parse"),
+            "{c}"
+        );
+        let md = markdown(
+            &json!({ "guest": {}, "livepatch": {}, "observer": {}, "comparison": {"exit_code": 1, "rows": []} }),
+            "# vmm-bench report\n\n## Checksums\n",
+        );
+        assert!(md.contains("`vmm-bench report` exited with 1"), "{md}");
+        assert!(md.contains("### Checksums"), "{md}");
+    }
+
+    #[test]
+    fn a_failed_guest_part_is_stated() {
+        let md = markdown(
+            &json!({
+                "guest": { "kernel": null, "error": "vmm-bench is not built\nmore" },
+                "livepatch": { "load": null },
+                "observer": {},
+                "comparison": { "not_run": "--no-bench" }
+            }),
+            "",
+        );
+        assert!(md.contains("**The guest part failed**"), "{md}");
+        assert!(md.contains("vmm-bench is not built"), "{md}");
+        assert!(md.contains("not measured"), "{md}");
     }
 
     #[test]

@@ -33,10 +33,32 @@ enum Cmd {
         /// Skip the host-side vmm-bench comparison.
         #[arg(long)]
         no_bench: bool,
-        /// Print the report as JSON on stdout as well.
+        /// Print the report as JSON on stdout instead of the Markdown (stdout
+        /// then carries the JSON alone; everything else goes to stderr).
         #[arg(long)]
         json: bool,
     },
+}
+
+/// For `--json`: keep the real stdout for the JSON alone and point fd 1 at
+/// stderr for the whole run, so nothing this process, a library or a child
+/// prints (build tools, dpkg, vmm-bench) can get into it.
+fn take_stdout() -> Result<std::fs::File> {
+    use std::io::Write;
+    use std::os::fd::{AsFd, AsRawFd};
+    // dup2(2) from the C library std already links (no extra crate).
+    unsafe extern "C" {
+        fn dup2(old: i32, new: i32) -> i32;
+    }
+    std::io::stdout().flush()?;
+    // A close-on-exec copy of the real stdout: children never get it.
+    let real = std::io::stdout().as_fd().try_clone_to_owned()?;
+    // SAFETY: makes fd 1 a copy of fd 2; both are this process's own
+    // standard descriptors, and `real` keeps the original open.
+    if unsafe { dup2(std::io::stderr().as_fd().as_raw_fd(), 1) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(std::fs::File::from(real))
 }
 
 fn main() {
@@ -46,7 +68,10 @@ fn main() {
             out,
             no_bench,
             json,
-        } => demo::run(&out, !no_bench, json),
+        } => (|| {
+            let json_out = if json { Some(take_stdout()?) } else { None };
+            demo::run(&out, !no_bench, json_out)
+        })(),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -47,15 +47,25 @@ fn demo_patches_a_live_guest_and_reports_it() {
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "demo failed: {stderr}\n{stdout}");
 
-    // The report directory: its path is printed, and its files parse.
-    let dir = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("report: "))
-        .map(PathBuf::from)
-        .expect("demo prints the report path");
+    // stdout is the JSON and nothing else (vmm-bench report's Markdown,
+    // progress and build output all stay off it).
+    let printed: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("demo --json stdout is not pure JSON ({e}):\n{stdout}"));
+    // The report directory: in the JSON and on stderr, and its files parse.
+    let dir = PathBuf::from(
+        printed["report_dir"]
+            .as_str()
+            .expect("report_dir in the JSON"),
+    );
     assert!(dir.starts_with(out.path()));
+    assert!(
+        stderr.contains(&format!("report: {}", dir.display())),
+        "the path is also on stderr"
+    );
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report, printed, "report.json is what was printed");
+    assert!(report["guest"]["error"].is_null(), "{}", report["guest"]);
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.starts_with("# livehost demo"));
 
@@ -81,7 +91,28 @@ fn demo_patches_a_live_guest_and_reports_it() {
     let m = &load["measure"];
     assert!(m["transition"]["spin_max_gap_us"].as_f64().is_some(), "{m}");
     assert!(m["baseline"]["spin_max_gap_us"].as_f64().is_some(), "{m}");
-    assert!(!m["environment"]["label"].as_str().unwrap_or("").is_empty());
+    let env = m["environment"]["label"].as_str().unwrap_or("");
+    assert!(!env.is_empty(), "{m}");
+    // report.md states the largest stall: a number, and where it was taken.
+    let stall = md
+        .lines()
+        .find(|l| l.starts_with("| largest stall during transition |"))
+        .unwrap_or_else(|| panic!("no largest-stall line in report.md:\n{md}"));
+    let gap = m["transition"]["spin_max_gap_us"].as_f64().unwrap();
+    let want = if gap >= 100.0 {
+        format!("{gap:.0} µs")
+    } else {
+        format!("{gap:.2} µs")
+    };
+    assert!(stall.contains(&want), "want {want}: {stall}");
+    assert!(
+        stall.chars().any(|c| c.is_ascii_digit()) && stall.contains("µs"),
+        "{stall}"
+    );
+    assert!(
+        stall.contains(&env.replace('|', "\\|")),
+        "environment label {env:?} missing: {stall}"
+    );
     // The kernel's own log shows the transition.
     let klog = lp["kernel_log"].as_str().unwrap();
     assert!(klog.contains("'hp_cmdline': patching complete"), "{klog}");
@@ -162,4 +193,36 @@ fn demo_patches_a_live_guest_and_reports_it() {
         })
         .count();
     assert!(svgs >= 1, "no SVG charts");
+}
+
+/// A guest part that cannot run (here: the binaries are not where the demo
+/// looks) still leaves a report that says why, and its path.
+#[test]
+fn demo_writes_a_partial_report_when_the_guest_part_fails() {
+    let out = tempfile::tempdir().unwrap();
+    let res = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["demo", "--no-bench", "--json", "--out"])
+        .arg(out.path())
+        .env("LIVEHOST_BIN_DIR", "/nonexistent/livehost-bin")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{stderr}\n{stdout}");
+    let printed: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("not pure JSON ({e}):\n{stdout}\n{stderr}"));
+    let err = printed["guest"]["error"].as_str().unwrap_or("");
+    assert!(err.contains("is not built"), "{printed}");
+    assert_eq!(printed["livepatch"]["took_effect"], false);
+    let dir = PathBuf::from(printed["report_dir"].as_str().unwrap());
+    assert!(dir.starts_with(out.path()));
+    assert!(stderr.contains("report: "), "{stderr}");
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("The guest part failed") && md.contains("is not built"),
+        "{md}"
+    );
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(on_disk["guest"]["error"], printed["guest"]["error"]);
 }
