@@ -252,6 +252,7 @@ fn run(cli: Cli) -> Result<i32> {
                 rollback: !no_rollback,
                 force,
                 measure,
+                expected_sha256: None,
             };
             let _lock = state::lock(&paths, LOCK_WAIT)?;
             if installed {
@@ -478,7 +479,11 @@ fn load_installed(
             }
             continue;
         }
-        match ops::load(paths, &file, opts, progress) {
+        let opts = LoadOptions {
+            expected_sha256: Some(e.sha256.clone()),
+            ..opts.clone()
+        };
+        match ops::load(paths, &file, &opts, progress) {
             Ok(r) => {
                 if !json {
                     print_load(&r);

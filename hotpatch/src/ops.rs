@@ -30,6 +30,9 @@ pub struct LoadOptions {
     /// consistency guarantee (and some kernels then pin the module forever).
     pub force: bool,
     pub measure: bool,
+    /// The file must have this sha256 (`load --installed`: what the manifest
+    /// recorded at install time); otherwise the load is refused (exit 3).
+    pub expected_sha256: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -40,6 +43,7 @@ impl Default for LoadOptions {
             rollback: true,
             force: false,
             measure: false,
+            expected_sha256: None,
         }
     }
 }
@@ -202,7 +206,27 @@ pub fn load(
     progress: &Progress,
 ) -> Result<LoadReport> {
     let info: ModuleInfo = module::inspect_file(file)?;
-    let pre = check::preflight(paths, &info);
+    let mut pre = check::preflight(paths, &info);
+    if let Some(want) = &opts.expected_sha256
+        && *want != info.sha256
+    {
+        // The file changed since it was installed (or the manifest was
+        // edited): never load something other than what was vetted.
+        pre.ok = false;
+        pre.checks.insert(
+            0,
+            check::Check {
+                id: "installed-file",
+                status: check::Status::Fail,
+                detail: format!(
+                    "{} has sha256 {}, but {} was recorded when it was installed: the file changed; refusing to load it (`hotpatch install` the intended file again)",
+                    file.display(),
+                    info.sha256,
+                    want
+                ),
+            },
+        );
+    }
     let mut report = LoadReport {
         module: info.name.clone(),
         file: file.display().to_string(),

@@ -456,3 +456,84 @@ fn transition_wait_has_a_deadline_and_sees_completion() {
         Wait::Done(_)
     ));
 }
+
+/// `load --installed` loads only what was installed: a file whose sha256 no
+/// longer matches the manifest is refused (exit 3, journalled) and the other
+/// entries are still processed. hp_b stays in transition in this tree, so
+/// every preflight here fails anyway and nothing can reach finit_module on
+/// the host running the test.
+#[test]
+fn load_installed_refuses_a_changed_file() {
+    assert!(
+        livehost_common::is_root(),
+        "this test runs `hotpatch load`, which needs root; CI runs as root"
+    );
+    use hotpatch::testelf::ModuleSpec;
+    let (d, paths) = tree();
+    let put = |name: &str| {
+        let bytes = ModuleSpec::simple(name).build().bytes;
+        let f = d.path().join(format!("{name}.ko"));
+        std::fs::write(&f, &bytes).unwrap();
+        let sha = hotpatch::module::sha256_hex(&bytes);
+        hotpatch::state::install(&paths, REL, name, &sha, &f).unwrap();
+        sha
+    };
+    put("hp_t");
+    let sha_a = put("hp_a");
+    put("hp_c");
+    // hp_a is loaded from the same file: recorded by hotpatch, registered.
+    hotpatch::state::save_loaded(
+        &paths,
+        &hotpatch::state::LoadedRecord {
+            name: "hp_a".into(),
+            sha256: sha_a,
+            path: "/x/hp_a.ko".into(),
+            replace: Some(false),
+            loaded_at: 0.0,
+            forced: false,
+        },
+    )
+    .unwrap();
+    // Someone changes the installed hp_t after install.
+    let tampered = paths.installed_dir(REL).join("hp_t.ko");
+    let mut b = std::fs::read(&tampered).unwrap();
+    let n = b.len();
+    b[n - 1] ^= 0xff;
+    std::fs::write(&tampered, &b).unwrap();
+
+    let out = bin(&paths, &["--json", "load", "--installed"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r.len(), 3, "{v}");
+    assert_eq!(r[0]["module"], "hp_t");
+    assert_eq!(r[0]["outcome"], "refused");
+    let c0 = &r[0]["preflight"]["checks"][0];
+    assert_eq!(c0["id"], "installed-file", "{v}");
+    let detail = c0["detail"].as_str().unwrap();
+    assert!(detail.contains("the file changed"), "{detail}");
+    assert!(
+        detail.contains(&hotpatch::module::sha256_hex(&b)),
+        "{detail}"
+    );
+    // The others were still looked at.
+    assert_eq!(r[1]["module"], "hp_a");
+    assert_eq!(r[1]["outcome"], "already-loaded");
+    assert_eq!(r[2]["module"], "hp_c");
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    let e = j
+        .iter()
+        .find(|e| e.module.as_deref() == Some("hp_t"))
+        .expect("journalled");
+    assert_eq!(e.op, "load");
+    assert_eq!(e.result, "refused");
+    assert!(e.detail["reasons"][0].as_str().unwrap().contains("sha256"));
+
+    // Text mode says why, too.
+    let out = bin(&paths, &["load", "--installed"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("FAIL  installed-file"),
+        "{out:?}"
+    );
+}
