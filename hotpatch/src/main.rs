@@ -129,12 +129,16 @@ enum Cmd {
     /// Every loaded patch, its functions, which patch provides each, taint.
     #[command(visible_alias = "status")]
     List,
-    /// Keep a module for this kernel release and re-apply it at boot.
+    /// Keep a module for the kernel release it was built for (its vermagic)
+    /// and re-apply it at every boot of that kernel.
     Install { file: PathBuf },
     /// Forget an installed module (does not unload it).
     Uninstall {
         #[arg(value_parser = module_name)]
         name: String,
+        /// The kernel release it was installed for (default: the running one).
+        #[arg(long)]
+        kernel: Option<String>,
     },
     /// Show the journal of changes.
     Journal {
@@ -337,31 +341,62 @@ fn run(cli: Cli) -> Result<i32> {
             let name = info.name.clone().context(
                 "module has no usable name (neither struct module's name nor modinfo name= is a valid module name); refusing to install it",
             )?;
-            let release = paths.release()?;
+            // Filed under the release the module is built for: a patch for
+            // the next kernel is installed before rebooting into it.
+            let running = paths.release()?;
+            let mut messages = Vec::new();
+            let release = match info
+                .vermagic
+                .as_deref()
+                .and_then(|v| v.split_whitespace().next())
+            {
+                Some(r) => {
+                    state::check_release(r)
+                        .context("the module's vermagic does not start with a kernel release")?;
+                    r.to_string()
+                }
+                None => {
+                    messages.push(format!("warning: {name} has no vermagic; installed for the running kernel {running}"));
+                    running.clone()
+                }
+            };
+            if release != running {
+                messages.push(format!(
+                    "note: {name} is built for kernel {release}, not the running {running}: installed for {release}; it will be applied when {release} boots (not now, not on this kernel)"
+                ));
+            }
             let _lock = state::lock(&paths, LOCK_WAIT)?;
             let e = state::install(&paths, &release, &name, &info.sha256, &file)?;
-            let msgs = state::record(
+            messages.extend(state::record(
                 &paths,
                 "install",
                 Some(&name),
                 Some(&info.sha256),
                 "ok",
                 None,
-                serde_json::json!({ "kernel": release, "source": e.source }),
-            );
+                serde_json::json!({ "kernel": release, "running": running, "source": e.source }),
+            ));
             if json {
-                print_json(&serde_json::json!({ "kernel": release, "installed": e }))?;
+                print_json(&serde_json::json!({
+                    "kernel": release,
+                    "running_kernel": running,
+                    "installed": e,
+                    "messages": messages,
+                }))?;
             } else {
                 println!(
                     "installed {name} for kernel {release} (sha256 {}); `hotpatch load --installed` applies it at boot",
                     &info.sha256[..16]
                 );
-                msgs.iter().for_each(|m| eprintln!("{m}"));
+                messages.iter().for_each(|m| eprintln!("{m}"));
             }
             Ok(exit::SUCCESS)
         }
-        Cmd::Uninstall { name } => {
-            let release = paths.release()?;
+        Cmd::Uninstall { name, kernel } => {
+            let release = match kernel {
+                Some(k) => k,
+                None => paths.release()?,
+            };
             let _lock = state::lock(&paths, LOCK_WAIT)?;
             let e = state::uninstall(&paths, &release, &name)?;
             state::record(

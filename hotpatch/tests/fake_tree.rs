@@ -537,3 +537,80 @@ fn load_installed_refuses_a_changed_file() {
         "{out:?}"
     );
 }
+
+/// `install` files a module under the release its vermagic names, and says
+/// so when that is not the running kernel.
+#[test]
+fn install_files_under_the_modules_own_release() {
+    use hotpatch::testelf::{ModuleSpec, Object};
+    let (d, paths) = tree();
+    let objs = [Object {
+        name: None,
+        funcs: vec![("cmdline_proc_show".into(), 0)],
+    }];
+    let next = "6.12.117+deb13-cloud-amd64";
+    let write_ko = |name: &str, vermagic: &str| {
+        let f = d.path().join(format!("{name}.ko"));
+        let m = ModuleSpec::livepatch_for(name, vermagic, &objs, false);
+        std::fs::write(&f, m.build().bytes).unwrap();
+        f
+    };
+    let f = write_ko(
+        "hp_next",
+        &format!("{next} SMP preempt mod_unload modversions "),
+    );
+    let out = bin(&paths, &["install", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("built for kernel {next}, not the running {REL}"))
+            && err.contains(&format!("applied when {next} boots")),
+        "{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("installed hp_next for kernel {next}"))
+    );
+    let m = hotpatch::state::read_manifest(&paths, next).unwrap();
+    assert_eq!(m.modules[0].name, "hp_next");
+    assert!(paths.installed_dir(next).join("hp_next.ko").is_file());
+    assert!(
+        hotpatch::state::read_manifest(&paths, REL)
+            .unwrap()
+            .modules
+            .is_empty()
+    );
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    assert_eq!(j.last().unwrap().detail["kernel"], next);
+    assert_eq!(j.last().unwrap().detail["running"], REL);
+
+    // For the running kernel: no note; JSON carries the messages.
+    let f = write_ko("hp_now", MAGIC);
+    let out = bin(&paths, &["--json", "install", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kernel"], REL);
+    assert_eq!(v["messages"], serde_json::json!([]));
+    assert_eq!(
+        hotpatch::state::read_manifest(&paths, REL).unwrap().modules[0].name,
+        "hp_now"
+    );
+
+    // A vermagic whose first word is not a release is refused.
+    let f = write_ko("hp_bad", "../../x SMP ");
+    let out = bin(&paths, &["install", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a kernel release"));
+
+    // uninstall --kernel reaches the other release's entry.
+    let out = bin(&paths, &["uninstall", "hp_next"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = bin(&paths, &["uninstall", "hp_next", "--kernel", next]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        hotpatch::state::read_manifest(&paths, next)
+            .unwrap()
+            .modules
+            .is_empty()
+    );
+}
