@@ -198,6 +198,66 @@ fn wait_gone(paths: &Paths, name: &str, timeout: Duration) -> bool {
     true
 }
 
+/// After `name`'s transition completed: remove the modules of the patches
+/// it superseded. An atomic-replace patch supersedes every patch that was
+/// registered `before` it; the kernel frees them asynchronously (a work item
+/// after the transition ends) but leaves their modules loaded, and a later
+/// load of one would hit EEXIST. So wait (up to `timeout` overall) for each
+/// superseded patch's sysfs dir to vanish, then remove its module. Returns
+/// the modules removed and warnings.
+pub fn remove_superseded(
+    paths: &Paths,
+    name: &str,
+    replace: Option<bool>,
+    before: &BTreeSet<String>,
+    timeout: Duration,
+    progress: &Progress,
+) -> (Vec<String>, Vec<String>) {
+    let superseded: Vec<String> = if replace == Some(true) {
+        before.iter().filter(|b| *b != name).cloned().collect()
+    } else {
+        // Not known to replace: only what is already gone.
+        let after: BTreeSet<String> = paths.patches().into_iter().map(|p| p.name).collect();
+        before.difference(&after).cloned().collect()
+    };
+    let mut removed = Vec::new();
+    let mut messages = Vec::new();
+    let deadline = Instant::now() + timeout;
+    for gone in &superseded {
+        progress.step(format!(
+            "{name}: waiting for the kernel to free replaced patch {gone}"
+        ));
+        if !wait_gone(
+            paths,
+            gone,
+            deadline.saturating_duration_since(Instant::now()),
+        ) {
+            messages.push(format!(
+                "warning: {gone}, superseded by atomic-replace patch {name}, was not freed by the kernel within {:.0}s; its module stays loaded (`hotpatch unload {gone}` later)",
+                timeout.as_secs_f64()
+            ));
+            continue;
+        }
+        if paths.module(gone).is_none() {
+            continue;
+        }
+        progress.step(format!("{name}: removing replaced patch module {gone}"));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        match remove_module(paths, gone, left) {
+            Ok(_) => {
+                state::forget_loaded(paths, gone);
+                removed.push(gone.clone());
+            }
+            Err(e) => messages.push(format!(
+                "warning: replaced patch {gone} could not be removed: {e:#}"
+            )),
+        }
+    }
+    (removed, messages)
+}
+
 /// Inspect, preflight, load, watch; roll back on stall unless told not to.
 pub fn load(
     paths: &Paths,
@@ -323,24 +383,10 @@ pub fn load(
                 report.measure = Some(measure::assemble(crate::host::detect(paths), n, w, b));
             }
             report.outcome = Outcome::Loaded;
-            // Atomic replace: the kernel frees the patches it superseded but
-            // leaves their modules loaded, and a later load of one of them
-            // would hit EEXIST. Remove them.
-            let after: BTreeSet<String> = paths.patches().into_iter().map(|p| p.name).collect();
-            for gone in before.difference(&after) {
-                if paths.module(gone).is_some() {
-                    progress.step(format!("{name}: removing replaced patch module {gone}"));
-                    match remove_module(paths, gone, opts.timeout) {
-                        Ok(_) => {
-                            state::forget_loaded(paths, gone);
-                            report.replaced_removed.push(gone.clone());
-                        }
-                        Err(e) => report.messages.push(format!(
-                            "warning: replaced patch {gone} could not be removed: {e:#}"
-                        )),
-                    }
-                }
-            }
+            let (removed, msgs) =
+                remove_superseded(paths, &name, info.replace, &before, opts.timeout, progress);
+            report.replaced_removed = removed;
+            report.messages.extend(msgs);
             progress.finish();
             report.messages.extend(state::record(paths, "load", Some(&name), Some(&info.sha256), "ok", report.transition_ms, serde_json::json!({ "file": report.file, "replaced_removed": report.replaced_removed })));
             Ok(report)

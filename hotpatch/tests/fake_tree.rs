@@ -614,3 +614,102 @@ fn install_files_under_the_modules_own_release() {
             .is_empty()
     );
 }
+
+/// Atomic replace: the kernel frees the superseded patches asynchronously
+/// after the transition ends. Every patch registered before a `replace`
+/// patch is waited for (its sysfs dir vanishing) and its module removed;
+/// one that never goes is reported, not waited on forever. (delete_module
+/// is the real syscall: on the test host these names are not loaded, which
+/// it reports as already gone, or it fails with ENOSYS where the host has no
+/// module support.)
+#[test]
+fn atomic_replace_waits_for_superseded_patches_to_be_freed() {
+    use hotpatch::ops::remove_superseded;
+    use livehost_common::progress::Progress;
+    use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
+    let (d, paths) = tree();
+    let lp = d.path().join("sys/kernel/livepatch");
+    for n in ["hp_fake_old1", "hp_fake_old2", "hp_fake_stuck"] {
+        write(
+            d.path(),
+            &format!("sys/kernel/livepatch/{n}/enabled"),
+            "1\n",
+        );
+        write(
+            d.path(),
+            &format!("sys/kernel/livepatch/{n}/transition"),
+            "0\n",
+        );
+    }
+    write(
+        d.path(),
+        "proc/modules",
+        "hp_fake_new 16384 1 - Live 0x0 (OEK)\n\
+         hp_fake_old2 16384 0 - Live 0x0 (OEK)\n\
+         hp_fake_old1 16384 0 - Live 0x0 (OEK)\n\
+         hp_fake_stuck 16384 0 - Live 0x0 (OEK)\n",
+    );
+    let quiet = Progress::silent();
+    let set = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|s| s.to_string()).collect() };
+
+    // Still listed when the transition ends; freed 60 and 120 ms later.
+    let (l1, l2) = (lp.join("hp_fake_old1"), lp.join("hp_fake_old2"));
+    let h = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(60));
+        std::fs::remove_dir_all(l1).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        std::fs::remove_dir_all(l2).unwrap();
+    });
+    let t0 = Instant::now();
+    let (removed, msgs) = remove_superseded(
+        &paths,
+        "hp_fake_new",
+        Some(true),
+        &set(&["hp_fake_old1", "hp_fake_old2", "hp_fake_new"]),
+        Duration::from_secs(5),
+        &quiet,
+    );
+    h.join().unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(120));
+    // Removal of both was attempted after they were freed: done, or (on a
+    // build host without module support, ENOSYS) reported.
+    for n in ["hp_fake_old1", "hp_fake_old2"] {
+        assert!(
+            removed.iter().any(|r| r == n)
+                || msgs
+                    .iter()
+                    .any(|m| m.contains(&format!("replaced patch {n} could not be removed"))),
+            "{n}: {removed:?} {msgs:?}"
+        );
+    }
+    assert!(!msgs.iter().any(|m| m.contains("not freed")), "{msgs:?}");
+
+    // Never freed: a warning at the deadline, the module left alone.
+    let t0 = Instant::now();
+    let (removed, msgs) = remove_superseded(
+        &paths,
+        "hp_fake_new",
+        Some(true),
+        &set(&["hp_fake_stuck"]),
+        Duration::from_millis(150),
+        &quiet,
+    );
+    assert!(removed.is_empty());
+    assert!(
+        msgs.len() == 1 && msgs[0].contains("hp_fake_stuck") && msgs[0].contains("not freed"),
+        "{msgs:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2));
+
+    // Not a replace patch: patches still registered are not superseded.
+    let (removed, msgs) = remove_superseded(
+        &paths,
+        "hp_fake_new",
+        Some(false),
+        &set(&["hp_fake_stuck"]),
+        Duration::from_secs(5),
+        &quiet,
+    );
+    assert!(removed.is_empty() && msgs.is_empty());
+}

@@ -352,6 +352,14 @@ step mods cat /proc/modules
         .collect();
     removed.sort();
     assert_eq!(removed, ["hp_cmdline", "hp_stack"], "{r}");
+    assert!(
+        !r["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m.as_str().unwrap().contains("warning")),
+        "{r}"
+    );
     assert_eq!(s.out("c4"), "hotpatch-fixture: hp_replace");
     assert_eq!(
         s.out("v4"),
