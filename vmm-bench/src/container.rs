@@ -110,19 +110,172 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// A cgroup leaf that is removed when dropped.
+/// A cgroup leaf that is removed when dropped. While it exists it is also
+/// known to [`clean_up_on_stop_signals`].
 struct CgroupLeaf(PathBuf);
+
+impl CgroupLeaf {
+    /// Create the leaf. Registered under the same lock the stop-signal
+    /// clean-up takes, so no leaf is created behind its back.
+    fn create(path: PathBuf) -> std::io::Result<CgroupLeaf> {
+        let mut l = live();
+        std::fs::create_dir(&path)?;
+        l.leaves.push(path.clone());
+        Ok(CgroupLeaf(path))
+    }
+
+    /// Take ownership of a leaf the caller just created.
+    fn adopt(path: PathBuf) -> CgroupLeaf {
+        live().leaves.push(path.clone());
+        CgroupLeaf(path)
+    }
+}
+
 impl Drop for CgroupLeaf {
     fn drop(&mut self) {
-        // The kernel may still be tearing the last task down; retry briefly.
-        for _ in 0..50 {
-            match std::fs::remove_dir(&self.0) {
-                Ok(()) => return,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        remove_leaf(&self.0);
+        live().leaves.retain(|l| *l != self.0);
+    }
+}
+
+/// Remove a leaf, retrying briefly while the kernel tears its last task
+/// down. True when it is gone.
+fn remove_leaf(path: &Path) -> bool {
+    for _ in 0..50 {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    false
+}
+
+/// What this process has running that a stop signal must not leave behind.
+struct Live {
+    leaves: Vec<PathBuf>,
+    pids: Vec<i32>,
+}
+
+fn live() -> std::sync::MutexGuard<'static, Live> {
+    static LIVE: std::sync::Mutex<Live> = std::sync::Mutex::new(Live {
+        leaves: Vec::new(),
+        pids: Vec::new(),
+    });
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Make SIGTERM, SIGINT and SIGHUP end this process cleanly: every child
+/// it owns is killed (container inits, QEMU, runc, the native workload),
+/// every cgroup leaf it created is emptied and removed, then it exits with
+/// 128 + the signal. Call it from the main thread before any other thread
+/// starts (they inherit the blocked mask; one thread waits for the
+/// signals). `vmm-bench run` and `vmm-bench report` do.
+pub fn clean_up_on_stop_signals() -> Result<()> {
+    // SAFETY: sigset manipulation on a local value, then blocking those
+    // signals in this thread (and so in every thread it starts later).
+    let set = unsafe {
+        let mut s: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut s);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut s, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &s, std::ptr::null_mut());
+        s
+    };
+    std::thread::Builder::new()
+        .name("stop-signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: waiting for one of the signals blocked above.
+            while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+            let left = clean_up_now();
+            eprintln!(
+                "vmm-bench: stopped by signal {sig}; children killed, {}",
+                if left.is_empty() {
+                    "cgroup leaves removed".to_string()
+                } else {
+                    format!("could not remove {left:?}")
+                }
+            );
+            std::process::exit(128 + sig);
+        })
+        .context("cannot start the stop-signal thread")?;
+    Ok(())
+}
+
+/// Kill what we own and remove our leaves; returns the leaves that stayed.
+/// Keeps the registry locked until the process exits, so nothing new is
+/// started meanwhile.
+fn clean_up_now() -> Vec<PathBuf> {
+    let l = live();
+    for &p in &l.pids {
+        // SAFETY: signalling a child we own and have not reaped.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    // A container init may not be registered yet (just cloned): everything
+    // inside our leaves goes too. Killing a pid namespace's init kills the
+    // rest of it.
+    for leaf in &l.leaves {
+        if std::fs::write(leaf.join("cgroup.kill"), "1").is_err() {
+            for p in std::fs::read_to_string(leaf.join("cgroup.procs"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: a process in a cgroup we created for it.
+                unsafe { libc::kill(p, libc::SIGKILL) };
             }
         }
     }
+    let t = Instant::now();
+    let mut left: Vec<PathBuf> = l.leaves.clone();
+    while !left.is_empty() && t.elapsed() < Duration::from_secs(2) {
+        // Reap whatever died (all our children: we are exiting).
+        let mut status = 0;
+        // SAFETY: non-blocking reap of our own children.
+        while unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } > 0 {}
+        left.retain(|leaf| !remove_leaf(leaf));
+    }
+    std::mem::forget(l);
+    left
+}
+
+/// Prefix of the leaves [`run`] creates: `livehost-vmm-bench-PID-SEQ`.
+const LEAF_PREFIX: &str = "livehost-vmm-bench-";
+
+/// Remove leaves an earlier vmm-bench left behind (killed with SIGKILL, or
+/// died before it could clean up): those whose creating pid no longer
+/// exists and that hold no process (rmdir refuses a populated cgroup).
+/// [`run`] does this once per process. Returns the leaves removed.
+pub fn remove_stale_leaves() -> Vec<PathBuf> {
+    let Some(root) = cgroup2_root() else {
+        return vec![];
+    };
+    let Ok(rd) = std::fs::read_dir(&root) else {
+        return vec![];
+    };
+    let mut removed = vec![];
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(LEAF_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split_once('-')
+            .filter(|(_, seq)| seq.parse::<u64>().is_ok())
+            .and_then(|(p, _)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if std::fs::remove_dir(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
 }
 
 /// Run the workload in new pid, mount, uts and ipc namespaces (optionally
@@ -135,16 +288,21 @@ pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let exe = workload_path()?;
     let launch = Instant::now();
+    static STALE: std::sync::Once = std::sync::Once::new();
+    STALE.call_once(|| {
+        remove_stale_leaves();
+    });
     let cg = match cgroup2_root() {
         Some(root) => {
             let leaf = root.join(format!(
-                "livehost-vmm-bench-{}-{}",
+                "{LEAF_PREFIX}{}-{}",
                 std::process::id(),
                 SEQ.fetch_add(1, Ordering::Relaxed)
             ));
-            std::fs::create_dir(&leaf)
-                .with_context(|| format!("cannot create cgroup {}", leaf.display()))?;
-            Some(CgroupLeaf(leaf))
+            Some(
+                CgroupLeaf::create(leaf.clone())
+                    .with_context(|| format!("cannot create cgroup {}", leaf.display()))?,
+            )
         }
         None => None,
     };
@@ -173,10 +331,20 @@ pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
         flags |= libc::CLONE_NEWUSER;
     }
     let (sr, ow) = (sync_r.as_raw_fd(), out_w.as_raw_fd());
+    // SAFETY: an empty signal set, for the child's mask (it may inherit the
+    // stop signals blocked by clean_up_on_stop_signals).
+    let empty = unsafe {
+        let mut e: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut e);
+        e
+    };
     let child = move || -> isize {
         // SAFETY (whole closure): plain system calls on descriptors and
         // strings prepared before clone; any failure ends the child.
         unsafe {
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                return 119;
+            }
             let mut b = 0u8;
             if libc::read(sr, (&mut b as *mut u8).cast(), 1) != 1 {
                 return 120;
@@ -226,7 +394,7 @@ pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
     let (pid, placed) = spawn_child(flags, cg_fd.as_ref().map(|f| f.as_raw_fd()), child)?;
     drop(out_w);
     // From here on the child must be reaped whatever happens.
-    let reaper = Reaper(pid);
+    let reaper = Reaper::new(pid);
     let setup = (|| -> Result<()> {
         if opts.user {
             std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
@@ -378,10 +546,24 @@ pub(crate) fn read_until(fd: OwnedFd, deadline: Instant) -> Result<String> {
 }
 
 /// Owns a child pid: waits for it with a deadline, kills it past the
-/// deadline, and kills + reaps it if dropped unwaited.
-pub(crate) struct Reaper(pub(crate) i32);
+/// deadline, and kills + reaps it if dropped unwaited. While owned, the pid
+/// is also known to [`clean_up_on_stop_signals`].
+pub(crate) struct Reaper(i32);
 
 impl Reaper {
+    pub(crate) fn new(pid: i32) -> Reaper {
+        live().pids.push(pid);
+        Reaper(pid)
+    }
+
+    /// Give up ownership (the caller reaps the pid itself).
+    pub(crate) fn release(self) -> i32 {
+        let pid = self.0;
+        live().pids.retain(|&p| p != pid);
+        std::mem::forget(self);
+        pid
+    }
+
     /// Exit code (128+signal when killed) and the child's peak RSS.
     pub(crate) fn wait(self, deadline: Instant) -> Result<(i32, u64)> {
         let pid = self.0;
@@ -390,8 +572,16 @@ impl Reaper {
             let mut status = 0;
             // SAFETY: an all-zero rusage is valid; wait4 fills it.
             let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // Reap and unregister under the registry's lock, so the stop
+            // signal clean-up never signals a pid that was reaped (and
+            // could be reused).
+            let mut l = live();
             // SAFETY: waiting for our own child.
             let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+            if r == pid || r < 0 {
+                l.pids.retain(|&p| p != pid);
+            }
+            drop(l);
             if r == pid {
                 let code = if libc::WIFEXITED(status) {
                     libc::WEXITSTATUS(status)
@@ -404,10 +594,7 @@ impl Reaper {
                 return Err(std::io::Error::last_os_error()).context("wait4 failed");
             }
             if Instant::now() >= deadline {
-                // SAFETY: signalling our own unreaped child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                // SAFETY: as above; blocking reap after SIGKILL.
-                unsafe { libc::waitpid(pid, &mut status, 0) };
+                kill_and_reap(pid);
                 bail!("pid {pid} ran past its deadline and was killed");
             }
             std::thread::sleep(Duration::from_micros(200));
@@ -415,14 +602,23 @@ impl Reaper {
     }
 }
 
+/// SIGKILL an owned child, reap it and unregister it, all under the
+/// registry's lock.
+fn kill_and_reap(pid: i32) {
+    let mut l = live();
+    let mut status = 0;
+    // SAFETY: our own unreaped child; kill, then a blocking reap (quick
+    // after SIGKILL).
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, &mut status, 0);
+    }
+    l.pids.retain(|&p| p != pid);
+}
+
 impl Drop for Reaper {
     fn drop(&mut self) {
-        let mut status = 0;
-        // SAFETY: our own child; kill then reap so nothing is left behind.
-        unsafe {
-            libc::kill(self.0, libc::SIGKILL);
-            libc::waitpid(self.0, &mut status, 0);
-        }
+        kill_and_reap(self.0);
     }
 }
 
@@ -534,7 +730,7 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
         .spawn()
         .with_context(|| format!("cannot start {}", runc.display()))?;
     let pid = child.id() as i32;
-    let reaper = Reaper(pid);
+    let reaper = Reaper::new(pid);
     let mut child = child;
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
     let err: OwnedFd = child.stderr.take().context("no stderr pipe")?.into();
@@ -626,7 +822,7 @@ pub fn run_command(opts: &CommandOpts) -> Result<CommandEnd> {
             return Err(e).with_context(|| format!("cannot create cgroup {}", leaf_path.display()));
         }
     };
-    let leaf = created.then(|| CgroupLeaf(leaf_path.clone()));
+    let leaf = created.then(|| CgroupLeaf::adopt(leaf_path.clone()));
     let cg_fd = std::fs::File::open(&leaf_path)
         .with_context(|| format!("cannot open cgroup {}", leaf_path.display()))?;
 
@@ -709,14 +905,13 @@ pub fn run_command(opts: &CommandOpts) -> Result<CommandEnd> {
         }
     };
     let (pid, placed) = spawn_child(flags, Some(cg_fd.as_raw_fd()), child)?;
-    let reaper = Reaper(pid);
+    let reaper = Reaper::new(pid);
     if !placed {
         std::fs::write(leaf_path.join("cgroup.procs"), pid.to_string())
             .with_context(|| format!("cannot move the container into {}", leaf_path.display()))?;
     }
     let start = Instant::now();
-    let pid = reaper.0;
-    std::mem::forget(reaper);
+    let pid = reaper.release();
     let mut end = CommandEnd {
         pid,
         cgroup: Some(leaf_path.display().to_string()),

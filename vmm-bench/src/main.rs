@@ -340,6 +340,9 @@ fn real_main(cli: Cli) -> Result<i32> {
             image,
             json,
         } => {
+            // A stop signal kills our children and removes our cgroup
+            // leaves before we exit (no thread exists yet: it must be first).
+            container::clean_up_on_stop_signals()?;
             if image.is_some() && !matches!(path, PathKind::Vm | PathKind::QemuUnikernel) {
                 eprintln!("vmm-bench: --image only applies to `run vm` and `run qemu-unikernel`");
                 return Ok(exit::USAGE);
@@ -479,6 +482,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             no_linux,
             json,
         } => {
+            container::clean_up_on_stop_signals()?;
             let r = report::run(&report::ReportOpts {
                 quick,
                 out: out.clone(),

@@ -24,7 +24,7 @@ pub fn run(args: &[String], timeout: Duration) -> Result<NativeRun> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {}", exe.display()))?;
-    let reaper = Reaper(child.id() as i32);
+    let reaper = Reaper::new(child.id() as i32);
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
     let deadline = crate::deadline(launch, timeout);
     let stdout = read_until(out, deadline);

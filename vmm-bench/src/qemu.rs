@@ -91,7 +91,7 @@ fn spawn_and_watch(
         .with_context(|| {
             format!("cannot start {QEMU}: install qemu-system-x86 (Debian) and retry")
         })?;
-    let reaper = Reaper(child.id() as i32);
+    let reaper = Reaper::new(child.id() as i32);
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
     let err: OwnedFd = child.stderr.take().context("no stderr pipe")?.into();
     let deadline = crate::deadline(launch, timeout);

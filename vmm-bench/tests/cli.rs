@@ -343,3 +343,69 @@ fn corrupt_or_oversized_image_files_are_refused() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("larger than"), "{e}");
 }
+
+#[test]
+fn sigterm_during_a_container_run_leaves_no_cgroup_leaf() {
+    assert!(livehost_common::is_root(), "needs root (CI runs as root)");
+    let root = vmm_bench::container::cgroup2_root().unwrap();
+    // A leaf an earlier vmm-bench (now dead) left behind: removed at start.
+    let mut dead = Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    let stale = root.join(format!("livehost-vmm-bench-{dead_pid}-0"));
+    std::fs::create_dir(&stale).unwrap();
+
+    // 10^9 null syscalls: minutes, so it is surely running when signalled.
+    let child = Command::new(EXE)
+        .args(["run", "container", "--kib", "4", "--loops", "1000000000"])
+        .args(["--timeout", "120"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let prefix = format!("livehost-vmm-bench-{}-", child.id());
+    let ours = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
+    };
+    let t = std::time::Instant::now();
+    let inside: Vec<i32> = loop {
+        let procs: Vec<i32> = ours()
+            .iter()
+            .flat_map(|l| {
+                std::fs::read_to_string(l.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        if !procs.is_empty() {
+            break procs;
+        }
+        assert!(
+            t.elapsed().as_secs() < 20,
+            "the container never appeared in its leaf"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(!stale.exists(), "stale leaf of a dead pid not removed");
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{e}");
+    assert!(e.contains("stopped by signal"), "{e}");
+    assert!(ours().is_empty(), "cgroup leaf left behind: {:?}", ours());
+    for p in inside {
+        let t = std::time::Instant::now();
+        while std::path::Path::new(&format!("/proc/{p}")).exists() {
+            assert!(t.elapsed().as_secs() < 5, "container process {p} survived");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
