@@ -509,12 +509,33 @@ fn spawn_child(
 
 /// Reads a pipe to EOF or the deadline.
 pub(crate) fn read_until(fd: OwnedFd, deadline: Instant) -> Result<String> {
+    let (out, eof) = read_pipe(&fd, deadline)?;
+    if !eof {
+        bail!("timed out waiting for the workload's output");
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Drain a pipe on a thread of its own until EOF or the deadline, so a
+/// child writing much to it never blocks while we read something else; the
+/// thread returns what it read (at most 1 MiB is kept).
+pub(crate) fn drain(fd: OwnedFd, deadline: Instant) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        read_pipe(&fd, deadline)
+            .map(|(v, _)| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default()
+    })
+}
+
+/// Read until EOF (true) or the deadline (false), keeping the first MiB
+/// and discarding the rest, so the writer never blocks on a full pipe.
+fn read_pipe(fd: &OwnedFd, deadline: Instant) -> Result<(Vec<u8>, bool)> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!("timed out waiting for the workload's output");
+            return Ok((out, false));
         }
         let mut pfd = libc::pollfd {
             fd: fd.as_raw_fd(),
@@ -535,14 +556,16 @@ pub(crate) fn read_until(fd: OwnedFd, deadline: Instant) -> Result<String> {
         }
         // SAFETY: reading into our buffer from our descriptor.
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
         if n <= 0 {
-            break;
+            return Ok((out, true));
         }
         if out.len() < 1 << 20 {
             out.extend_from_slice(&buf[..n as usize]);
         }
     }
-    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Owns a child pid: waits for it with a deadline, kills it past the
@@ -735,9 +758,12 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
     let err: OwnedFd = child.stderr.take().context("no stderr pipe")?.into();
     let deadline = crate::deadline(launch, timeout);
+    // Both pipes at once: runc (or the container) writing more than a pipe
+    // buffer to one must not stall while we wait on the other.
+    let stderr = drain(err, deadline);
     let stdout = read_until(out, deadline);
-    let stderr = read_until(err, deadline).unwrap_or_default();
     let waited = reaper.wait(deadline);
+    let stderr = stderr.join().unwrap_or_default();
     let total_us = launch.elapsed().as_secs_f64() * 1e6;
     let _ = std::process::Command::new(runc)
         .arg("--root")
@@ -748,7 +774,9 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
         .status();
     let (code, rss) = waited?;
     if code != 0 {
-        bail!("runc exited with {code}: {}", stderr.trim());
+        let last: Vec<&str> = stderr.trim().lines().rev().take(8).collect();
+        let last: Vec<&str> = last.into_iter().rev().collect();
+        bail!("runc exited with {code}: {}", last.join(" | "));
     }
     Ok(RuncRun {
         stdout: stdout?,

@@ -4,7 +4,7 @@
 //! project's machines, since a Linux guest never gets past real-mode set-up
 //! on their emulating nested KVM).
 
-use crate::container::{Reaper, read_until};
+use crate::container::{Reaper, drain};
 use crate::vm::probe::Accel;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -81,8 +81,22 @@ fn spawn_and_watch(
     ram: u64,
     accel: Accel,
 ) -> Result<QemuRun> {
+    watch(QEMU, args, marker, timeout, ram, accel)
+}
+
+/// Run `program` (QEMU; tests use a shell), stream its console (stdout)
+/// for `marker`, and drain its stderr at the same time so QEMU's warnings,
+/// however many, never fill the pipe and stall the guest.
+fn watch(
+    program: &str,
+    args: &[String],
+    marker: &str,
+    timeout: Duration,
+    ram: u64,
+    accel: Accel,
+) -> Result<QemuRun> {
     let launch = Instant::now();
-    let mut child = std::process::Command::new(QEMU)
+    let mut child = std::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -95,6 +109,7 @@ fn spawn_and_watch(
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
     let err: OwnedFd = child.stderr.take().context("no stderr pipe")?.into();
     let deadline = crate::deadline(launch, timeout);
+    let stderr = drain(err, deadline);
     // Stream the console so the result line's arrival time is known.
     let (tx, rx) = std::sync::mpsc::channel::<Instant>();
     let marker_s = marker.to_string();
@@ -142,7 +157,7 @@ fn spawn_and_watch(
     let console = reader
         .join()
         .map_err(|_| anyhow::anyhow!("console reader panicked"))??;
-    let stderr = read_until(err, Instant::now() + Duration::from_secs(1)).unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
     let (code, rss) = waited
         .with_context(|| format!("QEMU ran past {timeout:?}; console: {}", tail(&console)))?;
     let line = console
@@ -152,7 +167,7 @@ fn spawn_and_watch(
         .with_context(|| {
             format!(
                 "no {marker} line on the console (QEMU exit {code}); stderr: {} console: {}",
-                stderr.trim(),
+                tail(&stderr),
                 tail(&console)
             )
         })?;
@@ -314,4 +329,31 @@ pub fn qemu_available() -> bool {
                 .map(|s| s.split(':').any(|d| Path::new(d).join(QEMU).is_file()))
         })
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child that writes far more than a pipe buffer (64 KiB) to stderr
+    /// before its result line must not stall: stderr is drained while the
+    /// console is read.
+    #[test]
+    fn a_noisy_stderr_does_not_stall_the_console() {
+        let script =
+            "head -c 1000000 /dev/zero | tr '\\0' w >&2; echo LIVEHOST-UK checksum=0x1; exit 33";
+        let t = Instant::now();
+        let r = watch(
+            "/bin/sh",
+            &["-c".into(), script.into()],
+            "LIVEHOST-UK",
+            Duration::from_secs(20),
+            0,
+            Accel::Tcg,
+        )
+        .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert_eq!(r.exit_code, 33);
+        assert_eq!(field_u64(&r.line, "checksum"), Some(1), "{}", r.line);
+    }
 }

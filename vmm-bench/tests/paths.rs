@@ -190,6 +190,28 @@ fn runc_absent_gives_a_clear_error() {
     );
 }
 
+/// runc (here a stand-in script) writing far more than a pipe buffer to
+/// stderr before its stdout closes must not stall the run: both pipes are
+/// drained at once.
+#[test]
+fn runc_with_a_noisy_stderr_does_not_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("runc");
+    // `runc --root STATE run --bundle DIR ID` prints; `delete` is a no-op.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n[ \"$3\" = run ] || exit 0\nhead -c 1000000 /dev/zero | tr '\\0' w >&2\necho LIVEHOST-LX checksum=0x2\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let b = container::make_bundle(&args(&[])).unwrap();
+    let t = std::time::Instant::now();
+    let r = container::run_runc(&fake, &b, Duration::from_secs(20)).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(field_u64(&r.stdout, "checksum"), Some(2), "{}", r.stdout);
+}
+
 #[test]
 fn unikernel_under_qemu_pvh_returns_the_checksum() {
     let r = qemu::run_unikernel(
