@@ -112,7 +112,9 @@ enum Cmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Enable a loaded patch (only possible while it is still registered).
+    /// Enable a patch. A disabled patch is freed by the kernel (its module
+    /// stays loaded): hotpatch then removes the module and loads the file it
+    /// loaded it from again (same sha256), or says what to run.
     Enable {
         #[arg(value_parser = module_name)]
         name: String,
@@ -257,6 +259,7 @@ fn run(cli: Cli) -> Result<i32> {
                 force,
                 measure,
                 expected_sha256: None,
+                journal_op: "load",
             };
             let _lock = state::lock(&paths, LOCK_WAIT)?;
             if installed {
@@ -449,12 +452,17 @@ fn change_out(r: ops::ChangeReport, json: bool) -> Result<i32> {
     if json {
         print_json(&r)?;
     } else {
+        if let Some(l) = &r.load
+            && l.outcome != Outcome::Loaded
+        {
+            print_load(l);
+        }
         r.messages.iter().for_each(|m| println!("{m}"));
         if let Some(t) = r.transition_ms {
             println!("transition took {t:.1} ms");
         }
     }
-    Ok(exit::SUCCESS)
+    Ok(r.exit_code())
 }
 
 #[derive(Serialize)]

@@ -33,6 +33,8 @@ pub struct LoadOptions {
     /// The file must have this sha256 (`load --installed`: what the manifest
     /// recorded at install time); otherwise the load is refused (exit 3).
     pub expected_sha256: Option<String>,
+    /// The journal's `op` for this load (`enable` when re-applying).
+    pub journal_op: &'static str,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +46,7 @@ impl Default for LoadOptions {
             force: false,
             measure: false,
             expected_sha256: None,
+            journal_op: "load",
         }
     }
 }
@@ -305,7 +308,7 @@ pub fn load(
         let reasons: Vec<&str> = pre.failures().map(|c| c.detail.as_str()).collect();
         report.messages.extend(state::record(
             paths,
-            "load",
+            opts.journal_op,
             info.name.as_deref(),
             Some(&info.sha256),
             "refused",
@@ -330,7 +333,7 @@ pub fn load(
         }
         report.messages.extend(state::record(
             paths,
-            "load",
+            opts.journal_op,
             Some(&name),
             Some(&info.sha256),
             "error",
@@ -388,7 +391,7 @@ pub fn load(
             report.replaced_removed = removed;
             report.messages.extend(msgs);
             progress.finish();
-            report.messages.extend(state::record(paths, "load", Some(&name), Some(&info.sha256), "ok", report.transition_ms, serde_json::json!({ "file": report.file, "replaced_removed": report.replaced_removed })));
+            report.messages.extend(state::record(paths, opts.journal_op, Some(&name), Some(&info.sha256), "ok", report.transition_ms, serde_json::json!({ "file": report.file, "replaced_removed": report.replaced_removed })));
             Ok(report)
         }
         Wait::TimedOut(d) => {
@@ -431,7 +434,7 @@ pub fn load(
                 }
                 report.messages.extend(state::record(
                     paths,
-                    "load",
+                    opts.journal_op,
                     Some(&name),
                     Some(&info.sha256),
                     "forced",
@@ -446,7 +449,7 @@ pub fn load(
                 report.messages.push(format!("{name} left in transition (--no-rollback); the kernel keeps retrying. `hotpatch status` shows progress; `hotpatch disable {name}` reverses it"));
                 report.messages.extend(state::record(
                     paths,
-                    "load",
+                    opts.journal_op,
                     Some(&name),
                     Some(&info.sha256),
                     "stalled",
@@ -463,7 +466,7 @@ pub fn load(
                 wait_transition(paths, &name, 0, opts.timeout, opts.poll, progress, r0)
             {
                 let still = paths.lagging_tasks(0);
-                report.messages.extend(state::record(paths, "load", Some(&name), Some(&info.sha256), "error", None, serde_json::json!({ "stalled": report.stalled_tasks, "reverse_stalled": still })));
+                report.messages.extend(state::record(paths, opts.journal_op, Some(&name), Some(&info.sha256), "error", None, serde_json::json!({ "stalled": report.stalled_tasks, "reverse_stalled": still })));
                 bail!(
                     "{name}: the reverse transition also stalled ({} task(s)); the patch is left half-applied: see `hotpatch status`",
                     still.len()
@@ -482,7 +485,7 @@ pub fn load(
             report.messages.push(format!("{name}: transition stalled, reversed and the module removed: the kernel is as before"));
             report.messages.extend(state::record(
                 paths,
-                "load",
+                opts.journal_op,
                 Some(&name),
                 Some(&info.sha256),
                 "rolled-back",
@@ -502,6 +505,17 @@ pub struct ChangeReport {
     pub transition_ms: Option<f64>,
     pub removed: bool,
     pub messages: Vec<String>,
+    /// `enable` of a freed patch re-loads its file: that load's report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadReport>,
+}
+
+impl ChangeReport {
+    pub fn exit_code(&self) -> i32 {
+        self.load
+            .as_ref()
+            .map_or(exit::SUCCESS, |l| l.outcome.exit_code())
+    }
 }
 
 /// Is `name` a loaded livepatch module (registered, or superseded and left
@@ -573,13 +587,14 @@ pub fn disable(
     );
     let t = r?;
     progress.finish();
-    messages.push(format!("{name} disabled; the kernel frees a disabled patch, so its module stays loaded until `hotpatch unload {name}` (re-enabling means loading it again)"));
+    messages.push(format!("{name} disabled; the kernel frees a disabled patch, so its module stays loaded until `hotpatch unload {name}` (`hotpatch enable {name}` loads its file again)"));
     Ok(ChangeReport {
         module: name.into(),
         action: "disable".into(),
         transition_ms: t,
         removed: false,
         messages,
+        load: None,
     })
 }
 
@@ -590,24 +605,32 @@ pub fn enable(
     poll: Duration,
     progress: &Progress,
 ) -> Result<ChangeReport> {
+    let report = |transition_ms, messages| ChangeReport {
+        module: name.into(),
+        action: "enable".into(),
+        transition_ms,
+        removed: false,
+        messages,
+        load: None,
+    };
     let Some(p) = paths.patch(name) else {
         if paths.module(name).is_some() {
-            bail!(
-                "{name} is loaded but no longer a live patch (disabled or replaced patches are freed by the kernel): `hotpatch unload {name}`, then `hotpatch load` its file again"
-            );
+            return reapply(paths, name, timeout, poll, progress);
         }
         bail!("no live patch named {name}; load it with `hotpatch load FILE.ko`");
     };
-    if p.enabled == Some(true) && p.transition != Some(true) {
-        return Ok(ChangeReport {
-            module: name.into(),
-            action: "enable".into(),
-            transition_ms: None,
-            removed: false,
-            messages: vec![format!("{name} is already enabled")],
-        });
+    if p.enabled == Some(true) {
+        if p.transition != Some(true) {
+            return Ok(report(None, vec![format!("{name} is already enabled")]));
+        }
+        // Already patching: writing 1 again would be refused (EINVAL), and
+        // there is nothing to change; wait for it like any enable.
+        progress.note(format!(
+            "{name} is already being enabled; waiting for its transition"
+        ));
+    } else {
+        write_attr(paths, name, "enabled", "1")?;
     }
-    write_attr(paths, name, "enabled", "1")?;
     let t0 = Instant::now();
     let r = match wait_transition(paths, name, 1, timeout, poll, progress, t0) {
         Wait::Done(d) => Ok(ms(d)),
@@ -628,12 +651,92 @@ pub fn enable(
     let t = r?;
     progress.finish();
     messages.push(format!("{name} enabled"));
+    Ok(report(Some(t), messages))
+}
+
+/// `enable` of a patch the kernel already freed (disabled, or superseded by
+/// an atomic replace) whose module is still loaded: the kernel cannot flip
+/// it back, so remove the module and load the file hotpatch loaded it from
+/// again, when that file is still there with the same sha256.
+fn reapply(
+    paths: &Paths,
+    name: &str,
+    timeout: Duration,
+    poll: Duration,
+    progress: &Progress,
+) -> Result<ChangeReport> {
+    let by_hand = format!("`hotpatch unload {name}`, then `hotpatch load FILE.ko` with its file");
+    let Some(rec) = state::loaded_record(paths, name) else {
+        bail!(
+            "{name} is loaded but no longer a live patch (the kernel frees disabled and replaced patches), and hotpatch has no record of the file it came from: run {by_hand}"
+        );
+    };
+    let file = std::path::PathBuf::from(&rec.path);
+    let now = std::fs::read(&file)
+        .map(|b| module::sha256_hex(&b))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{name} must be loaded again from {}, but that file cannot be read ({e}): run {by_hand}",
+                file.display()
+            )
+        })?;
+    if now != rec.sha256 {
+        bail!(
+            "{name} must be loaded again, but {} changed since hotpatch loaded it (sha256 {now}, was {}): run {by_hand}",
+            file.display(),
+            rec.sha256
+        );
+    }
+    progress.step(format!(
+        "{name}: freed by the kernel; removing the module to load {} again",
+        file.display()
+    ));
+    if let Err(e) = remove_module(paths, name, timeout) {
+        state::record(
+            paths,
+            "enable",
+            Some(name),
+            Some(&rec.sha256),
+            "error",
+            None,
+            serde_json::json!({ "error": format!("{e:#}"), "file": rec.path }),
+        );
+        return Err(e.context(format!("{name}: cannot remove the freed patch's module")));
+    }
+    let opts = LoadOptions {
+        timeout,
+        poll,
+        expected_sha256: Some(rec.sha256.clone()),
+        journal_op: "enable",
+        ..LoadOptions::default()
+    };
+    let r = load(paths, &file, &opts, progress).map_err(|e| {
+        e.context(format!(
+            "{name}: its module was removed (the patch was not active); loading {} again failed",
+            file.display()
+        ))
+    })?;
+    let mut messages = vec![format!(
+        "{name} was freed by the kernel; removed its module and loaded {} again",
+        file.display()
+    )];
+    messages.push(match r.outcome {
+        Outcome::Loaded => format!("{name} enabled"),
+        Outcome::Refused => format!(
+            "{name}: loading it again was refused; its module was removed, so it is not applied"
+        ),
+        _ => format!(
+            "{name}: loading it again did not complete ({:?})",
+            r.outcome
+        ),
+    });
     Ok(ChangeReport {
         module: name.into(),
         action: "enable".into(),
-        transition_ms: Some(t),
+        transition_ms: r.transition_ms,
         removed: false,
         messages,
+        load: Some(r),
     })
 }
 
@@ -692,6 +795,7 @@ pub fn unload(
         transition_ms: t,
         removed: true,
         messages,
+        load: None,
     })
 }
 

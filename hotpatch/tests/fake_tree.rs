@@ -713,3 +713,76 @@ fn atomic_replace_waits_for_superseded_patches_to_be_freed() {
     );
     assert!(removed.is_empty() && msgs.is_empty());
 }
+
+/// `enable`: a patch already patching is waited for, not written to again;
+/// a freed patch whose module is still loaded is re-applied only from the
+/// recorded file with the recorded hash, else the error says what to run.
+/// (The re-apply itself needs a kernel: tests/guest.rs.)
+#[test]
+fn enable_waits_or_says_what_to_run() {
+    use livehost_common::progress::Progress;
+    use std::time::Duration;
+    let (d, paths) = tree();
+    let quiet = Progress::silent();
+    let poll = Duration::from_millis(5);
+
+    // hp_b: enabled and in transition. Finishes 60 ms later.
+    let flip = d.path().join("sys/kernel/livepatch/hp_b/transition");
+    let h = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(60));
+        std::fs::write(flip, "0\n").unwrap();
+    });
+    let r = ops::enable(&paths, "hp_b", Duration::from_secs(5), poll, &quiet).unwrap();
+    h.join().unwrap();
+    assert!(r.transition_ms.is_some());
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("sys/kernel/livepatch/hp_b/enabled")).unwrap(),
+        "1\n",
+        "enabled was written again"
+    );
+    // Enabled and quiet: nothing to do.
+    let r = ops::enable(&paths, "hp_b", Duration::from_secs(5), poll, &quiet).unwrap();
+    assert_eq!(r.messages, ["hp_b is already enabled"]);
+
+    // hp_old: module loaded, patch freed, no record: say what to run.
+    let e = format!(
+        "{:#}",
+        ops::enable(&paths, "hp_old", Duration::from_secs(1), poll, &quiet).unwrap_err()
+    );
+    assert!(
+        e.contains("no record") && e.contains("`hotpatch unload hp_old`, then `hotpatch load"),
+        "{e}"
+    );
+    // With a record whose file changed since: refused, nothing removed.
+    let f = d.path().join("hp_old.ko");
+    std::fs::write(&f, b"now").unwrap();
+    hotpatch::state::save_loaded(
+        &paths,
+        &hotpatch::state::LoadedRecord {
+            name: "hp_old".into(),
+            sha256: hotpatch::module::sha256_hex(b"then"),
+            path: f.display().to_string(),
+            replace: Some(false),
+            loaded_at: 0.0,
+            forced: false,
+        },
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        ops::enable(&paths, "hp_old", Duration::from_secs(1), poll, &quiet).unwrap_err()
+    );
+    assert!(e.contains("changed since hotpatch loaded it"), "{e}");
+    std::fs::remove_file(&f).unwrap();
+    let e = format!(
+        "{:#}",
+        ops::enable(&paths, "hp_old", Duration::from_secs(1), poll, &quiet).unwrap_err()
+    );
+    assert!(e.contains("cannot be read"), "{e}");
+    // Not loaded at all.
+    let e = format!(
+        "{:#}",
+        ops::enable(&paths, "hp_none", Duration::from_secs(1), poll, &quiet).unwrap_err()
+    );
+    assert!(e.contains("hotpatch load FILE.ko"), "{e}");
+}

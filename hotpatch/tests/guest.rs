@@ -147,6 +147,10 @@ step listtext $H list
 step disable $H --json disable hp_cmdline
 step cmdline2 cat /proc/cmdline
 step mods1 cat /proc/modules
+step enable $H --json enable hp_cmdline
+step cmdline-enabled cat /proc/cmdline
+step enable-again $H --json enable hp_cmdline
+step disable2 $H --json disable hp_cmdline
 step unload $H --json unload hp_cmdline
 step ls ls /sys/kernel/livepatch
 step mods cat /proc/modules
@@ -208,6 +212,18 @@ step journal $H --json journal
     assert_eq!(s.rc("disable"), 0, "{}", s.raw);
     assert_eq!(s.out("cmdline2"), orig);
     assert!(s.out("mods1").contains("hp_cmdline"));
+    // enable after disable: the kernel freed the patch, so hotpatch loads
+    // the recorded file again; behaviour changes again.
+    assert_eq!(s.rc("enable"), 0, "{}", s.raw);
+    let en = s.json("enable");
+    assert_eq!(en["load"]["outcome"], "loaded", "{en}");
+    assert_eq!(s.out("cmdline-enabled"), "hotpatch-fixture: hp_cmdline");
+    assert_eq!(s.rc("enable-again"), 0, "{}", s.raw);
+    assert_eq!(
+        s.json("enable-again")["messages"][0],
+        "hp_cmdline is already enabled"
+    );
+    assert_eq!(s.rc("disable2"), 0, "{}", s.raw);
     assert_eq!(s.rc("unload"), 0, "{}", s.raw);
     assert_nothing_left(&s, "ls", "mods");
 
@@ -259,6 +275,8 @@ step journal $H --json journal
         ops,
         [
             "load:ok",
+            "disable:ok",
+            "enable:ok",
             "disable:ok",
             "unload:ok",
             "install:ok",
