@@ -31,8 +31,9 @@ hotpatch load fix.ko           check, load, wait for the transition\n  \
 hotpatch list                  what is patched, by which patch\n  \
 hotpatch unload fix            reverse and remove\n  \
 hotpatch install fix.ko        re-apply at every boot of this kernel\n\n\
-Exit codes: 0 success, 1 error, 3 preflight refused (nothing changed), \
-4 transition stalled and rolled back (kernel as before).",
+Exit codes: 0 success, 1 error, 2 usage (bad arguments or option values), \
+3 preflight refused (nothing changed), 4 transition stalled and rolled back \
+(kernel as before).",
     after_help = "Every change is journalled to <state-dir>/journal.jsonl (see `hotpatch journal`)."
 )]
 struct Cli {
@@ -62,11 +63,11 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct WaitArgs {
-    /// Seconds a transition may take before it counts as stalled.
-    #[arg(long, default_value_t = 30.0)]
+    /// Seconds a transition may take before it counts as stalled (0 < S <= 86400).
+    #[arg(long, default_value_t = 30.0, value_parser = timeout_secs)]
     timeout: f64,
-    /// Milliseconds between polls of the transition attribute.
-    #[arg(long, default_value_t = 15)]
+    /// Milliseconds between polls of the transition attribute (1 to 10000).
+    #[arg(long, default_value_t = 15, value_parser = poll_millis)]
     poll_ms: u64,
 }
 
@@ -191,16 +192,25 @@ fn need_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// `--timeout`: checked by clap, so a bad value is a usage error (exit 2).
+fn timeout_secs(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t > 0.0 && t <= 86_400.0 => Ok(t),
+        _ => Err(format!(
+            "--timeout must be more than 0 and at most 86400 seconds, got {s:?}"
+        )),
+    }
+}
+
+/// `--poll-ms`: checked by clap, so a bad value is a usage error (exit 2).
+fn poll_millis(s: &str) -> std::result::Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+        _ => Err(format!("--poll-ms must be between 1 and 10000, got {s:?}")),
+    }
+}
+
 fn wait_of(w: &WaitArgs) -> Result<(Duration, Duration)> {
-    if !(w.timeout.is_finite() && w.timeout > 0.0 && w.timeout <= 86_400.0) {
-        bail!(
-            "--timeout must be between 0 and 86400 seconds, got {}",
-            w.timeout
-        );
-    }
-    if w.poll_ms == 0 || w.poll_ms > 10_000 {
-        bail!("--poll-ms must be between 1 and 10000, got {}", w.poll_ms);
-    }
     Ok((
         Duration::from_secs_f64(w.timeout),
         Duration::from_millis(w.poll_ms),

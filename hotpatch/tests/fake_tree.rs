@@ -321,6 +321,26 @@ fn cli_list_json_and_errors() {
         Some(2)
     );
 
+    // Bad --timeout / --poll-ms values are usage errors too.
+    for args in [
+        &["unload", "--all", "--timeout", "0"][..],
+        &["load", "a.ko", "--timeout=-1"],
+        &["enable", "hp_a", "--timeout", "inf"],
+        &["disable", "hp_a", "--timeout", "x"],
+        &["unload", "hp_a", "--poll-ms", "0"],
+        &["load", "--installed", "--poll-ms", "10001"],
+    ] {
+        let out = bin(&paths, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--timeout must be") || err.contains("--poll-ms must be"),
+            "{args:?}: {err}"
+        );
+    }
+    let help = String::from_utf8(bin(&paths, &["--help"]).stdout).unwrap();
+    assert!(help.contains("2 usage"), "{help}");
+
     // NAME arguments are module names, never paths: exit 2, nothing done.
     for args in [
         &["unload", "../../../a"][..],

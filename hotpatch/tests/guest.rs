@@ -607,6 +607,7 @@ step badtimeout $H unload --all --timeout 0
         "{}",
         s.out("badtimeout")
     );
+    assert_eq!(s.rc("badtimeout"), 2, "usage error");
 }
 
 #[test]
