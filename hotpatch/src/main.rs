@@ -30,11 +30,11 @@ hotpatch check fix.ko          will it load here? (each check with a reason)\n  
 hotpatch load fix.ko           check, load, wait for the transition\n  \
 hotpatch list                  what is patched, by which patch\n  \
 hotpatch unload fix            reverse and remove\n  \
-hotpatch install fix.ko        re-apply at every boot of this kernel\n\n\
-Exit codes: 0 success, 1 error, 2 usage (bad arguments or option values), \
+hotpatch install fix.ko        re-apply at every boot of this kernel",
+    after_help = "Exit codes: 0 success, 1 error, 2 usage (bad arguments or option values), \
 3 preflight refused (nothing changed), 4 transition stalled and rolled back \
-(kernel as before).",
-    after_help = "Every change is journalled to <state-dir>/journal.jsonl (see `hotpatch journal`)."
+(kernel as before).\n\n\
+Every change is journalled to <state-dir>/journal.jsonl (see `hotpatch journal`)."
 )]
 struct Cli {
     /// Print machine-readable JSON on stdout instead of text.

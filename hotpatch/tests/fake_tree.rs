@@ -338,8 +338,10 @@ fn cli_list_json_and_errors() {
             "{args:?}: {err}"
         );
     }
-    let help = String::from_utf8(bin(&paths, &["--help"]).stdout).unwrap();
-    assert!(help.contains("2 usage"), "{help}");
+    for h in ["--help", "-h"] {
+        let help = String::from_utf8(bin(&paths, &[h]).stdout).unwrap();
+        assert!(help.contains("2 usage"), "{help}");
+    }
 
     // NAME arguments are module names, never paths: exit 2, nothing done.
     for args in [
