@@ -404,14 +404,22 @@ pub fn load(
                 .iter()
                 .map(|t| format!("{}/{} {}", t.pid, t.tid, t.comm))
                 .collect();
-            progress.note(format!(
+            // On the progress line now, and in the report (the only place
+            // a --json caller sees them).
+            let stalled = format!(
                 "{name}: transition stalled after {:.1}s; {} task(s) not switched: {}",
                 d.as_secs_f64(),
                 names.len(),
                 names.join(", ")
-            ));
+            );
+            progress.note(&stalled);
+            report.messages.push(stalled);
             if opts.force {
-                progress.note(format!("{name}: --force: forcing the transition. stalled tasks keep running old code until they return, with no consistency guarantee; some kernels then refuse to ever remove the module"));
+                let warning = format!(
+                    "warning: {name}: --force: forcing the transition. stalled tasks keep running old code until they return, with no consistency guarantee; some kernels then refuse to ever remove the module"
+                );
+                progress.note(&warning);
+                report.messages.push(warning);
                 if let Some(mut rec) = state::loaded_record(paths, &name) {
                     rec.forced = true;
                     let _ = state::save_loaded(paths, &rec);
@@ -427,10 +435,22 @@ pub fn load(
                     Instant::now(),
                 ) {
                     Wait::Done(_) => report.outcome = Outcome::Forced,
-                    Wait::TimedOut(_) => bail!(
-                        "{name}: even a forced transition did not finish within {:.0}s",
-                        opts.timeout.as_secs_f64()
-                    ),
+                    Wait::TimedOut(_) => {
+                        state::record(
+                            paths,
+                            opts.journal_op,
+                            Some(&name),
+                            Some(&info.sha256),
+                            "error",
+                            None,
+                            serde_json::json!({ "stalled": report.stalled_tasks, "forced": true }),
+                        );
+                        bail!(
+                            "{name}: even a forced transition did not finish within {:.0}s (stalled before forcing: {})",
+                            opts.timeout.as_secs_f64(),
+                            names.join(", ")
+                        )
+                    }
                 }
                 report.messages.extend(state::record(
                     paths,
@@ -467,9 +487,14 @@ pub fn load(
             {
                 let still = paths.lagging_tasks(0);
                 report.messages.extend(state::record(paths, opts.journal_op, Some(&name), Some(&info.sha256), "error", None, serde_json::json!({ "stalled": report.stalled_tasks, "reverse_stalled": still })));
+                let still: Vec<String> = still
+                    .iter()
+                    .map(|t| format!("{}/{} {}", t.pid, t.tid, t.comm))
+                    .collect();
                 bail!(
-                    "{name}: the reverse transition also stalled ({} task(s)); the patch is left half-applied: see `hotpatch status`",
-                    still.len()
+                    "{name}: the reverse transition also stalled ({} task(s): {}); the patch is left half-applied: see `hotpatch status`",
+                    still.len(),
+                    still.join(", ")
                 );
             }
             if !wait_gone(paths, &name, opts.timeout) {

@@ -452,6 +452,14 @@ step journal $H --json journal
         "stack does not show the patched function: {k}"
     );
     assert!(r["rollback_ms"].as_f64().unwrap() > 0.0);
+    // The stall line of the progress output is in the JSON report too.
+    assert!(
+        r["messages"].as_array().unwrap().iter().any(|m| {
+            let m = m.as_str().unwrap();
+            m.contains("transition stalled after") && m.contains("hp_busy_kthread")
+        }),
+        "{r}"
+    );
     assert_nothing_left(&s, "ls", "mods");
     assert!(
         s.out("mods").contains("hp_busy"),
@@ -485,7 +493,21 @@ step journal $H --json journal
     // patch can still be disabled and its module removed (observed: refcount
     // drops to 0); hotpatch does not assume either way.
     assert_eq!(s.rc("force"), 0, "{}", s.raw);
-    assert_eq!(s.json("force")["outcome"], "forced");
+    let f = s.json("force");
+    assert_eq!(f["outcome"], "forced");
+    let fm: Vec<&str> = f["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(
+        fm.iter().any(|m| m.contains("hp_busy_kthread"))
+            && fm
+                .iter()
+                .any(|m| m.contains("--force: forcing the transition")),
+        "{f}"
+    );
     let fs = s.json("fstatus");
     assert_eq!(fs["patches"][0]["transition"], false, "{fs}");
     assert_eq!(fs["patches"][0]["enabled"], true, "{fs}");
