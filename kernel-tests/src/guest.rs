@@ -711,6 +711,11 @@ fn build_initramfs(
         0o644,
     )?;
 
+    // A Debian host keeps its kernel's config in /boot; tools that read it
+    // there (hotpatch compares vermagic flags with it) see the guest alike.
+    if let Some(cfg) = &kernel.config {
+        ir.copy(cfg, &format!("/boot/config-{}", kernel.version))?;
+    }
     for (host, guest) in &opts.files {
         if !host.exists() {
             bail!(
