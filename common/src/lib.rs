@@ -6,6 +6,7 @@
 
 pub mod base64;
 pub mod container;
+pub mod elf;
 pub mod exit;
 pub mod guest_mem;
 pub mod lock;

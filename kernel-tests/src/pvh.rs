@@ -9,13 +9,10 @@
 //! payload once and cache it beside the image.
 
 use anyhow::{Context, Result, anyhow, bail};
+use livehost_common::elf::{pvh_entry_in_notes, u16_at, u32_at, u64_at};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-
-/// `XEN_ELFNOTE_PHYS32_ENTRY`: the 32-bit entry point QEMU's PVH loader
-/// looks for.
-const PHYS32_ENTRY: u32 = 18;
 
 /// The compressed payload of a bzImage, with the decompressor it needs and
 /// the uncompressed size the kernel build appended to it.
@@ -24,18 +21,6 @@ pub struct Payload<'a> {
     pub tool: &'static str,
     pub data: &'a [u8],
     pub size: u32,
-}
-
-fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
-}
-
-fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
 }
 
 /// Locate the payload through the x86 boot protocol header (`HdrS`,
@@ -107,29 +92,8 @@ pub fn has_pvh_note(elf: &[u8]) -> bool {
         else {
             return false;
         };
-        notes_have_pvh(notes)
+        pvh_entry_in_notes(notes).is_some()
     })
-}
-
-fn notes_have_pvh(mut notes: &[u8]) -> bool {
-    let pad = |n: usize| n.div_ceil(4) * 4;
-    while let (Some(namesz), Some(descsz), Some(kind)) =
-        (u32_at(notes, 0), u32_at(notes, 4), u32_at(notes, 8))
-    {
-        let name_end = 12 + pad(namesz as usize);
-        let Some(next) = name_end.checked_add(pad(descsz as usize)) else {
-            return false;
-        };
-        let name = notes.get(12..12 + namesz as usize);
-        if kind == PHYS32_ENTRY && name == Some(b"Xen\0") {
-            return true;
-        }
-        match notes.get(next..) {
-            Some(rest) if next > 0 => notes = rest,
-            _ => return false,
-        }
-    }
-    false
 }
 
 fn decompress(p: &Payload) -> Result<Vec<u8>> {
@@ -265,7 +229,13 @@ mod tests {
         elf[0x60..0x68].copy_from_slice(&40u64.to_le_bytes());
         // An unrelated note first, then Xen/18.
         let mut notes = Vec::new();
-        for (name, kind) in [(&b"GNU\0"[..], 3u32), (&b"Xen\0"[..], PHYS32_ENTRY)] {
+        for (name, kind) in [
+            (&b"GNU\0"[..], 3u32),
+            (
+                &b"Xen\0"[..],
+                livehost_common::elf::XEN_ELFNOTE_PHYS32_ENTRY,
+            ),
+        ] {
             notes.extend_from_slice(&4u32.to_le_bytes());
             notes.extend_from_slice(&4u32.to_le_bytes());
             notes.extend_from_slice(&kind.to_le_bytes());

@@ -4,6 +4,7 @@
 
 use super::{Vm, layout};
 use anyhow::{Result, bail};
+use livehost_common::elf::{pvh_entry_in_notes, u16_at, u32_at, u64_at};
 
 /// Largest image we accept; ours is ~12 KB, and a bound keeps a wrong path
 /// (a disk image, a core dump) from being read whole.
@@ -23,16 +24,6 @@ pub struct Image {
     pub segments: Vec<Segment>,
     /// The PVH entry from the Xen ELF note, if present.
     pub pvh_entry: Option<u32>,
-}
-
-fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
-}
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
-}
-fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
 }
 
 /// Parse and check an image against a guest of `ram` bytes.
@@ -116,7 +107,9 @@ pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
                 });
             }
             4 if in_file => {
-                pvh_entry = pvh_entry.or(find_pvh(&b[offset as usize..(offset + filesz) as usize]))
+                pvh_entry = pvh_entry.or(pvh_entry_in_notes(
+                    &b[offset as usize..(offset + filesz) as usize],
+                ))
             }
             _ => {}
         }
@@ -135,27 +128,6 @@ pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
         segments,
         pvh_entry,
     })
-}
-
-/// Walk ELF notes for XEN_ELFNOTE_PHYS32_ENTRY (type 18, name "Xen").
-fn find_pvh(notes: &[u8]) -> Option<u32> {
-    let mut o = 0usize;
-    while o.checked_add(12).is_some_and(|e| e <= notes.len()) {
-        let namesz = u32_at(notes, o)? as usize;
-        let descsz = u32_at(notes, o + 4)? as usize;
-        let ty = u32_at(notes, o + 8)?;
-        let name_off = o + 12;
-        let desc_off = name_off.checked_add(namesz.checked_add(3)? & !3)?;
-        let next = desc_off.checked_add(descsz.checked_add(3)? & !3)?;
-        if ty == 18
-            && notes.get(name_off..name_off.checked_add(namesz)?)? == b"Xen\0"
-            && descsz >= 4
-        {
-            return u32_at(notes, desc_off);
-        }
-        o = next;
-    }
-    None
 }
 
 /// Copy the image's segments into guest RAM (bss is already zero: guest RAM
