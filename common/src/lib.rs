@@ -26,6 +26,16 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Milliseconds since the Unix epoch (wall clock, 0 if the clock is before
+/// 1970): the timestamp livehost puts in JSON so that records written by
+/// different tools on one machine line up.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// True when the effective user is root; most livehost operations need it and
 /// say so up front rather than failing half-way.
 pub fn is_root() -> bool {

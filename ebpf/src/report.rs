@@ -278,10 +278,7 @@ pub fn build(
     let interval_ns = prev
         .map(|p| cur.mono_ns.saturating_sub(p.mono_ns))
         .unwrap_or(0);
-    let ts_unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let ts_unix_ms = livehost_common::unix_ms();
 
     // VMs: group exit rows by tgid then tid.
     let mut vms: BTreeMap<u32, BTreeMap<u32, Vec<ExitRow>>> = BTreeMap::new();

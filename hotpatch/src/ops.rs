@@ -96,6 +96,11 @@ pub struct LoadReport {
     pub replaced_removed: Vec<String>,
     pub measure: Option<Measurement>,
     pub messages: Vec<String>,
+    /// Wall clock (ms since the epoch) when `load` began and when it
+    /// returned, so its window can be lined up with other records of the
+    /// same host (an observer's intervals, the kernel log).
+    pub started_unix_ms: u64,
+    pub finished_unix_ms: u64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -268,6 +273,19 @@ pub fn load(
     opts: &LoadOptions,
     progress: &Progress,
 ) -> Result<LoadReport> {
+    let started_unix_ms = livehost_common::unix_ms();
+    let mut report = load_watched(paths, file, opts, progress)?;
+    report.started_unix_ms = started_unix_ms;
+    report.finished_unix_ms = livehost_common::unix_ms();
+    Ok(report)
+}
+
+fn load_watched(
+    paths: &Paths,
+    file: &Path,
+    opts: &LoadOptions,
+    progress: &Progress,
+) -> Result<LoadReport> {
     let info: ModuleInfo = module::inspect_file(file)?;
     let mut pre = check::preflight(paths, &info);
     if let Some(want) = &opts.expected_sha256
@@ -303,6 +321,8 @@ pub fn load(
         replaced_removed: Vec::new(),
         measure: None,
         messages: Vec::new(),
+        started_unix_ms: 0,
+        finished_unix_ms: 0,
     };
     if !pre.ok {
         let reasons: Vec<&str> = pre.failures().map(|c| c.detail.as_str()).collect();
@@ -318,6 +338,18 @@ pub fn load(
         return Ok(report);
     }
     let name = info.name.clone().context("module has no name")?;
+    // Every outcome below is journalled under this patch's name and hash.
+    let journal = |result: &str, duration_ms: Option<f64>, detail: serde_json::Value| {
+        state::record(
+            paths,
+            opts.journal_op,
+            Some(&name),
+            Some(&info.sha256),
+            result,
+            duration_ms,
+            detail,
+        )
+    };
     let before: BTreeSet<String> = paths.patches().into_iter().map(|p| p.name).collect();
 
     let probe = opts
@@ -331,11 +363,7 @@ pub fn load(
         if let Some(p) = probe {
             p.stop();
         }
-        report.messages.extend(state::record(
-            paths,
-            opts.journal_op,
-            Some(&name),
-            Some(&info.sha256),
+        report.messages.extend(journal(
             "error",
             None,
             serde_json::json!({ "error": format!("{e:#}"), "file": report.file }),
@@ -391,7 +419,7 @@ pub fn load(
             report.replaced_removed = removed;
             report.messages.extend(msgs);
             progress.finish();
-            report.messages.extend(state::record(paths, opts.journal_op, Some(&name), Some(&info.sha256), "ok", report.transition_ms, serde_json::json!({ "file": report.file, "replaced_removed": report.replaced_removed })));
+            report.messages.extend(journal("ok", report.transition_ms, serde_json::json!({ "file": report.file, "replaced_removed": report.replaced_removed })));
             Ok(report)
         }
         Wait::TimedOut(d) => {
@@ -436,11 +464,7 @@ pub fn load(
                 ) {
                     Wait::Done(_) => report.outcome = Outcome::Forced,
                     Wait::TimedOut(_) => {
-                        state::record(
-                            paths,
-                            opts.journal_op,
-                            Some(&name),
-                            Some(&info.sha256),
+                        journal(
                             "error",
                             None,
                             serde_json::json!({ "stalled": report.stalled_tasks, "forced": true }),
@@ -452,11 +476,7 @@ pub fn load(
                         )
                     }
                 }
-                report.messages.extend(state::record(
-                    paths,
-                    opts.journal_op,
-                    Some(&name),
-                    Some(&info.sha256),
+                report.messages.extend(journal(
                     "forced",
                     None,
                     serde_json::json!({ "stalled": report.stalled_tasks }),
@@ -467,11 +487,7 @@ pub fn load(
             if !opts.rollback {
                 report.outcome = Outcome::Stalled;
                 report.messages.push(format!("{name} left in transition (--no-rollback); the kernel keeps retrying. `hotpatch status` shows progress; `hotpatch disable {name}` reverses it"));
-                report.messages.extend(state::record(
-                    paths,
-                    opts.journal_op,
-                    Some(&name),
-                    Some(&info.sha256),
+                report.messages.extend(journal(
                     "stalled",
                     None,
                     serde_json::json!({ "stalled": report.stalled_tasks }),
@@ -486,7 +502,7 @@ pub fn load(
                 wait_transition(paths, &name, 0, opts.timeout, opts.poll, progress, r0)
             {
                 let still = paths.lagging_tasks(0);
-                report.messages.extend(state::record(paths, opts.journal_op, Some(&name), Some(&info.sha256), "error", None, serde_json::json!({ "stalled": report.stalled_tasks, "reverse_stalled": still })));
+                report.messages.extend(journal("error", None, serde_json::json!({ "stalled": report.stalled_tasks, "reverse_stalled": still })));
                 let still: Vec<String> = still
                     .iter()
                     .map(|t| format!("{}/{} {}", t.pid, t.tid, t.comm))
@@ -508,11 +524,7 @@ pub fn load(
             report.rollback_ms = Some(ms(r0.elapsed()));
             report.outcome = Outcome::RolledBack;
             report.messages.push(format!("{name}: transition stalled, reversed and the module removed: the kernel is as before"));
-            report.messages.extend(state::record(
-                paths,
-                opts.journal_op,
-                Some(&name),
-                Some(&info.sha256),
+            report.messages.extend(journal(
                 "rolled-back",
                 report.rollback_ms,
                 serde_json::json!({ "stalled": report.stalled_tasks }),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Held for the duration of an operation; released on drop.
 pub struct Lock {
@@ -60,10 +60,7 @@ pub fn lock(paths: &Paths, wait: Duration) -> Result<Lock> {
 }
 
 pub fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    livehost_common::unix_ms() as f64 / 1e3
 }
 
 /// Who is doing this: the sudo caller when there is one, else the user.

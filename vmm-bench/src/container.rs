@@ -349,30 +349,8 @@ pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
             if libc::read(sr, (&mut b as *mut u8).cast(), 1) != 1 {
                 return 120;
             }
-            if libc::sethostname(host.as_ptr().cast(), host.len()) != 0 {
-                return 121;
-            }
-            // Private propagation first, so the /proc mount below (and
-            // anything else) never leaks into the host's mount namespace.
-            if libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) != 0
-            {
-                return 122;
-            }
-            if libc::mount(
-                proc_s.as_ptr(),
-                proc_t.as_ptr(),
-                proc_s.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            ) != 0
-            {
-                return 123;
+            if let Err(status) = isolate(&host, &root, &proc_s, &proc_t) {
+                return status;
             }
             if libc::dup2(ow, 1) < 0 {
                 return 124;
@@ -454,6 +432,49 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// the cgroup at birth (returns `placed = true`); kernels without clone3 or
 /// CLONE_INTO_CGROUP (before 5.7) fall back to clone(2), and the caller
 /// moves the child through cgroup.procs.
+/// In a freshly cloned child: set the hostname, make every mount private and
+/// mount a private /proc. Only raw system calls (no allocation), because it
+/// runs between clone and exec. On failure, the child's distinct exit status.
+///
+/// # Safety
+/// Call only in the child of a clone with new uts and mount namespaces.
+unsafe fn isolate(
+    host: &[u8],
+    root: &CString,
+    proc_s: &CString,
+    proc_t: &CString,
+) -> Result<(), isize> {
+    // SAFETY: plain system calls on NUL-terminated strings the caller keeps alive.
+    unsafe {
+        if libc::sethostname(host.as_ptr().cast(), host.len()) != 0 {
+            return Err(121);
+        }
+        // Private propagation first, so the /proc mount below (and anything
+        // else) never leaks into the host's mount namespace.
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(122);
+        }
+        if libc::mount(
+            proc_s.as_ptr(),
+            proc_t.as_ptr(),
+            proc_s.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(123);
+        }
+    }
+    Ok(())
+}
+
 fn spawn_child(
     flags: libc::c_int,
     cgroup: Option<libc::c_int>,
@@ -905,28 +926,8 @@ pub fn run_command(opts: &CommandOpts) -> Result<CommandEnd> {
             if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
                 return 119;
             }
-            if libc::sethostname(host.as_ptr().cast(), host.len()) != 0 {
-                return 121;
-            }
-            if libc::mount(
-                std::ptr::null(),
-                rootdir.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) != 0
-            {
-                return 122;
-            }
-            if libc::mount(
-                proc_s.as_ptr(),
-                proc_t.as_ptr(),
-                proc_s.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            ) != 0
-            {
-                return 123;
+            if let Err(status) = isolate(&host, &rootdir, &proc_s, &proc_t) {
+                return status;
             }
             libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
             127

@@ -302,6 +302,7 @@ pub fn run(out_root: &Path, with_bench: bool, json_out: Option<std::fs::File>) -
             "kernel_log": step_text(&steps, "dmesg_livepatch"),
         },
         "observer": {
+            "window": observer_window(&overhead_lines, &step_json(&steps, "load")),
             "intervals": overhead_lines,
             "log": step_text(&steps, "overhead_log"),
         },
@@ -328,12 +329,34 @@ pub fn run(out_root: &Path, with_bench: bool, json_out: Option<std::fs::File>) -
     Ok(if ok { 0 } else { livehost_common::exit::ERROR })
 }
 
+/// The wall-clock span the observer's intervals cover (each interval ends at
+/// its `ts_unix_ms` and lasted `interval_s`), and whether it contains the
+/// whole `hotpatch load` (its `started_unix_ms`..`finished_unix_ms`): the
+/// figures beside the patch are only "over the same window" when it does.
+/// Both clocks are the guest's, so they compare directly.
+fn observer_window(intervals: &[Value], load: &Value) -> Value {
+    let start = intervals
+        .first()
+        .and_then(|i| Some(i["ts_unix_ms"].as_f64()? - i["interval_s"].as_f64()? * 1e3));
+    let end = intervals.last().and_then(|i| i["ts_unix_ms"].as_f64());
+    let load_start = load["started_unix_ms"].as_f64();
+    let load_end = load["finished_unix_ms"].as_f64();
+    let covers_load = match (start, end, load_start, load_end) {
+        (Some(s), Some(e), Some(ls), Some(le)) => Some(s <= ls && le <= e),
+        _ => None,
+    };
+    json!({
+        "start_unix_ms": start,
+        "end_unix_ms": end,
+        "load_start_unix_ms": load_start,
+        "load_end_unix_ms": load_end,
+        "covers_load": covers_load,
+    })
+}
+
 /// UTC `YYYYmmdd-HHMMSS` without a date crate.
 fn chrono_like_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = livehost_common::unix_ms() / 1000;
     let (days, rem) = (secs / 86400, secs % 86400);
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -426,9 +449,14 @@ fn markdown(r: &Value, bench_md: &str) -> String {
         .sum();
     let _ = writeln!(
         s,
-        "{} intervals, {window:.1} s, recorded by `overhead record` in the guest while the patch loaded \
+        "{} intervals, {window:.1} s, recorded by `overhead record` in the guest; {} \
          (TCG: scheduler figures are real, their scale is emulation's).\n",
-        intervals.len()
+        intervals.len(),
+        match r["observer"]["window"]["covers_load"].as_bool() {
+            Some(true) => "the window contains the whole `hotpatch load`",
+            Some(false) => "**the window does not contain the whole `hotpatch load`**",
+            None => "its overlap with the load is unknown (no timestamps)",
+        }
     );
     let _ = writeln!(
         s,
@@ -606,6 +634,29 @@ fn observer_rows(intervals: &[Value]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn observer_window_must_contain_the_load() {
+        let iv = |end: f64, len: f64| json!({ "ts_unix_ms": end, "interval_s": len });
+        let ivs = [iv(12_000.0, 2.0), iv(14_000.0, 2.0), iv(16_000.0, 2.0)];
+        let load = |a: f64, b: f64| json!({ "started_unix_ms": a, "finished_unix_ms": b });
+        let w = observer_window(&ivs, &load(11_000.0, 15_500.0));
+        assert_eq!(w["start_unix_ms"], 10_000.0);
+        assert_eq!(w["end_unix_ms"], 16_000.0);
+        assert_eq!(w["covers_load"], true);
+        // Began before the observer's first interval, or ended after its last.
+        assert_eq!(
+            observer_window(&ivs, &load(9_999.0, 12_000.0))["covers_load"],
+            false
+        );
+        assert_eq!(
+            observer_window(&ivs, &load(15_000.0, 16_001.0))["covers_load"],
+            false
+        );
+        // Nothing to compare: unknown, not a pass.
+        assert!(observer_window(&[], &load(1.0, 2.0))["covers_load"].is_null());
+        assert!(observer_window(&ivs, &Value::Null)["covers_load"].is_null());
+    }
 
     #[test]
     fn steps_are_framed() {

@@ -127,6 +127,14 @@ fn demo_patches_a_live_guest_and_reports_it() {
         })
     });
     assert!(seen, "the busy cgroup's CPU time was not observed");
+    // "Over the same window": by the guest's clock, the observer's intervals
+    // span the whole load.
+    let w = &report["observer"]["window"];
+    assert_eq!(w["covers_load"], true, "{w}");
+    assert!(
+        w["load_start_unix_ms"].as_f64() < w["load_end_unix_ms"].as_f64(),
+        "{w}"
+    );
     assert!(
         md.contains("livehost:demo-app"),
         "the container from vmm-bench's launcher should appear in the observer's table"
