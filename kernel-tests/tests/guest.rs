@@ -223,6 +223,49 @@ fn a_corrupt_cached_package_is_fetched_again() {
     assert!(makefile.is_file(), "{} missing", makefile.display());
 }
 
+/// Without the network (a new network namespace has no route anywhere): an
+/// empty cache is a clear error naming the package registry; a cache that
+/// holds the kernel is used, and the run says so.
+#[test]
+fn without_the_network_a_cached_kernel_is_used_and_none_is_a_clear_error() {
+    let k = kernel_tests::fetch(&KernelSpec::default()).unwrap();
+    let offline = |cache: &Path, args: &[&str]| {
+        std::process::Command::new("unshare")
+            .arg("-n")
+            .arg(env!("CARGO_BIN_EXE_kernel-tests"))
+            .args(args)
+            .env("LIVEHOST_CACHE", cache)
+            .output()
+            .unwrap()
+    };
+    let empty = tempfile::tempdir().unwrap();
+    let out = offline(empty.path(), &["fetch"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("unshare failed") {
+        eprintln!("skipped: cannot create a network namespace here: {err}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("check the network to deb.debian.org"), "{err}");
+
+    // A cache holding only this kernel (linked, not copied).
+    let warm = tempfile::tempdir().unwrap();
+    let name = format!("{}_{}", k.version, k.package_version.clone().unwrap());
+    std::os::unix::fs::symlink(
+        kernel_tests::kernel::cache_dir().join(&name),
+        warm.path().join(&name),
+    )
+    .unwrap();
+    let out = offline(warm.path(), &["run", "--", "uname", "-r"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), k.version);
+    assert!(
+        err.contains(&format!("using the cached kernel {}", k.version)),
+        "{err}"
+    );
+}
+
 /// PIDs of QEMU processes whose command line contains `marker`.
 fn qemu_pids_with(marker: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
