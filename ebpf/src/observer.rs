@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Which tracepoint each program needs, and whether it is part of the VM or
 /// the container half.
@@ -76,6 +77,9 @@ pub struct Skipped {
 
 pub struct Observer {
     skel: OverheadSkel<'static>,
+    /// The BPF side's `epoch` (the current interval), in the .bss map's
+    /// mmapped page, which lives as long as `skel`.
+    epoch: &'static AtomicU64,
     links: Vec<Link>,
     pub attached: Vec<String>,
     pub skipped: Vec<Skipped>,
@@ -107,6 +111,8 @@ pub struct ExitVal {
     pub timed: u64,
     pub sum_ns: u64,
     pub max_ns: u64,
+    /// Largest duration of the interval this snapshot closed.
+    pub interval_max_ns: u64,
     pub hist: [u64; 32],
 }
 
@@ -127,6 +133,8 @@ pub struct CgVal {
     pub rq_count: u64,
     pub rq_sum_ns: u64,
     pub rq_max_ns: u64,
+    /// Longest wait of the interval this snapshot closed.
+    pub rq_interval_max_ns: u64,
     pub hist: [u64; 32],
 }
 
@@ -347,14 +355,25 @@ impl Observer {
             .task_state
             .set_max_entries(task_slots())
             .context("cannot size the per-task map")?;
-        let skel = open.load().map_err(|e| {
+        let mut skel = open.load().map_err(|e| {
             anyhow::anyhow!(
                 "the kernel refused to load the BPF programs: {e}\nlibbpf said:\n{}",
                 take_libbpf_log()
             )
         })?;
+        let Some(bss) = skel.maps.bss_data.take() else {
+            bail!(
+                "the kernel did not let the BPF program's globals be memory-mapped \
+                 (BPF_F_MMAPABLE, Linux 5.5+); overhead cannot run here"
+            );
+        };
+        // SAFETY: the u64 is 8-byte aligned in a page that stays mapped while
+        // the skeleton (moved into the Observer beside this reference) lives;
+        // the kernel side only reads it, and all our accesses are atomic.
+        let epoch = unsafe { AtomicU64::from_ptr(&mut bss.epoch) };
         let mut obs = Observer {
             skel,
+            epoch,
             links: Vec::new(),
             attached: Vec::new(),
             skipped,
@@ -419,8 +438,21 @@ impl Observer {
             .collect()
     }
 
-    /// Read every map, summing per-CPU values.
+    /// Read every map, summing per-CPU values. Each call closes an interval:
+    /// the `interval_max` fields cover the time since the previous call.
     pub fn snapshot(&self) -> Result<RawSnapshot> {
+        // From here on the programs fill the other slot; the closed one is
+        // read below. An event whose program read the old epoch just before
+        // the bump and writes just after this read is missed (nanoseconds).
+        let closed = self.epoch.fetch_add(1, Ordering::SeqCst);
+        let slot = (closed & 1) as usize;
+        let imax = |m: &crate::skel::types::ival_max| {
+            if m.epoch[slot] == closed {
+                m.max_ns[slot]
+            } else {
+                0
+            }
+        };
         let maps = &self.skel.maps;
         let mut snap = RawSnapshot {
             mono_ns: livehost_common::monotonic_ns(),
@@ -442,6 +474,7 @@ impl Observer {
                 v.timed += c.timed;
                 v.sum_ns += c.sum_ns;
                 v.max_ns = v.max_ns.max(c.max_ns);
+                v.interval_max_ns = v.interval_max_ns.max(imax(&c.imax));
                 for (a, b) in v.hist.iter_mut().zip(c.hist.iter()) {
                     *a += b;
                 }
@@ -487,6 +520,7 @@ impl Observer {
                 v.rq_count += c.rq_count;
                 v.rq_sum_ns += c.rq_sum_ns;
                 v.rq_max_ns = v.rq_max_ns.max(c.rq_max_ns);
+                v.rq_interval_max_ns = v.rq_interval_max_ns.max(imax(&c.rq_imax));
                 for (a, b) in v.hist.iter_mut().zip(c.hist.iter()) {
                     *a += b;
                 }

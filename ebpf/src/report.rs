@@ -94,6 +94,8 @@ pub struct ExitRow {
     pub sum_ns: u64,
     /// Since the observer started, not per interval.
     pub max_ns: u64,
+    /// Largest of this interval (equal to `max_ns` in a since-start report).
+    pub interval_max_ns: u64,
     pub p50_ns: u64,
     pub p99_ns: u64,
 }
@@ -110,6 +112,9 @@ pub struct CgroupRow {
     pub rq_p99_ns: u64,
     /// Since the observer started.
     pub rq_max_ns: u64,
+    /// Longest wait of this interval (equal to `rq_max_ns` in a since-start
+    /// report).
+    pub rq_interval_max_ns: u64,
     pub preempted_by: Vec<PreemptRow>,
     pub cpu_files: CpuFiles,
     pub noisy: bool,
@@ -184,24 +189,43 @@ fn sub_hist(a: &[u64; 32], b: &[u64; 32]) -> [u64; 32] {
     out
 }
 
+/// The interval's bound for percentiles: its own max when the kernel saw
+/// one, else the since-start max (still an upper bound).
+fn clip(interval_max: u64, max: u64) -> u64 {
+    if interval_max > 0 { interval_max } else { max }
+}
+
+/// `prev` None: the interval is everything since the observer started.
 fn delta_exit(cur: &ExitVal, prev: Option<&ExitVal>) -> ExitVal {
-    let Some(p) = prev else { return *cur };
+    let Some(p) = prev else {
+        return ExitVal {
+            interval_max_ns: cur.max_ns,
+            ..*cur
+        };
+    };
     ExitVal {
         count: cur.count.saturating_sub(p.count),
         timed: cur.timed.saturating_sub(p.timed),
         sum_ns: cur.sum_ns.saturating_sub(p.sum_ns),
         max_ns: cur.max_ns,
+        interval_max_ns: cur.interval_max_ns,
         hist: sub_hist(&cur.hist, &p.hist),
     }
 }
 
 fn delta_cg(cur: &CgVal, prev: Option<&CgVal>) -> CgVal {
-    let Some(p) = prev else { return *cur };
+    let Some(p) = prev else {
+        return CgVal {
+            rq_interval_max_ns: cur.rq_max_ns,
+            ..*cur
+        };
+    };
     CgVal {
         cpu_ns: cur.cpu_ns.saturating_sub(p.cpu_ns),
         rq_count: cur.rq_count.saturating_sub(p.rq_count),
         rq_sum_ns: cur.rq_sum_ns.saturating_sub(p.rq_sum_ns),
         rq_max_ns: cur.rq_max_ns,
+        rq_interval_max_ns: cur.rq_interval_max_ns,
         hist: sub_hist(&cur.hist, &p.hist),
     }
 }
@@ -260,8 +284,9 @@ fn exit_row(k: &ExitKey, v: &ExitVal) -> ExitRow {
         timed: v.timed,
         sum_ns: v.sum_ns,
         max_ns: v.max_ns,
-        p50_ns: hist_quantile(&v.hist, 0.5, v.max_ns),
-        p99_ns: hist_quantile(&v.hist, 0.99, v.max_ns),
+        interval_max_ns: v.interval_max_ns,
+        p50_ns: hist_quantile(&v.hist, 0.5, clip(v.interval_max_ns, v.max_ns)),
+        p99_ns: hist_quantile(&v.hist, 0.99, clip(v.interval_max_ns, v.max_ns)),
     }
 }
 
@@ -404,7 +429,8 @@ pub fn build(
             let path = resolver.path(*id);
             let mut preempted_by = by_victim.remove(id).unwrap_or_default();
             preempted_by.sort_by_key(|p| std::cmp::Reverse(p.wait_ns));
-            let rq_p99_ns = hist_quantile(&d.hist, 0.99, d.rq_max_ns);
+            let bound = clip(d.rq_interval_max_ns, d.rq_max_ns);
+            let rq_p99_ns = hist_quantile(&d.hist, 0.99, bound);
             let noisy = rq_p99_ns > opts.noisy_p99_ns && d.rq_count >= opts.noisy_min_waits;
             cg_rows.push(CgroupRow {
                 id: *id,
@@ -417,9 +443,10 @@ pub fn build(
                 cpu_ns: d.cpu_ns,
                 rq_waits: d.rq_count,
                 rq_sum_ns: d.rq_sum_ns,
-                rq_p50_ns: hist_quantile(&d.hist, 0.5, d.rq_max_ns),
+                rq_p50_ns: hist_quantile(&d.hist, 0.5, bound),
                 rq_p99_ns,
                 rq_max_ns: d.rq_max_ns,
+                rq_interval_max_ns: d.rq_interval_max_ns,
                 preempted_by,
                 noisy,
             });
@@ -498,7 +525,7 @@ pub fn vcpu_cells(vm: &VmRow, v: &VcpuRow) -> [String; 8] {
 /// The cgroup table's cells, shared by the text and terminal views: path,
 /// container, CPU ms, waits, wait ms, p50 us, p99 us, throttled periods,
 /// top three culprits with the ms they held the CPU.
-pub fn cgroup_cells(c: &CgroupRow) -> [String; 9] {
+pub fn cgroup_cells(c: &CgroupRow) -> [String; 10] {
     let by: Vec<String> = c
         .preempted_by
         .iter()
@@ -519,6 +546,7 @@ pub fn cgroup_cells(c: &CgroupRow) -> [String; 9] {
         ms(c.rq_sum_ns),
         us(c.rq_p50_ns),
         us(c.rq_p99_ns),
+        us(c.rq_interval_max_ns),
         c.cpu_files
             .nr_throttled
             .map(|n| n.to_string())
@@ -561,14 +589,14 @@ pub fn render_text(r: &Report, max_rows: usize) -> String {
     let _ = writeln!(s, "\nCgroups (by run-queue wait)");
     let _ = writeln!(
         s,
-        "{:<40} {:<20} {:>9} {:>8} {:>9} {:>9} {:>9} {:>7}  preempted by (wait ms)",
-        "CGROUP", "CONTAINER", "CPU_ms", "WAITS", "RQ_ms", "p50_us", "p99_us", "THROTL"
+        "{:<40} {:<20} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  preempted by (wait ms)",
+        "CGROUP", "CONTAINER", "CPU_ms", "WAITS", "RQ_ms", "p50_us", "p99_us", "max_us", "THROTL"
     );
     for c in r.cgroups.iter().take(max_rows) {
         let cells = cgroup_cells(c);
         let _ = writeln!(
             s,
-            "{:<40} {:<20} {:>9} {:>8} {:>9} {:>9} {:>9} {:>7}  {}{}",
+            "{:<40} {:<20} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {}{}",
             cells[0],
             cells[1],
             cells[2],
@@ -578,6 +606,7 @@ pub fn render_text(r: &Report, max_rows: usize) -> String {
             cells[6],
             cells[7],
             cells[8],
+            cells[9],
             if c.noisy { "  NOISY" } else { "" }
         );
     }

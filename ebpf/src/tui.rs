@@ -112,6 +112,7 @@ fn draw(f: &mut Frame, r: &Report, interval: Duration) {
             Constraint::Length(9),
             Constraint::Length(8),
             Constraint::Length(9),
+            Constraint::Length(9),
             Constraint::Length(6),
             Constraint::Fill(1),
         ],
@@ -125,6 +126,7 @@ fn draw(f: &mut Frame, r: &Report, interval: Duration) {
             "RQ_ms",
             "p50_us",
             "p99_us",
+            "max_us",
             "THRTL",
             "WAITED BEHIND (ms)",
         ])

@@ -90,6 +90,7 @@ fn record_json_has_the_documented_fields_and_counts_the_guest() {
                 "rq_p50_ns",
                 "rq_p99_ns",
                 "rq_max_ns",
+                "rq_interval_max_ns",
                 "preempted_by",
                 "cpu_files",
                 "noisy",

@@ -100,6 +100,13 @@ fn nested_svm_exits_are_counted_per_reason_with_durations() {
                     c.1 += e["sum_ns"].as_u64().unwrap();
                     c.3 += e["timed"].as_u64().unwrap();
                     c.2 = c.2.max(e["max_ns"].as_u64().unwrap());
+                    // Timed exits in an interval give it a max of its own,
+                    // bounded by the since-start one and bounding p99.
+                    let imax = e["interval_max_ns"].as_u64().unwrap();
+                    if e["timed"].as_u64().unwrap() > 0 {
+                        assert!(imax > 0 && imax <= e["max_ns"].as_u64().unwrap(), "{e}");
+                        assert!(e["p99_ns"].as_u64().unwrap() <= imax, "{e}");
+                    }
                     if e["kind"] == "hw" {
                         assert_eq!(e["isa"], "svm", "{e}");
                     }

@@ -10,7 +10,11 @@ use livehost_ebpf::report::{self, Programs, ReportOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
+
+/// The tests here contend for CPU 0 on purpose; one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A cgroup v2 directory removed on drop (after its tasks are gone).
 struct TempCgroup(PathBuf);
@@ -31,8 +35,12 @@ impl Drop for TempCgroup {
 /// so that the other work on this shared machine (nice 0 builds) barely
 /// competes on CPU 0 and the contention under test is between the two.
 fn hog(cg: &Path) -> util::KillOnDrop {
+    hog_at(cg, -20)
+}
+
+fn hog_at(cg: &Path, nice: i32) -> util::KillOnDrop {
     let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nice -n -20 taskset -c 0 sh -c 'i=0; while [ $i -lt 2000000000 ]; do i=$((i+1)); done'",
+        "echo $$ > {}/cgroup.procs && exec nice -n {nice} taskset -c 0 sh -c 'i=0; while [ $i -lt 2000000000 ]; do i=$((i+1)); done'",
         cg.display()
     );
     util::KillOnDrop(
@@ -64,6 +72,7 @@ fn cpus_allowed(pid: u32) -> String {
 #[test]
 fn victim_wait_is_attributed_to_the_contending_cgroup() {
     util::require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut resolver = Resolver::new();
     let root = resolver
         .mounts
@@ -241,5 +250,109 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
     assert_eq!(
         n.top_preempters.first().map(|p| p.cgroup_id),
         Some(noisy_id)
+    );
+}
+
+/// A shell in `cg`, pinned to CPU 0 at nice -20, that sleeps 10 ms 50 times:
+/// its run-queue waits are wakeup latencies on a CPU nobody hogs.
+fn sleeper(cg: &Path) -> util::KillOnDrop {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec nice -n -20 taskset -c 0 sh -c 'for i in $(seq 50); do sleep 0.01; done'",
+        cg.display()
+    );
+    util::KillOnDrop(
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn sh"),
+    )
+}
+
+/// `rq_interval_max_ns` covers only its own interval: long waits behind a
+/// hog in one interval do not reappear in the next, quiet one, while the
+/// since-start `rq_max_ns` keeps them.
+#[test]
+fn interval_max_forgets_the_previous_interval() {
+    util::require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut resolver = Resolver::new();
+    let root = resolver
+        .mounts
+        .v2
+        .clone()
+        .expect("a cgroup v2 hierarchy must be mounted");
+    let tag = std::process::id();
+    let victim_cg = TempCgroup(root.join(format!("livehost-test-{tag}-imax")));
+    let noisy_cg = TempCgroup(root.join(format!("livehost-test-{tag}-imax-noisy")));
+    std::fs::create_dir(&victim_cg.0).expect("mkdir victim cgroup");
+    std::fs::create_dir(&noisy_cg.0).expect("mkdir noisy cgroup");
+    let victim_id = std::fs::metadata(&victim_cg.0).unwrap().ino();
+
+    let obs = Observer::start(&ObserverOptions {
+        vms: false,
+        ..Default::default()
+    })
+    .expect("observer starts");
+    let build = |cur: &RawSnapshot, prev: &RawSnapshot, resolver: &mut Resolver| {
+        report::build(
+            cur,
+            Some(prev),
+            resolver,
+            Programs {
+                attached: obs.attached.clone(),
+                skipped: vec![],
+            },
+            &ReportOptions::default(),
+        )
+        .cgroups
+        .into_iter()
+        .find(|c| c.id == victim_id)
+    };
+
+    // Interval A: a nice 0 hog shares CPU 0 with a nice -20 one, ~87 times
+    // its weight, so each of its waits lasts tens of ms.
+    let victim = hog_at(&victim_cg.0, 0);
+    let noisy = hog(&noisy_cg.0);
+    let settled = util::wait_for(Duration::from_secs(5), || {
+        ([victim.0.id(), noisy.0.id()].iter())
+            .all(|p| cpus_allowed(*p) == "0")
+            .then_some(())
+    });
+    assert!(settled.is_some(), "hogs did not settle on CPU 0");
+    let s0 = obs.snapshot().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // Reaped before the snapshot: its last wait (ended by being scheduled
+    // to die) belongs to interval A.
+    drop(victim);
+    let s1 = obs.snapshot().unwrap();
+    drop(noisy);
+    // Interval B: the victim cgroup only holds a sleeper; CPU 0 is free.
+    let mut quiet = sleeper(&victim_cg.0);
+    let _ = quiet.0.wait();
+    let s2 = obs.snapshot().unwrap();
+
+    let a = build(&s1, &s0, &mut resolver).expect("victim row in interval A");
+    let b = build(&s2, &s1, &mut resolver).expect("victim row in interval B");
+    eprintln!(
+        "interval A: {} waits, max {} ns; interval B: {} waits, max {} ns; since start {} ns",
+        a.rq_waits, a.rq_interval_max_ns, b.rq_waits, b.rq_interval_max_ns, b.rq_max_ns
+    );
+    assert!(a.rq_waits >= 2 && b.rq_waits >= 50, "{a:?}\n{b:?}");
+    assert!(
+        a.rq_interval_max_ns > 0 && a.rq_interval_max_ns <= a.rq_max_ns,
+        "{a:?}"
+    );
+    assert!(
+        b.rq_interval_max_ns > 0 && b.rq_interval_max_ns < a.rq_interval_max_ns,
+        "the quiet interval's max must not carry interval A's: {b:?}"
+    );
+    assert!(
+        b.rq_max_ns >= a.rq_interval_max_ns,
+        "since-start max kept: {b:?}"
+    );
+    assert!(
+        b.rq_p99_ns <= b.rq_interval_max_ns,
+        "p99 clipped to the interval's max: {b:?}"
     );
 }

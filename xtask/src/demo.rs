@@ -587,7 +587,7 @@ fn observer_rows(intervals: &[Value]) -> Vec<String> {
             a.cpu_ns += g["cpu_ns"].as_u64().unwrap_or(0);
             a.waits += g["rq_waits"].as_u64().unwrap_or(0);
             a.p99 = a.p99.max(g["rq_p99_ns"].as_u64().unwrap_or(0));
-            a.max = a.max.max(g["rq_max_ns"].as_u64().unwrap_or(0));
+            a.max = a.max.max(g["rq_interval_max_ns"].as_u64().unwrap_or(0));
             for p in g["preempted_by"].as_array().into_iter().flatten() {
                 if p["class"] == "idle" {
                     continue;

@@ -20,6 +20,13 @@ enum kvm_isa {
 	ISA_SVM = 2,
 };
 
+/* The largest value of the interval `epoch` (see overhead.bpf.c): two slots,
+ * so the interval user space is reading stays still while the next fills. */
+struct ival_max {
+	__u64 max_ns[2];
+	__u64 epoch[2];
+};
+
 struct exit_key {
 	__u32 tgid;
 	__u32 tid;
@@ -34,6 +41,7 @@ struct exit_val {
 	__u64 sum_ns;
 	__u64 max_ns;
 	__u64 hist[HIST_SLOTS]; /* slot i: durations in [2^i, 2^(i+1)) ns */
+	struct ival_max imax;
 };
 
 /* One per thread seen doing KVM work (a vCPU thread). */
@@ -52,6 +60,7 @@ struct cg_val {
 	__u64 rq_sum_ns;
 	__u64 rq_max_ns;
 	__u64 hist[HIST_SLOTS];
+	struct ival_max rq_imax;
 };
 
 /* victim cgroup waited while culprit held the CPU (wait_ns: the overlap;

@@ -12,6 +12,24 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define TASK_RUNNING 0
 
+/* The current reporting interval. User space bumps it (through the mmapped
+ * .bss) each time it reads the maps, then reads the slot of the interval it
+ * just closed, which no program writes any more: a per-interval max without
+ * resetting maps under the programs' feet. */
+volatile u64 epoch;
+
+static __always_inline void ival_max_add(struct ival_max *m, u64 v)
+{
+	u64 e = epoch;
+	u32 s = e & 1;
+	if (m->epoch[s] != e) {
+		m->epoch[s] = e;
+		m->max_ns[s] = v;
+	} else if (v > m->max_ns[s]) {
+		m->max_ns[s] = v;
+	}
+}
+
 struct exit_start {
 	u64 ts;
 	u32 reason;
@@ -183,6 +201,7 @@ static __always_inline void exit_add(struct exit_key *k, u64 n, u64 dur, bool ti
 		v->sum_ns += dur;
 		if (dur > v->max_ns)
 			v->max_ns = dur;
+		ival_max_add(&v->imax, dur);
 		v->hist[log2_slot(dur)]++;
 	}
 }
@@ -395,6 +414,7 @@ int handle_sched_switch(u64 *ctx)
 				c->rq_sum_ns += delta;
 				if (delta > c->rq_max_ns)
 					c->rq_max_ns = delta;
+				ival_max_add(&c->rq_imax, delta);
 				c->hist[log2_slot(delta)]++;
 			}
 			/* Split the wait over the stretches that overlap it. */
