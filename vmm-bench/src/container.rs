@@ -155,19 +155,46 @@ fn remove_leaf(path: &Path) -> bool {
 struct Live {
     leaves: Vec<PathBuf>,
     pids: Vec<i32>,
+    /// runc containers: killing `runc run` leaves its container running
+    /// (runc's init is not our child), so each is deleted through runc.
+    runc: Vec<RuncLive>,
+}
+
+#[derive(Clone, PartialEq)]
+struct RuncLive {
+    runc: PathBuf,
+    state: PathBuf,
+    id: String,
+    bundle: PathBuf,
+}
+
+impl RuncLive {
+    /// `runc delete --force`: kills the container's processes and removes
+    /// its state. Errors are ignored: there may be nothing left to delete.
+    fn delete(&self) {
+        let _ = std::process::Command::new(&self.runc)
+            .arg("--root")
+            .arg(&self.state)
+            .args(["delete", "--force", &self.id])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 fn live() -> std::sync::MutexGuard<'static, Live> {
     static LIVE: std::sync::Mutex<Live> = std::sync::Mutex::new(Live {
         leaves: Vec::new(),
         pids: Vec::new(),
+        runc: Vec::new(),
     });
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Make SIGTERM, SIGINT and SIGHUP end this process cleanly: every child
 /// it owns is killed (container inits, QEMU, runc, the native workload),
-/// every cgroup leaf it created is emptied and removed, then it exits with
+/// every runc container it started is deleted with its bundle, every
+/// cgroup leaf it created is emptied and removed, then it exits with
 /// 128 + the signal. Call it from the main thread before any other thread
 /// starts (they inherit the blocked mask; one thread waits for the
 /// signals). `vmm-bench run` and `vmm-bench report` do.
@@ -227,6 +254,10 @@ fn clean_up_now() -> Vec<PathBuf> {
                 unsafe { libc::kill(p, libc::SIGKILL) };
             }
         }
+    }
+    for r in &l.runc {
+        r.delete();
+        let _ = std::fs::remove_dir_all(&r.bundle);
     }
     let t = Instant::now();
     let mut left: Vec<PathBuf> = l.leaves.clone();
@@ -761,6 +792,12 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
         SEQ.fetch_add(1, Ordering::Relaxed)
     );
     let state = bundle.dir.path().join("state");
+    let container = RuncLive {
+        runc: runc.to_path_buf(),
+        state: state.clone(),
+        id: id.clone(),
+        bundle: bundle.dir.path().to_path_buf(),
+    };
     let launch = Instant::now();
     let child = std::process::Command::new(runc)
         .arg("--root")
@@ -774,6 +811,7 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
         .spawn()
         .with_context(|| format!("cannot start {}", runc.display()))?;
     let pid = child.id() as i32;
+    live().runc.push(container.clone());
     let reaper = Reaper::new(pid);
     let mut child = child;
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
@@ -786,13 +824,12 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
     let waited = reaper.wait(deadline);
     let stderr = stderr.join().unwrap_or_default();
     let total_us = launch.elapsed().as_secs_f64() * 1e6;
-    let _ = std::process::Command::new(runc)
-        .arg("--root")
-        .arg(&state)
-        .args(["delete", "--force", &id])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
+    // Under the registry's lock, so a stop signal's clean-up never races it.
+    {
+        let mut l = live();
+        container.delete();
+        l.runc.retain(|r| *r != container);
+    }
     let (code, rss) = waited?;
     if code != 0 {
         let last: Vec<&str> = stderr.trim().lines().rev().take(8).collect();

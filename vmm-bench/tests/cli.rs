@@ -409,3 +409,74 @@ fn sigterm_during_a_container_run_leaves_no_cgroup_leaf() {
         }
     }
 }
+
+/// SIGTERM while `runc run` is running: killing runc alone would leave its
+/// container running (runc's init is not our child); vmm-bench must delete
+/// the container through runc and remove the bundle before exiting.
+#[test]
+fn sigterm_during_a_runc_run_deletes_the_container_and_its_bundle() {
+    assert!(livehost_common::is_root(), "needs root (CI runs as root)");
+    let Some(runc) = vmm_bench::container::find_runc() else {
+        eprintln!("skipped: runc is not installed");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let child = Command::new(EXE)
+        .args(["run", "runc", "--kib", "4", "--loops", "1000000000"])
+        .args(["--timeout", "120"])
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The bundle appears in our TMPDIR; runc's state names the container's
+    // init once it runs.
+    let t = std::time::Instant::now();
+    let (bundle, init) = loop {
+        let found = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .find_map(|b| {
+                let state = b.path().join("state");
+                let id = std::fs::read_dir(&state)
+                    .ok()?
+                    .flatten()
+                    .next()?
+                    .file_name();
+                let out = Command::new(&runc)
+                    .arg("--root")
+                    .arg(&state)
+                    .arg("state")
+                    .arg(&id)
+                    .output()
+                    .ok()?;
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                (v["status"] == "running")
+                    .then(|| (b.path(), v["pid"].as_i64().unwrap_or(0) as i32))
+                    .filter(|(_, p)| *p > 0)
+            });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "the runc container never ran (bundle under {})",
+            tmp.path().display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{e}");
+    let t = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{init}")).exists() {
+        assert!(
+            t.elapsed().as_secs() < 5,
+            "the runc container's init {init} survived vmm-bench"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!bundle.exists(), "bundle {} left behind", bundle.display());
+}
