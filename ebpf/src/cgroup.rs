@@ -279,12 +279,38 @@ pub fn cpu_files(mounts: &Mounts, rel: &str) -> CpuFiles {
     }
     if out.source.is_none()
         && let Some(v1) = &mounts.v1_cpu
-        && let Ok(t) = livehost_common::sysfs::read_text(v1.join(rel).join("cpu.stat"))
     {
-        parse_cpu_stat(&t, true, &mut out);
-        out.source = Some("v1");
+        // Where the cgroup's processes sit in the v1 cpu hierarchy, which
+        // need not mirror the v2 path (a tool may manage only one of them);
+        // the same path is the guess for a cgroup with no process.
+        let member = mounts.v2.as_ref().and_then(|v2| {
+            let procs =
+                livehost_common::sysfs::read_text(v2.join(rel).join("cgroup.procs")).ok()?;
+            let pid = procs.split_whitespace().next()?;
+            let own = livehost_common::sysfs::read_text(format!("/proc/{pid}/cgroup")).ok()?;
+            v1_cpu_path(&own)
+        });
+        for dir in member.iter().map(String::as_str).chain([rel]) {
+            let dir = v1.join(dir.trim_start_matches('/'));
+            if let Ok(t) = livehost_common::sysfs::read_text(dir.join("cpu.stat")) {
+                parse_cpu_stat(&t, true, &mut out);
+                out.source = Some("v1");
+                break;
+            }
+        }
     }
     out
+}
+
+/// The path of the v1 hierarchy holding the `cpu` controller, from a
+/// /proc/PID/cgroup text (`ID:CONTROLLERS:PATH` lines).
+pub fn v1_cpu_path(proc_cgroup: &str) -> Option<String> {
+    proc_cgroup.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        (controllers.split(',').any(|c| c == "cpu") && path.starts_with('/'))
+            .then(|| path.to_string())
+    })
 }
 
 #[cfg(test)]
@@ -305,6 +331,25 @@ garbage line\n - \n";
         );
         let m = parse_mountinfo("\u{0}\u{1}xx - \n");
         assert!(m.v2.is_none() && m.v1_cpu.is_none());
+    }
+
+    #[test]
+    fn v1_cpu_path_from_proc_cgroup() {
+        let text = "12:pids:/user.slice\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/x\n0::/system.slice/docker-abc.scope\n";
+        assert_eq!(v1_cpu_path(text).as_deref(), Some("/docker/abc"));
+        // "cpuacct" or "cpuset" alone is not the cpu controller.
+        assert_eq!(v1_cpu_path("3:cpuset:/a\n5:cpuacct:/b\n"), None);
+        for garbage in [
+            "",
+            "::",
+            "4:cpu",
+            "4:cpu:relative",
+            "\u{0}:cpu:\n",
+            "x:y:z:w",
+        ] {
+            assert_eq!(v1_cpu_path(garbage), None, "{garbage:?}");
+        }
+        assert_eq!(v1_cpu_path("4:cpu:/a:b").as_deref(), Some("/a:b"));
     }
 
     #[test]

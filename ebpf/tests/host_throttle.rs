@@ -30,10 +30,37 @@ impl Drop for Dirs {
 
 #[test]
 fn quota_throttling_shows_up_in_the_cgroup_row() {
+    quota_case("quota", None);
+}
+
+/// On a hybrid host the v1 cpu cgroup need not share the v2 path (a runtime
+/// may manage only one of the trees): the row follows the process there.
+#[test]
+fn v1_quota_is_found_where_the_process_is_not_at_the_v2_path() {
+    util::require_root();
+    let r = Resolver::new();
+    let v2_has_cpu = r.mounts.v2.as_ref().is_some_and(|v2| {
+        std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu"))
+    });
+    if v2_has_cpu || r.mounts.v1_cpu.is_none() {
+        eprintln!("skipped: not a hybrid host (the v2 tree has the cpu controller)");
+        return;
+    }
+    quota_case(
+        "quota-v2",
+        Some(format!("livehost-test-{}-elsewhere", std::process::id())),
+    );
+}
+
+/// A busy loop under a 20% quota in the v2 cgroup `livehost-test-PID-SUFFIX`;
+/// on a hybrid host the quota is set in the v1 cpu cgroup `v1_name` (default:
+/// the same name).
+fn quota_case(suffix: &str, v1_name: Option<String>) {
     util::require_root();
     let mut resolver = Resolver::new();
     let v2 = resolver.mounts.v2.clone().expect("cgroup v2 mounted");
-    let name = format!("livehost-test-{}-quota", std::process::id());
+    let name = format!("livehost-test-{}-{suffix}", std::process::id());
     let v2dir = v2.join(&name);
     // Where the quota goes: the v2 cpu controller when enabled there, else
     // the v1 cpu hierarchy (hybrid hosts like this one).
@@ -51,7 +78,7 @@ fn quota_throttling_shows_up_in_the_cgroup_row() {
             .v1_cpu
             .clone()
             .expect("neither a v2 cpu controller nor a v1 cpu hierarchy");
-        let v1dir = v1.join(&name);
+        let v1dir = v1.join(v1_name.as_deref().unwrap_or(&name));
         std::fs::create_dir(&v1dir).expect("mkdir v1 cpu cgroup");
         dirs.0.insert(0, v1dir.clone());
         std::fs::write(v1dir.join("cpu.cfs_period_us"), "100000").unwrap();
