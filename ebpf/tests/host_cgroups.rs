@@ -6,7 +6,7 @@ mod util;
 
 use livehost_ebpf::cgroup::Resolver;
 use livehost_ebpf::observer::{Observer, ObserverOptions, RawSnapshot};
-use livehost_ebpf::report::{self, Programs, ReportOptions};
+use livehost_ebpf::report::{self, ReportOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,6 +18,20 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A cgroup v2 directory removed on drop (after its tasks are gone).
 struct TempCgroup(PathBuf);
+
+impl TempCgroup {
+    /// `livehost-test-PID-SUFFIX` under the v2 root, and its id (inode).
+    fn new(resolver: &Resolver, suffix: &str) -> (TempCgroup, u64) {
+        let root =
+            resolver.mounts.v2.as_ref().expect(
+                "a cgroup v2 hierarchy must be mounted (hybrid hosts: /sys/fs/cgroup/unified)",
+            );
+        let cg = TempCgroup(root.join(format!("livehost-test-{}-{suffix}", std::process::id())));
+        std::fs::create_dir(&cg.0).unwrap_or_else(|e| panic!("mkdir {}: {e}", cg.0.display()));
+        let id = std::fs::metadata(&cg.0).unwrap().ino();
+        (cg, id)
+    }
+}
 
 impl Drop for TempCgroup {
     fn drop(&mut self) {
@@ -74,18 +88,9 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
     util::require_root();
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut resolver = Resolver::new();
-    let root = resolver
-        .mounts
-        .v2
-        .clone()
-        .expect("a cgroup v2 hierarchy must be mounted (hybrid hosts: /sys/fs/cgroup/unified)");
     let tag = std::process::id();
-    let victim_cg = TempCgroup(root.join(format!("livehost-test-{tag}-victim")));
-    let noisy_cg = TempCgroup(root.join(format!("livehost-test-{tag}-noisy")));
-    std::fs::create_dir(&victim_cg.0).expect("mkdir victim cgroup");
-    std::fs::create_dir(&noisy_cg.0).expect("mkdir noisy cgroup");
-    let victim_id = std::fs::metadata(&victim_cg.0).unwrap().ino();
-    let noisy_id = std::fs::metadata(&noisy_cg.0).unwrap().ino();
+    let (victim_cg, victim_id) = TempCgroup::new(&resolver, "victim");
+    let (noisy_cg, noisy_id) = TempCgroup::new(&resolver, "noisy");
 
     let obs = Observer::start(&ObserverOptions {
         vms: false,
@@ -207,14 +212,11 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
     );
 
     // The report names the culprit and its class.
-    let r = report::build(
+    let r = util::interval_report(
+        &obs,
+        &s0,
         &s1,
-        Some(&s0),
         &mut resolver,
-        Programs {
-            attached: obs.attached.clone(),
-            skipped: vec![],
-        },
         &ReportOptions {
             noisy_p99_ns: 1_000_000,
             noisy_min_waits: 5,
@@ -277,17 +279,8 @@ fn interval_max_forgets_the_previous_interval() {
     util::require_root();
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut resolver = Resolver::new();
-    let root = resolver
-        .mounts
-        .v2
-        .clone()
-        .expect("a cgroup v2 hierarchy must be mounted");
-    let tag = std::process::id();
-    let victim_cg = TempCgroup(root.join(format!("livehost-test-{tag}-imax")));
-    let noisy_cg = TempCgroup(root.join(format!("livehost-test-{tag}-imax-noisy")));
-    std::fs::create_dir(&victim_cg.0).expect("mkdir victim cgroup");
-    std::fs::create_dir(&noisy_cg.0).expect("mkdir noisy cgroup");
-    let victim_id = std::fs::metadata(&victim_cg.0).unwrap().ino();
+    let (victim_cg, victim_id) = TempCgroup::new(&resolver, "imax");
+    let (noisy_cg, _) = TempCgroup::new(&resolver, "imax-noisy");
 
     let obs = Observer::start(&ObserverOptions {
         vms: false,
@@ -295,19 +288,10 @@ fn interval_max_forgets_the_previous_interval() {
     })
     .expect("observer starts");
     let build = |cur: &RawSnapshot, prev: &RawSnapshot, resolver: &mut Resolver| {
-        report::build(
-            cur,
-            Some(prev),
-            resolver,
-            Programs {
-                attached: obs.attached.clone(),
-                skipped: vec![],
-            },
-            &ReportOptions::default(),
-        )
-        .cgroups
-        .into_iter()
-        .find(|c| c.id == victim_id)
+        util::interval_report(&obs, prev, cur, resolver, &ReportOptions::default())
+            .cgroups
+            .into_iter()
+            .find(|c| c.id == victim_id)
     };
 
     // Interval A: a nice 0 hog shares CPU 0 with a nice -20 one, ~87 times

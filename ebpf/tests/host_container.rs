@@ -8,7 +8,7 @@ mod util;
 
 use livehost_ebpf::cgroup::Resolver;
 use livehost_ebpf::observer::{Observer, ObserverOptions};
-use livehost_ebpf::report::{self, Programs, ReportOptions};
+use livehost_ebpf::report::ReportOptions;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -108,16 +108,7 @@ fn runc_container_is_named_and_its_throttling_shown() {
     let s0 = obs.snapshot().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let s1 = obs.snapshot().unwrap();
-    let r = report::build(
-        &s1,
-        Some(&s0),
-        &mut resolver,
-        Programs {
-            attached: obs.attached.clone(),
-            skipped: vec![],
-        },
-        &ReportOptions::default(),
-    );
+    let r = util::interval_report(&obs, &s0, &s1, &mut resolver, &ReportOptions::default());
     let want = format!("docker:{}", &id[..12]);
     let row = r
         .cgroups

@@ -7,7 +7,7 @@ mod util;
 
 use livehost_ebpf::cgroup::Resolver;
 use livehost_ebpf::observer::{Observer, ObserverOptions};
-use livehost_ebpf::report::{self, Programs, ReportOptions};
+use livehost_ebpf::report::{self, ReportOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -109,16 +109,7 @@ fn quota_case(suffix: &str, v1_name: Option<String>) {
     let s0 = obs.snapshot().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let s1 = obs.snapshot().unwrap();
-    let r = report::build(
-        &s1,
-        Some(&s0),
-        &mut resolver,
-        Programs {
-            attached: obs.attached.clone(),
-            skipped: vec![],
-        },
-        &ReportOptions::default(),
-    );
+    let r = util::interval_report(&obs, &s0, &s1, &mut resolver, &ReportOptions::default());
     drop(hog);
     let row = r
         .cgroups

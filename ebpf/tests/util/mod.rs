@@ -77,3 +77,23 @@ pub fn loaded_prog_names() -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// The report of the interval between two snapshots of `obs`.
+pub fn interval_report(
+    obs: &livehost_ebpf::observer::Observer,
+    prev: &livehost_ebpf::observer::RawSnapshot,
+    cur: &livehost_ebpf::observer::RawSnapshot,
+    resolver: &mut livehost_ebpf::cgroup::Resolver,
+    opts: &livehost_ebpf::report::ReportOptions,
+) -> livehost_ebpf::report::Report {
+    livehost_ebpf::report::build(
+        cur,
+        Some(prev),
+        resolver,
+        livehost_ebpf::report::Programs {
+            attached: obs.attached.clone(),
+            skipped: vec![],
+        },
+        opts,
+    )
+}
