@@ -53,8 +53,18 @@ fn hog(cg: &Path) -> util::KillOnDrop {
 }
 
 fn hog_at(cg: &Path, nice: i32) -> util::KillOnDrop {
+    on_cpu0(
+        cg,
+        nice,
+        "i=0; while [ $i -lt 2000000000 ]; do i=$((i+1)); done",
+    )
+}
+
+/// `body` (a shell script) run in `cg`, pinned to CPU 0 by taskset
+/// (sched_setaffinity) at `nice`, all set before it starts.
+fn on_cpu0(cg: &Path, nice: i32, body: &str) -> util::KillOnDrop {
     let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nice -n {nice} taskset -c 0 sh -c 'i=0; while [ $i -lt 2000000000 ]; do i=$((i+1)); done'",
+        "echo $$ > {}/cgroup.procs && exec nice -n {nice} taskset -c 0 sh -c '{body}'",
         cg.display()
     );
     util::KillOnDrop(
@@ -258,17 +268,7 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
 /// A shell in `cg`, pinned to CPU 0 at nice -20, that sleeps 10 ms 50 times:
 /// its run-queue waits are wakeup latencies on a CPU nobody hogs.
 fn sleeper(cg: &Path) -> util::KillOnDrop {
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nice -n -20 taskset -c 0 sh -c 'for i in $(seq 50); do sleep 0.01; done'",
-        cg.display()
-    );
-    util::KillOnDrop(
-        Command::new("sh")
-            .args(["-c", &script])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn sh"),
-    )
+    on_cpu0(cg, -20, "for i in $(seq 50); do sleep 0.01; done")
 }
 
 /// `rq_interval_max_ns` covers only its own interval: long waits behind a
