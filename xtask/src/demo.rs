@@ -303,6 +303,7 @@ pub fn run(out_root: &Path, with_bench: bool, json_out: Option<std::fs::File>) -
         },
         "observer": {
             "window": observer_window(&overhead_lines, &step_json(&steps, "load")),
+            "phases": observer_phases(&overhead_lines, &step_json(&steps, "load")),
             "intervals": overhead_lines,
             "log": step_text(&steps, "overhead_log"),
         },
@@ -352,6 +353,55 @@ fn observer_window(intervals: &[Value], load: &Value) -> Value {
         "load_end_unix_ms": load_end,
         "covers_load": covers_load,
     })
+}
+
+/// Where an interval lies against the load: "before" it started, "after"
+/// it finished, "during" when they overlap; None without timestamps.
+fn phase_of(interval: &Value, load: &Value) -> Option<&'static str> {
+    let end = interval["ts_unix_ms"].as_f64()?;
+    let start = end - interval["interval_s"].as_f64()? * 1e3;
+    let (ls, le) = (
+        load["started_unix_ms"].as_f64()?,
+        load["finished_unix_ms"].as_f64()?,
+    );
+    Some(if end <= ls {
+        "before"
+    } else if start >= le {
+        "after"
+    } else {
+        "during"
+    })
+}
+
+/// The observer's per-cgroup figures before, during and after the load:
+/// what the patch cost the workloads, against what they paid anyway.
+fn observer_phases(intervals: &[Value], load: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for phase in ["before", "during", "after"] {
+        let these: Vec<&Value> = intervals
+            .iter()
+            .filter(|i| phase_of(i, load) == Some(phase))
+            .collect();
+        let seconds: f64 = these.iter().filter_map(|i| i["interval_s"].as_f64()).sum();
+        let cgroups: Vec<Value> = aggregate(&these)
+            .into_iter()
+            .map(|(path, a)| {
+                json!({
+                    "path": path,
+                    "container": (!a.container.is_empty()).then_some(a.container),
+                    "cpu_ns": a.cpu_ns,
+                    "rq_waits": a.waits,
+                    "rq_p99_ns": a.p99,
+                    "rq_max_ns": a.max,
+                })
+            })
+            .collect();
+        out.insert(
+            phase.into(),
+            json!({ "intervals": these.len(), "seconds": seconds, "cgroups": cgroups }),
+        );
+    }
+    Value::Object(out)
 }
 
 /// UTC `YYYYmmdd-HHMMSS` without a date crate.
@@ -466,6 +516,7 @@ fn markdown(r: &Value, bench_md: &str) -> String {
         let _ = writeln!(s, "{row}");
     }
     let _ = writeln!(s);
+    phase_table(&mut s, &r["observer"]["phases"]);
     let _ = writeln!(s, "## VM vs container vs unikernel (host)\n");
     let c = &r["comparison"];
     if let Some(e) = c.get("error").or(c.get("not_run")) {
@@ -505,6 +556,57 @@ fn markdown(r: &Value, bench_md: &str) -> String {
         r["elapsed_s"].as_f64().unwrap_or(0.0)
     );
     s
+}
+
+/// Before / during / after the load, per cgroup that had a container name
+/// or ran most (the rest is in report.json): CPU share, waits per second,
+/// p99 and max wait.
+fn phase_table(s: &mut String, phases: &Value) {
+    let during = phases["during"]["intervals"].as_u64().unwrap_or(0);
+    if during == 0 {
+        let _ = writeln!(
+            s,
+            "No observer interval overlaps the load, so there is no before/during/after split.\n"
+        );
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "Before, during and after the load (each interval counted in the phase it overlaps; \
+         \"during\" holds the whole intervals the load touched):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| phase | intervals | cgroup | CPU (% of one CPU) | waits/s | p99 wait | max wait |\n|---|---|---|---|---|---|---|"
+    );
+    for phase in ["before", "during", "after"] {
+        let p = &phases[phase];
+        let secs = p["seconds"].as_f64().unwrap_or(0.0);
+        let n = p["intervals"].as_u64().unwrap_or(0);
+        if n == 0 || secs <= 0.0 {
+            let _ = writeln!(s, "| {phase} | 0 | — | | | | |");
+            continue;
+        }
+        let mut rows: Vec<&Value> = p["cgroups"].as_array().into_iter().flatten().collect();
+        rows.sort_by_key(|c| std::cmp::Reverse(c["cpu_ns"].as_u64().unwrap_or(0)));
+        // The containers, and whoever ran most if that is not one of them.
+        let shown = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| *i == 0 || !c["container"].is_null());
+        for (_, c) in shown {
+            let _ = writeln!(
+                s,
+                "| {phase} | {n} ({secs:.1} s) | `{}` | {:.0}% | {:.0} | {:.2} ms | {:.2} ms |",
+                c["path"].as_str().unwrap_or("?"),
+                c["cpu_ns"].as_f64().unwrap_or(0.0) / (secs * 1e9) * 100.0,
+                c["rq_waits"].as_f64().unwrap_or(0.0) / secs,
+                c["rq_p99_ns"].as_f64().unwrap_or(0.0) / 1e6,
+                c["rq_max_ns"].as_f64().unwrap_or(0.0) / 1e6,
+            );
+        }
+    }
+    let _ = writeln!(s);
 }
 
 /// The Markdown rows for `hotpatch load --measure`'s JSON (hotpatch's
@@ -565,17 +667,19 @@ fn load_rows(load: &Value) -> Vec<String> {
     rows
 }
 
-/// One Markdown row per cgroup, summed over the observer's intervals.
-fn observer_rows(intervals: &[Value]) -> Vec<String> {
-    #[derive(Default)]
-    struct Agg {
-        container: String,
-        cpu_ns: u64,
-        waits: u64,
-        p99: u64,
-        max: u64,
-        behind: BTreeMap<String, u64>,
-    }
+/// One cgroup's figures summed over some of the observer's intervals.
+#[derive(Default)]
+struct Agg {
+    container: String,
+    cpu_ns: u64,
+    waits: u64,
+    /// The largest of the intervals' p99s (an upper bound of the whole p99).
+    p99: u64,
+    max: u64,
+    behind: BTreeMap<String, u64>,
+}
+
+fn aggregate(intervals: &[&Value]) -> BTreeMap<String, Agg> {
     let mut by: BTreeMap<String, Agg> = BTreeMap::new();
     for i in intervals {
         for g in i["cgroups"].as_array().into_iter().flatten() {
@@ -601,6 +705,12 @@ fn observer_rows(intervals: &[Value]) -> Vec<String> {
             }
         }
     }
+    by
+}
+
+/// One Markdown row per cgroup, summed over the observer's intervals.
+fn observer_rows(intervals: &[Value]) -> Vec<String> {
+    let by = aggregate(&intervals.iter().collect::<Vec<_>>());
     let mut rows: Vec<(u64, String)> = by
         .into_iter()
         .map(|(path, a)| {
@@ -656,6 +766,47 @@ mod tests {
         // Nothing to compare: unknown, not a pass.
         assert!(observer_window(&[], &load(1.0, 2.0))["covers_load"].is_null());
         assert!(observer_window(&ivs, &Value::Null)["covers_load"].is_null());
+    }
+
+    #[test]
+    fn intervals_are_split_before_during_and_after_the_load() {
+        let iv = |end: f64, cpu: u64| {
+            json!({ "ts_unix_ms": end, "interval_s": 2.0, "cgroups": [
+                { "path": "/app", "container": "livehost:app", "cpu_ns": cpu,
+                  "rq_waits": 4, "rq_p99_ns": cpu / 10, "rq_interval_max_ns": cpu / 5 }
+            ]})
+        };
+        // Intervals (10,12] (12,14] (14,16] (16,18]; the load spans 13.0-13.5.
+        let ivs = [
+            iv(12_000.0, 100),
+            iv(14_000.0, 200),
+            iv(16_000.0, 300),
+            iv(18_000.0, 400),
+        ];
+        let load = json!({ "started_unix_ms": 13_000.0, "finished_unix_ms": 13_500.0 });
+        assert_eq!(phase_of(&ivs[0], &load), Some("before"));
+        assert_eq!(phase_of(&ivs[1], &load), Some("during"));
+        assert_eq!(phase_of(&ivs[2], &load), Some("after"));
+        assert_eq!(phase_of(&ivs[0], &Value::Null), None);
+        let p = observer_phases(&ivs, &load);
+        assert_eq!(p["before"]["intervals"], 1);
+        assert_eq!(p["during"]["intervals"], 1);
+        assert_eq!(p["after"]["intervals"], 2);
+        assert_eq!(p["after"]["seconds"], 4.0);
+        let after = &p["after"]["cgroups"][0];
+        assert_eq!(after["cpu_ns"], 700);
+        assert_eq!(after["rq_waits"], 8);
+        assert_eq!(after["rq_max_ns"], 80);
+        assert_eq!(after["container"], "livehost:app");
+        // A load that spans two intervals makes both "during".
+        let long = json!({ "started_unix_ms": 13_900.0, "finished_unix_ms": 14_100.0 });
+        assert_eq!(observer_phases(&ivs, &long)["during"]["intervals"], 2);
+        let mut md = String::new();
+        phase_table(&mut md, &p);
+        assert!(md.contains("| during | 1 (2.0 s) | `/app` |"), "{md}");
+        let mut md = String::new();
+        phase_table(&mut md, &observer_phases(&ivs, &Value::Null));
+        assert!(md.contains("No observer interval overlaps"), "{md}");
     }
 
     #[test]

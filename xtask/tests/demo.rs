@@ -139,6 +139,27 @@ fn demo_patches_a_live_guest_and_reports_it() {
         md.contains("livehost:demo-app"),
         "the container from vmm-bench's launcher should appear in the observer's table"
     );
+    // The intervals the load touched are set apart from the rest, and the
+    // container ran through them (it kept running while the patch loaded).
+    let phases = &report["observer"]["phases"];
+    let during = &phases["during"];
+    assert!(during["intervals"].as_u64() >= Some(1), "{phases}");
+    let total: u64 = ["before", "during", "after"]
+        .iter()
+        .map(|p| phases[p]["intervals"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total as usize, intervals.len(), "{phases}");
+    let app = during["cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["container"] == "livehost:demo-app")
+        .unwrap_or_else(|| panic!("the container is missing from the load's intervals: {during}"));
+    assert!(app["cpu_ns"].as_u64() > Some(0), "{app}");
+    assert!(
+        md.contains("| during |"),
+        "no before/during/after table:\n{md}"
+    );
 
     // Every path in the comparison has a number or a stated reason.
     let cmp = &report["comparison"];
