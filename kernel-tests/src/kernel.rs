@@ -259,6 +259,12 @@ fn bzimage_version(path: &Path) -> Option<String> {
 
 /// A private apt setup for one Debian suite: its own sources, lists and
 /// cache, and an empty dpkg status so the host's package state is never read.
+///
+/// The host's apt configuration is not read either: `APT_CONFIG` points at
+/// our own file, which moves apt's main file and parts directory to empty
+/// private ones. Otherwise a host `apt.conf.d` entry (a `Pre-Invoke` hook
+/// run as root, `AllowUnauthenticated`, a proxy) would apply to our
+/// downloads, because `-o` options only override the keys they name.
 struct PrivateApt {
     dir: PathBuf,
 }
@@ -271,6 +277,7 @@ impl PrivateApt {
             "cache/archives/partial",
             "etc/preferences.d",
             "etc/sources.list.d",
+            "etc/apt.conf.d",
         ] {
             std::fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
@@ -287,7 +294,17 @@ impl PrivateApt {
         );
         std::fs::write(dir.join("etc/sources.list"), sources)?;
         std::fs::write(dir.join("status"), "")?;
+        std::fs::write(dir.join("etc/apt.conf"), private_apt_conf(&dir))?;
         Ok(PrivateApt { dir })
+    }
+
+    /// An apt command (`apt-get`, `apt-cache`, `apt-config`) that reads only
+    /// our configuration.
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("APT_CONFIG", self.dir.join("etc/apt.conf"));
+        c.args(self.args());
+        c
     }
 
     fn args(&self) -> Vec<String> {
@@ -300,7 +317,6 @@ impl PrivateApt {
             format!("-oDir::State::Lists={d}/lists"),
             format!("-oDir::State::status={d}/status"),
             format!("-oDir::Cache={d}/cache"),
-            "-oAPT::Sandbox::User=root".into(),
             "-oAcquire::Retries=3".into(),
             "-oDebug::NoLocking=1".into(),
         ]
@@ -314,8 +330,8 @@ impl PrivateApt {
     }
 
     fn update(&self) -> Result<()> {
-        let out = Command::new("apt-get")
-            .args(self.args())
+        let out = self
+            .command("apt-get")
             .args(["-q", "update"])
             .output()
             .context("cannot run apt-get: is this a Debian system with apt?")?;
@@ -335,8 +351,8 @@ impl PrivateApt {
     }
 
     fn cache_cmd(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("apt-cache")
-            .args(self.args())
+        let out = self
+            .command("apt-cache")
             .args(args)
             .output()
             .context("cannot run apt-cache")?;
@@ -397,8 +413,8 @@ impl PrivateApt {
             std::fs::remove_file(&path)?;
         }
         progress.step(format!("downloading {pkg} {version}"));
-        let out = Command::new("apt-get")
-            .args(self.args())
+        let out = self
+            .command("apt-get")
             .args(["-q", "download", &format!("{pkg}={version}")])
             .current_dir(dest)
             .output()
@@ -418,6 +434,22 @@ impl PrivateApt {
         }
         Ok(path)
     }
+}
+
+/// The file `APT_CONFIG` names: apt reads it first, then the main file and
+/// the parts directory it names, so pointing both at empty private places
+/// leaves the host's `/etc/apt/apt.conf{,.d}` unread. Downloads run as apt's
+/// default unprivileged sandbox user (`_apt`), as the host's apt would.
+fn private_apt_conf(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "Dir::Etc::Main \"/dev/null\";\n\
+         Dir::Etc::Parts \"{d}/etc/apt.conf.d\";\n\
+         APT::Sandbox::User \"_apt\";\n\
+         Acquire::AllowInsecureRepositories \"false\";\n\
+         Acquire::AllowDowngradeToInsecureRepositories \"false\";\n\
+         APT::Get::AllowUnauthenticated \"false\";\n"
+    )
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -597,6 +629,54 @@ fn newest_cached(cache: &Path, suite: DebianSuite) -> Option<GuestKernel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Removes a planted host apt configuration file even if the test fails.
+    struct Planted(PathBuf);
+    impl Drop for Planted {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// A host `apt.conf.d` entry must not reach the private apt: not its
+    /// keys, not its `Pre-Invoke` hook (run as root), not its proxy (a dead
+    /// port here, which would make the update fail if it were read).
+    #[test]
+    fn host_apt_configuration_does_not_reach_the_private_apt() {
+        if !livehost_common::is_root() || !Path::new("/etc/apt/apt.conf.d").is_dir() {
+            eprintln!("skipped: needs root and a Debian apt");
+            return;
+        }
+        let scratch = tempfile::tempdir().unwrap();
+        let marker = scratch.path().join("pre-invoke-ran");
+        let planted = Planted(PathBuf::from(format!(
+            "/etc/apt/apt.conf.d/99livehost-test-{}",
+            std::process::id()
+        )));
+        std::fs::write(
+            &planted.0,
+            format!(
+                "Livehost::Planted \"yes\";\n\
+                 APT::Update::Pre-Invoke {{ \"touch {}\"; }};\n\
+                 Acquire::http::Proxy \"http://127.0.0.1:9/\";\n",
+                marker.display()
+            ),
+        )
+        .unwrap();
+        let apt = PrivateApt::new(scratch.path(), DebianSuite::Bookworm).unwrap();
+        let dump = apt.command("apt-config").arg("dump").output().unwrap();
+        let dump = String::from_utf8_lossy(&dump.stdout);
+        assert!(!dump.contains("Livehost::Planted"), "{dump}");
+        assert!(!dump.contains("127.0.0.1:9"), "{dump}");
+        assert!(dump.contains("APT::Sandbox::User \"_apt\""), "{dump}");
+        // The host's own apt does read it (so the plant is real).
+        let host = Command::new("apt-config").arg("dump").output().unwrap();
+        assert!(String::from_utf8_lossy(&host.stdout).contains("Livehost::Planted"));
+        // A real update through the private config: no hook, no proxy.
+        apt.update().unwrap();
+        assert!(!marker.exists(), "the host's Pre-Invoke hook ran");
+        drop(planted);
+    }
 
     #[test]
     fn parses_names() {
