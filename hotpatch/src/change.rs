@@ -4,7 +4,7 @@
 use crate::load::{self, LoadOptions, LoadReport, Outcome};
 use crate::module;
 use crate::paths::Paths;
-use crate::state::{self, JournalOp, JournalResult};
+use crate::state::{self, JournalOp, JournalResult, LoadedRecord};
 use crate::transition::{
     Wait, ms, remove_module, task_names, wait_gone, wait_transition, write_attr,
 };
@@ -12,6 +12,7 @@ use anyhow::{Result, bail};
 use livehost_common::exit;
 use livehost_common::progress::Progress;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Which change a [`ChangeReport`] reports.
@@ -52,242 +53,271 @@ fn is_livepatch_module(paths: &Paths, name: &str) -> Option<bool> {
     Some(paths.patch_dir(name).exists() || m.taint.contains('K'))
 }
 
-fn disable_and_wait(
-    paths: &Paths,
-    name: &str,
-    timeout: Duration,
-    poll: Duration,
-    progress: &Progress,
-) -> Result<Option<f64>> {
-    let Some(p) = paths.patch(name) else {
-        return Ok(None);
-    };
-    if p.transition == Some(true) && p.enabled == Some(false) {
-        // Already unpatching: just wait for it.
-    } else if p.enabled == Some(true) {
-        if p.transition == Some(true) {
-            progress.note(format!("{name} is still patching; disabling reverses it"));
-        }
-        write_attr(paths, name, "enabled", "0")?;
-    }
-    let t0 = Instant::now();
-    match wait_transition(paths, name, 0, timeout, poll, progress, t0) {
-        Wait::Done(d) => Ok(Some(ms(d))),
-        Wait::TimedOut(_) => {
-            let lag = task_names(&paths.lagging_tasks(0));
-            bail!(
-                "{name}: unpatching stalled after {:.0}s on {}; it continues in the kernel",
-                timeout.as_secs_f64(),
-                lag.join(", ")
-            )
-        }
-    }
+/// A change to the loaded patch `name`: where to find the kernel, how long
+/// each wait may take, where to show progress.
+pub struct Change<'a> {
+    pub paths: &'a Paths,
+    pub name: &'a str,
+    /// How long a transition (and each later wait) may take.
+    pub timeout: Duration,
+    /// How often `transition` is polled.
+    pub poll: Duration,
+    pub progress: &'a Progress,
 }
 
-pub fn disable(
-    paths: &Paths,
-    name: &str,
-    timeout: Duration,
-    poll: Duration,
-    progress: &Progress,
-) -> Result<ChangeReport> {
-    if paths.patch(name).is_none() {
-        bail!(
-            "no live patch named {name} in {} (see `hotpatch list`)",
-            paths.livepatch().display()
-        );
-    }
-    let r = disable_and_wait(paths, name, timeout, poll, progress);
-    let mut messages = state::record(
-        paths,
-        JournalOp::Disable,
-        Some(name),
-        None,
-        JournalResult::of(&r),
-        r.as_ref().ok().copied().flatten(),
-        serde_json::json!({}),
-    );
-    let t = r?;
-    progress.finish();
-    messages.push(format!("{name} disabled; the kernel frees a disabled patch, so its module stays loaded until `hotpatch unload {name}` (`hotpatch enable {name}` loads its file again)"));
-    Ok(ChangeReport {
-        module: name.into(),
-        action: ChangeAction::Disable,
-        transition_ms: t,
-        removed: false,
-        messages,
-        load: None,
-    })
-}
-
-pub fn enable(
-    paths: &Paths,
-    name: &str,
-    timeout: Duration,
-    poll: Duration,
-    progress: &Progress,
-) -> Result<ChangeReport> {
-    let report = |transition_ms, messages| ChangeReport {
-        module: name.into(),
-        action: ChangeAction::Enable,
-        transition_ms,
-        removed: false,
-        messages,
-        load: None,
-    };
-    let Some(p) = paths.patch(name) else {
-        if paths.module(name).is_some() {
-            return reapply(paths, name, timeout, poll, progress);
+impl Change<'_> {
+    fn report(
+        &self,
+        action: ChangeAction,
+        transition_ms: Option<f64>,
+        messages: Vec<String>,
+    ) -> ChangeReport {
+        ChangeReport {
+            module: self.name.into(),
+            action,
+            transition_ms,
+            removed: action == ChangeAction::Unload,
+            messages,
+            load: None,
         }
-        bail!("no live patch named {name}; load it with `hotpatch load FILE.ko`");
-    };
-    if p.enabled == Some(true) {
-        if p.transition != Some(true) {
-            return Ok(report(None, vec![format!("{name} is already enabled")]));
-        }
-        // Already patching: writing 1 again would be refused (EINVAL), and
-        // there is nothing to change; wait for it like any enable.
-        progress.note(format!(
-            "{name} is already being enabled; waiting for its transition"
-        ));
-    } else {
-        write_attr(paths, name, "enabled", "1")?;
     }
-    let t0 = Instant::now();
-    let r = match wait_transition(paths, name, 1, timeout, poll, progress, t0) {
-        Wait::Done(d) => Ok(ms(d)),
-        Wait::TimedOut(_) => Err(anyhow::anyhow!(
-            "{name}: patching stalled after {:.0}s",
-            timeout.as_secs_f64()
-        )),
-    };
-    let mut messages = state::record(
-        paths,
-        JournalOp::Enable,
-        Some(name),
-        None,
-        JournalResult::of(&r),
-        r.as_ref().ok().copied(),
-        serde_json::json!({}),
-    );
-    let t = r?;
-    progress.finish();
-    messages.push(format!("{name} enabled"));
-    Ok(report(Some(t), messages))
-}
 
-/// `enable` of a patch the kernel already freed (disabled, or superseded by
-/// an atomic replace) whose module is still loaded: the kernel cannot flip
-/// it back, so remove the module and load the file hotpatch loaded it from
-/// again, when that file is still there with the same sha256.
-fn reapply(
-    paths: &Paths,
-    name: &str,
-    timeout: Duration,
-    poll: Duration,
-    progress: &Progress,
-) -> Result<ChangeReport> {
-    let by_hand = format!("`hotpatch unload {name}`, then `hotpatch load FILE.ko` with its file");
-    let Some(rec) = state::loaded_record(paths, name) else {
-        bail!(
-            "{name} is loaded but no longer a live patch (the kernel frees disabled and replaced patches), and hotpatch has no record of the file it came from: run {by_hand}"
-        );
-    };
-    let file = std::path::PathBuf::from(&rec.path);
-    let now = std::fs::read(&file)
-        .map(|b| module::sha256_hex(&b))
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{name} must be loaded again from {}, but that file cannot be read ({e}): run {by_hand}",
-                file.display()
-            )
-        })?;
-    if now != rec.sha256 {
-        bail!(
-            "{name} must be loaded again, but {} changed since hotpatch loaded it (sha256 {now}, was {}): run {by_hand}",
-            file.display(),
-            rec.sha256
-        );
-    }
-    progress.step(format!(
-        "{name}: freed by the kernel; removing the module to load {} again",
-        file.display()
-    ));
-    if let Err(e) = remove_module(paths, name, timeout) {
+    /// Journal a change that either happened (with its transition time) or
+    /// failed; returns the warning to show if the journal could not be
+    /// written.
+    fn journal<E>(
+        &self,
+        op: JournalOp,
+        sha: Option<&str>,
+        r: &Result<Option<f64>, E>,
+    ) -> Vec<String> {
+        let duration_ms = r.as_ref().ok().copied().flatten();
+        let result = JournalResult::of(r);
         state::record(
-            paths,
-            JournalOp::Enable,
-            Some(name),
-            Some(&rec.sha256),
-            JournalResult::Error,
-            None,
-            serde_json::json!({ "error": format!("{e:#}"), "file": rec.path }),
-        );
-        return Err(e.context(format!("{name}: cannot remove the freed patch's module")));
+            self.paths,
+            op,
+            Some(self.name),
+            sha,
+            result,
+            duration_ms,
+            serde_json::json!({}),
+        )
     }
-    let opts = LoadOptions {
-        timeout,
-        poll,
-        expected_sha256: Some(rec.sha256.clone()),
-        journal_op: JournalOp::Enable,
-        ..LoadOptions::default()
-    };
-    let r = load::load(paths, &file, &opts, progress).map_err(|e| {
-        e.context(format!(
-            "{name}: its module was removed (the patch was not active); loading {} again failed",
-            file.display()
-        ))
-    })?;
-    let mut messages = vec![format!(
-        "{name} was freed by the kernel; removed its module and loaded {} again",
-        file.display()
-    )];
-    messages.push(match r.outcome {
-        Outcome::Loaded => format!("{name} enabled"),
-        Outcome::Refused => format!(
-            "{name}: loading it again was refused; its module was removed, so it is not applied"
-        ),
-        _ => format!(
-            "{name}: loading it again did not complete ({:?})",
-            r.outcome
-        ),
-    });
-    Ok(ChangeReport {
-        module: name.into(),
-        action: ChangeAction::Enable,
-        transition_ms: r.transition_ms,
-        removed: false,
-        messages,
-        load: Some(r),
-    })
-}
 
-/// Disable (if needed), wait, wait for the reference to drop, remove.
-pub fn unload(
-    paths: &Paths,
-    name: &str,
-    timeout: Duration,
-    poll: Duration,
-    progress: &Progress,
-) -> Result<ChangeReport> {
-    match is_livepatch_module(paths, name) {
-        None => bail!("no module named {name} is loaded (see `hotpatch list`)"),
-        Some(false) => {
-            bail!("{name} is not a livepatch module; hotpatch leaves other modules to rmmod")
-        }
-        Some(true) => {}
+    /// Poll `transition` towards `target` (1 patched, 0 unpatched).
+    fn wait(&self, target: i32) -> Wait {
+        let (paths, progress) = (self.paths, self.progress);
+        wait_transition(
+            paths,
+            self.name,
+            target,
+            self.timeout,
+            self.poll,
+            progress,
+            Instant::now(),
+        )
     }
-    progress.step(format!("{name}: unpatching"));
-    let r = (|| {
-        let t = disable_and_wait(paths, name, timeout, poll, progress)?;
-        if !wait_gone(paths, name, timeout) {
+
+    fn disable_and_wait(&self) -> Result<Option<f64>> {
+        let (paths, name) = (self.paths, self.name);
+        let Some(p) = paths.patch(name) else {
+            return Ok(None);
+        };
+        if p.transition == Some(true) && p.enabled == Some(false) {
+            // Already unpatching: just wait for it.
+        } else if p.enabled == Some(true) {
+            if p.transition == Some(true) {
+                self.progress
+                    .note(format!("{name} is still patching; disabling reverses it"));
+            }
+            write_attr(paths, name, "enabled", "0")?;
+        }
+        match self.wait(0) {
+            Wait::Done(d) => Ok(Some(ms(d))),
+            Wait::TimedOut(_) => {
+                let lag = task_names(&paths.lagging_tasks(0));
+                bail!(
+                    "{name}: unpatching stalled after {:.0}s on {}; it continues in the kernel",
+                    self.timeout.as_secs_f64(),
+                    lag.join(", ")
+                )
+            }
+        }
+    }
+
+    /// Disable the patch and wait for the transition; the module stays.
+    pub fn disable(&self) -> Result<ChangeReport> {
+        let name = self.name;
+        if self.paths.patch(name).is_none() {
             bail!(
-                "{name}: disabled, but the kernel did not free the patch within {:.0}s",
-                timeout.as_secs_f64()
+                "no live patch named {name} in {} (see `hotpatch list`)",
+                self.paths.livepatch().display()
             );
         }
-        progress.step(format!("{name}: removing module"));
-        remove_module(paths, name, timeout).map_err(|e| {
+        let r = self.disable_and_wait();
+        let mut messages = self.journal(JournalOp::Disable, None, &r);
+        let t = r?;
+        self.progress.finish();
+        messages.push(format!("{name} disabled; the kernel frees a disabled patch, so its module stays loaded until `hotpatch unload {name}` (`hotpatch enable {name}` loads its file again)"));
+        Ok(self.report(ChangeAction::Disable, t, messages))
+    }
+
+    /// Enable the patch and wait for the transition; a patch the kernel
+    /// already freed is loaded again from its file ([`Change::reapply`]).
+    pub fn enable(&self) -> Result<ChangeReport> {
+        let (paths, name) = (self.paths, self.name);
+        let Some(p) = paths.patch(name) else {
+            if paths.module(name).is_some() {
+                return self.reapply();
+            }
+            bail!("no live patch named {name}; load it with `hotpatch load FILE.ko`");
+        };
+        if p.enabled == Some(true) {
+            if p.transition != Some(true) {
+                let already = vec![format!("{name} is already enabled")];
+                return Ok(self.report(ChangeAction::Enable, None, already));
+            }
+            // Already patching: writing 1 again would be refused (EINVAL),
+            // and there is nothing to change; wait for it like any enable.
+            self.progress.note(format!(
+                "{name} is already being enabled; waiting for its transition"
+            ));
+        } else {
+            write_attr(paths, name, "enabled", "1")?;
+        }
+        let r = match self.wait(1) {
+            Wait::Done(d) => Ok(Some(ms(d))),
+            Wait::TimedOut(_) => Err(anyhow::anyhow!(
+                "{name}: patching stalled after {:.0}s",
+                self.timeout.as_secs_f64()
+            )),
+        };
+        let mut messages = self.journal(JournalOp::Enable, None, &r);
+        let t = r?;
+        self.progress.finish();
+        messages.push(format!("{name} enabled"));
+        Ok(self.report(ChangeAction::Enable, t, messages))
+    }
+
+    /// The file hotpatch loaded the freed patch from, if it is unchanged;
+    /// otherwise the error says what to run by hand.
+    fn recorded_file(&self) -> Result<(PathBuf, LoadedRecord)> {
+        let name = self.name;
+        let by_hand =
+            format!("`hotpatch unload {name}`, then `hotpatch load FILE.ko` with its file");
+        let Some(rec) = state::loaded_record(self.paths, name) else {
+            bail!(
+                "{name} is loaded but no longer a live patch (the kernel frees disabled and replaced patches), and hotpatch has no record of the file it came from: run {by_hand}"
+            );
+        };
+        let file = PathBuf::from(&rec.path);
+        let now = std::fs::read(&file)
+            .map(|b| module::sha256_hex(&b))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{name} must be loaded again from {}, but that file cannot be read ({e}): run {by_hand}",
+                    file.display()
+                )
+            })?;
+        if now != rec.sha256 {
+            bail!(
+                "{name} must be loaded again, but {} changed since hotpatch loaded it (sha256 {now}, was {}): run {by_hand}",
+                file.display(),
+                rec.sha256
+            );
+        }
+        Ok((file, rec))
+    }
+
+    /// `enable` of a patch the kernel already freed (disabled, or superseded
+    /// by an atomic replace) whose module is still loaded: the kernel cannot
+    /// flip it back, so remove the module and load the file hotpatch loaded
+    /// it from again, when that file is still there with the same sha256.
+    fn reapply(&self) -> Result<ChangeReport> {
+        let (paths, name) = (self.paths, self.name);
+        let (file, rec) = self.recorded_file()?;
+        self.progress.step(format!(
+            "{name}: freed by the kernel; removing the module to load {} again",
+            file.display()
+        ));
+        if let Err(e) = remove_module(paths, name, self.timeout) {
+            let detail = serde_json::json!({ "error": format!("{e:#}"), "file": rec.path });
+            let (op, sha) = (JournalOp::Enable, Some(rec.sha256.as_str()));
+            state::record(
+                paths,
+                op,
+                Some(name),
+                sha,
+                JournalResult::Error,
+                None,
+                detail,
+            );
+            return Err(e.context(format!("{name}: cannot remove the freed patch's module")));
+        }
+        let opts = LoadOptions {
+            timeout: self.timeout,
+            poll: self.poll,
+            expected_sha256: Some(rec.sha256.clone()),
+            journal_op: JournalOp::Enable,
+            ..LoadOptions::default()
+        };
+        let r = load::load(paths, &file, &opts, self.progress).map_err(|e| {
+            e.context(format!(
+                "{name}: its module was removed (the patch was not active); loading {} again failed",
+                file.display()
+            ))
+        })?;
+        let mut messages = vec![format!(
+            "{name} was freed by the kernel; removed its module and loaded {} again",
+            file.display()
+        )];
+        messages.push(match r.outcome {
+            Outcome::Loaded => format!("{name} enabled"),
+            Outcome::Refused => format!(
+                "{name}: loading it again was refused; its module was removed, so it is not applied"
+            ),
+            _ => format!(
+                "{name}: loading it again did not complete ({:?})",
+                r.outcome
+            ),
+        });
+        let mut report = self.report(ChangeAction::Enable, r.transition_ms, messages);
+        report.load = Some(r);
+        Ok(report)
+    }
+
+    /// Disable (if needed), wait, wait for the reference to drop, remove.
+    pub fn unload(&self) -> Result<ChangeReport> {
+        let (paths, name) = (self.paths, self.name);
+        match is_livepatch_module(paths, name) {
+            None => bail!("no module named {name} is loaded (see `hotpatch list`)"),
+            Some(false) => {
+                bail!("{name} is not a livepatch module; hotpatch leaves other modules to rmmod")
+            }
+            Some(true) => {}
+        }
+        self.progress.step(format!("{name}: unpatching"));
+        let r = self.disable_and_remove();
+        let sha = state::loaded_record(paths, name).map(|r| r.sha256);
+        let mut messages = self.journal(JournalOp::Unload, sha.as_deref(), &r);
+        let t = r?;
+        state::forget_loaded(paths, name);
+        self.progress.finish();
+        messages.push(format!("{name} unpatched and removed"));
+        Ok(self.report(ChangeAction::Unload, t, messages))
+    }
+
+    fn disable_and_remove(&self) -> Result<Option<f64>> {
+        let (paths, name) = (self.paths, self.name);
+        let t = self.disable_and_wait()?;
+        if !wait_gone(paths, name, self.timeout) {
+            bail!(
+                "{name}: disabled, but the kernel did not free the patch within {:.0}s",
+                self.timeout.as_secs_f64()
+            );
+        }
+        self.progress.step(format!("{name}: removing module"));
+        remove_module(paths, name, self.timeout).map_err(|e| {
             if state::loaded_record(paths, name).is_some_and(|r| r.forced) {
                 e.context(format!("{name}'s transition was forced when it loaded; kernels that pin forced patch modules keep it until reboot"))
             } else {
@@ -295,30 +325,7 @@ pub fn unload(
             }
         })?;
         Ok(t)
-    })();
-    let mut messages = state::record(
-        paths,
-        JournalOp::Unload,
-        Some(name),
-        state::loaded_record(paths, name)
-            .map(|r| r.sha256)
-            .as_deref(),
-        JournalResult::of(&r),
-        r.as_ref().ok().copied().flatten(),
-        serde_json::json!({}),
-    );
-    let t = r?;
-    state::forget_loaded(paths, name);
-    progress.finish();
-    messages.push(format!("{name} unpatched and removed"));
-    Ok(ChangeReport {
-        module: name.into(),
-        action: ChangeAction::Unload,
-        transition_ms: t,
-        removed: true,
-        messages,
-        load: None,
-    })
+    }
 }
 
 /// Every livepatch module, top of the stack first, then superseded leftovers.
@@ -355,7 +362,14 @@ pub fn unload_each(
 ) -> Result<Vec<UnloadResult>> {
     let mut results = Vec::new();
     for n in names {
-        let r = match unload(paths, n, timeout, poll, progress) {
+        let change = Change {
+            paths,
+            name: n,
+            timeout,
+            poll,
+            progress,
+        };
+        let r = match change.unload() {
             Ok(r) => UnloadResult::Unloaded(r),
             Err(e) if !keep_going => return Err(e),
             Err(e) => UnloadResult::Failed(crate::ModuleError::new(n, &e)),

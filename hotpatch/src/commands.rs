@@ -3,7 +3,7 @@
 //! binary (src/main.rs) only parses arguments and calls these.
 
 use crate::boot::{self, InstalledResult};
-use crate::change::{self, ChangeReport, UnloadResult};
+use crate::change::{self, Change, ChangeReport, UnloadResult};
 use crate::install;
 use crate::list;
 use crate::load::{self, LoadOptions};
@@ -165,15 +165,25 @@ impl Commands {
     pub fn enable(&self, name: &str, wait: Wait) -> Result<i32> {
         need_root("hotpatch enable")?;
         let _lock = state::lock(&self.paths, state::LOCK_WAIT)?;
-        let r = change::enable(&self.paths, name, wait.timeout, wait.poll, &self.progress)?;
+        let r = self.change(name, wait).enable()?;
         self.changed(&r)
     }
 
     pub fn disable(&self, name: &str, wait: Wait) -> Result<i32> {
         need_root("hotpatch disable")?;
         let _lock = state::lock(&self.paths, state::LOCK_WAIT)?;
-        let r = change::disable(&self.paths, name, wait.timeout, wait.poll, &self.progress)?;
+        let r = self.change(name, wait).disable()?;
         self.changed(&r)
+    }
+
+    fn change<'a>(&'a self, name: &'a str, wait: Wait) -> Change<'a> {
+        Change {
+            paths: &self.paths,
+            name,
+            timeout: wait.timeout,
+            poll: wait.poll,
+            progress: &self.progress,
+        }
     }
 
     fn changed(&self, r: &ChangeReport) -> Result<i32> {

@@ -5,7 +5,7 @@ use crate::change::ChangeReport;
 use crate::check::{Preflight, Status as CheckStatus};
 use crate::list::{PatchStatus, Status};
 use crate::load::{LoadReport, Outcome};
-use crate::measure::Measurement;
+use crate::measure::{Measurement, Window};
 use crate::module::ModuleInfo;
 use crate::state::JournalEntry;
 use std::fmt::{self, Display, Formatter};
@@ -148,24 +148,23 @@ impl Display for Text<'_, Measurement> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         let m = self.0;
         writeln!(f, "interruption probe ({}):", m.environment.label)?;
-        writeln!(
-            f,
-            "  during transition: max gap {:.0} µs, max sleep overshoot {:.0} µs over {:.0} ms",
-            m.transition.spin_max_gap_us,
-            m.transition.sleep_max_overshoot_us,
-            m.transition.duration_ms
-        )?;
-        writeln!(
-            f,
-            "  baseline:          max gap {:.0} µs, max sleep overshoot {:.0} µs over {:.0} ms",
-            m.baseline.spin_max_gap_us, m.baseline.sleep_max_overshoot_us, m.baseline.duration_ms
-        )?;
+        window(f, "during transition:", &m.transition)?;
+        window(f, "baseline:", &m.baseline)?;
         writeln!(
             f,
             "  added stall: {:.0} µs (sleep: {:.0} µs)",
             m.added_stall_us, m.added_sleep_overshoot_us
         )
     }
+}
+
+/// One probe window: the worst spin gap and sleep overshoot.
+fn window(f: &mut Formatter<'_>, label: &str, w: &Window) -> fmt::Result {
+    writeln!(
+        f,
+        "  {label:<18} max gap {:.0} µs, max sleep overshoot {:.0} µs over {:.0} ms",
+        w.spin_max_gap_us, w.sleep_max_overshoot_us, w.duration_ms
+    )
 }
 
 impl Display for Text<'_, ChangeReport> {

@@ -773,7 +773,16 @@ fn enable_waits_or_says_what_to_run() {
     use std::time::Duration;
     let (d, paths) = tree();
     let quiet = Progress::silent();
-    let poll = Duration::from_millis(5);
+    let enable = |name: &str, secs: u64| {
+        change::Change {
+            paths: &paths,
+            name,
+            timeout: Duration::from_secs(secs),
+            poll: Duration::from_millis(5),
+            progress: &quiet,
+        }
+        .enable()
+    };
 
     // hp_b: enabled and in transition. Finishes 60 ms later.
     let flip = d.path().join("sys/kernel/livepatch/hp_b/transition");
@@ -781,7 +790,7 @@ fn enable_waits_or_says_what_to_run() {
         std::thread::sleep(Duration::from_millis(60));
         std::fs::write(flip, "0\n").unwrap();
     });
-    let r = change::enable(&paths, "hp_b", Duration::from_secs(5), poll, &quiet).unwrap();
+    let r = enable("hp_b", 5).unwrap();
     h.join().unwrap();
     assert!(r.transition_ms.is_some());
     assert_eq!(
@@ -790,14 +799,11 @@ fn enable_waits_or_says_what_to_run() {
         "enabled was written again"
     );
     // Enabled and quiet: nothing to do.
-    let r = change::enable(&paths, "hp_b", Duration::from_secs(5), poll, &quiet).unwrap();
+    let r = enable("hp_b", 5).unwrap();
     assert_eq!(r.messages, ["hp_b is already enabled"]);
 
     // hp_old: module loaded, patch freed, no record: say what to run.
-    let e = format!(
-        "{:#}",
-        change::enable(&paths, "hp_old", Duration::from_secs(1), poll, &quiet).unwrap_err()
-    );
+    let e = format!("{:#}", enable("hp_old", 1).unwrap_err());
     assert!(
         e.contains("no record") && e.contains("`hotpatch unload hp_old`, then `hotpatch load"),
         "{e}"
@@ -817,21 +823,12 @@ fn enable_waits_or_says_what_to_run() {
         },
     )
     .unwrap();
-    let e = format!(
-        "{:#}",
-        change::enable(&paths, "hp_old", Duration::from_secs(1), poll, &quiet).unwrap_err()
-    );
+    let e = format!("{:#}", enable("hp_old", 1).unwrap_err());
     assert!(e.contains("changed since hotpatch loaded it"), "{e}");
     std::fs::remove_file(&f).unwrap();
-    let e = format!(
-        "{:#}",
-        change::enable(&paths, "hp_old", Duration::from_secs(1), poll, &quiet).unwrap_err()
-    );
+    let e = format!("{:#}", enable("hp_old", 1).unwrap_err());
     assert!(e.contains("cannot be read"), "{e}");
     // Not loaded at all.
-    let e = format!(
-        "{:#}",
-        change::enable(&paths, "hp_none", Duration::from_secs(1), poll, &quiet).unwrap_err()
-    );
+    let e = format!("{:#}", enable("hp_none", 1).unwrap_err());
     assert!(e.contains("hotpatch load FILE.ko"), "{e}");
 }
