@@ -36,7 +36,7 @@ pub struct InstalledRun {
 #[serde(untagged)]
 pub enum InstalledResult {
     /// It was loaded (or refused, or rolled back: see its outcome).
-    Load(LoadReport),
+    Load(Box<LoadReport>),
     /// Already loaded by hotpatch from a file with the same sha256.
     AlreadyLoaded {
         module: String,
@@ -125,7 +125,7 @@ fn load_one(
     };
     let file = paths.installed_dir(release).join(&e.file);
     match load::load(paths, &file, &opts, progress) {
-        Ok(r) => InstalledResult::Load(r),
+        Ok(r) => InstalledResult::Load(Box::new(r)),
         Err(err) => InstalledResult::Failed(ModuleError::new(&e.name, &err)),
     }
 }

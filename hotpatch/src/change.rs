@@ -343,7 +343,7 @@ pub fn unload_order(paths: &Paths) -> Vec<String> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum UnloadResult {
-    Unloaded(ChangeReport),
+    Unloaded(Box<ChangeReport>),
     Failed(crate::ModuleError),
 }
 
@@ -370,7 +370,7 @@ pub fn unload_each(
             progress,
         };
         let r = match change.unload() {
-            Ok(r) => UnloadResult::Unloaded(r),
+            Ok(r) => UnloadResult::Unloaded(Box::new(r)),
             Err(e) if !keep_going => return Err(e),
             Err(e) => UnloadResult::Failed(crate::ModuleError::new(n, &e)),
         };

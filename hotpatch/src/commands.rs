@@ -238,7 +238,7 @@ impl Commands {
 /// Text for one module of `load --installed`, as it happens.
 fn print_installed(r: &InstalledResult) {
     match r {
-        InstalledResult::Load(r) => print!("{}", Text(r)),
+        InstalledResult::Load(r) => print!("{}", Text(r.as_ref())),
         InstalledResult::AlreadyLoaded { module, .. } => {
             println!("{module}: already loaded from the same file")
         }
