@@ -132,11 +132,38 @@ fn load_one(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn skip_switch_is_a_whole_word() {
         assert!(super::boot_skip_requested("ro quiet hotpatch.skip=1 x"));
         assert!(!super::boot_skip_requested("hotpatch.skip=10"));
         assert!(!super::boot_skip_requested("xhotpatch.skip=1"));
         assert!(!super::boot_skip_requested(""));
+    }
+
+    /// `load --installed --json` reads back through [`InstalledRun`], each
+    /// result as the variant it was written from; the exit code is the worst.
+    #[test]
+    fn installed_run_reads_back() {
+        let json = serde_json::json!({
+            "release": "6.1",
+            "skipped": null,
+            "results": [
+                { "module": "a", "outcome": "already-loaded" },
+                { "module": "b", "error": "cannot open" },
+            ]
+        });
+        let run: InstalledRun = serde_json::from_value(json.clone()).unwrap();
+        assert!(matches!(
+            run.results[0],
+            InstalledResult::AlreadyLoaded {
+                outcome: Outcome::AlreadyLoaded,
+                ..
+            }
+        ));
+        assert!(matches!(&run.results[1], InstalledResult::Failed(e) if e.module == "b"));
+        assert_eq!(run.exit_code(), exit::ERROR);
+        assert_eq!(serde_json::to_value(&run).unwrap(), json);
     }
 }

@@ -388,3 +388,35 @@ pub fn unload_exit_code(results: &[UnloadResult]) -> i32 {
         exit::SUCCESS
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `unload --json` reads back through [`UnloadResult`]: a report and a
+    /// failure each come back as what they were.
+    #[test]
+    fn unload_results_read_back() {
+        let done = UnloadResult::Unloaded(Box::new(ChangeReport {
+            module: "a".into(),
+            action: ChangeAction::Unload,
+            transition_ms: Some(1.5),
+            removed: true,
+            messages: vec!["a unpatched and removed".into()],
+            load: None,
+        }));
+        let failed = UnloadResult::Failed(crate::ModuleError {
+            module: "b".into(),
+            error: "stuck".into(),
+        });
+        let json = serde_json::to_string(&[done, failed]).unwrap();
+        assert!(json.contains(r#""action":"unload""#), "{json}");
+        let back: Vec<UnloadResult> = serde_json::from_str(&json).unwrap();
+        assert!(
+            matches!(&back[0], UnloadResult::Unloaded(r) if r.removed && r.action == ChangeAction::Unload)
+        );
+        assert!(matches!(&back[1], UnloadResult::Failed(e) if e.module == "b"));
+        assert_eq!(unload_exit_code(&back), exit::ERROR);
+        assert_eq!(unload_exit_code(&back[..1]), exit::SUCCESS);
+    }
+}
