@@ -8,9 +8,9 @@ use crate::module::ModuleInfo;
 use crate::paths::Paths;
 use crate::state;
 use livehost_common::sysfs::{read_attr, read_text};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pass,
@@ -19,15 +19,64 @@ pub enum Status {
     Fail,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// Stable identifier of a check, the string scripts match on (`id` in the
+/// JSON, the second column of the text output).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckId {
+    /// `load --installed`: the file is the one recorded at install time.
+    InstalledFile,
+    LivepatchModule,
+    KernelLivepatch,
+    Vermagic,
+    NotLoaded,
+    TargetSymbols,
+    Ftrace,
+    NoTransition,
+    Signature,
+}
+
+impl CheckId {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckId::InstalledFile => "installed-file",
+            CheckId::LivepatchModule => "livepatch-module",
+            CheckId::KernelLivepatch => "kernel-livepatch",
+            CheckId::Vermagic => "vermagic",
+            CheckId::NotLoaded => "not-loaded",
+            CheckId::TargetSymbols => "target-symbols",
+            CheckId::Ftrace => "ftrace",
+            CheckId::NoTransition => "no-transition",
+            CheckId::Signature => "signature",
+        }
+    }
+}
+
+impl std::fmt::Display for CheckId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, so the text output's `{:<16}` column still lines up.
+        f.pad(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
-    /// Stable identifier scripts can match on.
-    pub id: &'static str,
+    pub id: CheckId,
     pub status: Status,
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+impl Check {
+    fn new(id: CheckId, status: Status, detail: impl Into<String>) -> Check {
+        Check {
+            id,
+            status,
+            detail: detail.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Preflight {
     pub module: Option<String>,
     pub ok: bool,
@@ -38,14 +87,17 @@ impl Preflight {
     pub fn failures(&self) -> impl Iterator<Item = &Check> {
         self.checks.iter().filter(|c| c.status == Status::Fail)
     }
-}
 
-fn push(v: &mut Vec<Check>, id: &'static str, status: Status, detail: impl Into<String>) {
-    v.push(Check {
-        id,
-        status,
-        detail: detail.into(),
-    });
+    /// The check with this id, if it ran.
+    pub fn check(&self, id: CheckId) -> Option<&Check> {
+        self.checks.iter().find(|c| c.id == id)
+    }
+
+    /// Put a failed check first (a refusal found before the kernel checks).
+    pub fn refuse_first(&mut self, check: Check) {
+        self.ok = false;
+        self.checks.insert(0, check);
+    }
 }
 
 /// What the running kernel's own vermagic would be, from its config file
@@ -73,298 +125,326 @@ pub fn expected_vermagic(paths: &Paths, release: &str) -> Option<(String, String
     Some((s, cfg_path.display().to_string()))
 }
 
-/// Compare a module's vermagic with the kernel's; `Err` says what differs.
+/// A module's vermagic agrees with the running kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VermagicMatch {
+    /// Release and flags match the kernel's config.
+    Full { vermagic: String },
+    /// No kernel config was found, so only the release was compared.
+    ReleaseOnly { release: String },
+}
+
+impl std::fmt::Display for VermagicMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VermagicMatch::Full { vermagic } => {
+                write!(f, "{vermagic:?} matches the running kernel")
+            }
+            VermagicMatch::ReleaseOnly { release } => write!(
+                f,
+                "release {release} matches (no kernel config found, so the flags were not compared)"
+            ),
+        }
+    }
+}
+
+/// How a module's vermagic differs from the running kernel's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VermagicMismatch {
+    /// The module's whole vermagic (trailing space trimmed).
+    pub vermagic: String,
+    /// `(module's release, running release)` when they differ.
+    pub release: Option<(String, String)>,
+    /// Flags the running kernel has and the module lacks.
+    pub missing: Vec<String>,
+    /// Flags the module has and the running kernel lacks.
+    pub extra: Vec<String>,
+}
+
+impl std::fmt::Display for VermagicMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut problems = Vec::new();
+        if let Some((module, running)) = &self.release {
+            problems.push(format!("built for kernel {module:?}, running {running:?}"));
+        }
+        if !self.missing.is_empty() {
+            problems.push(format!(
+                "module lacks {:?}, which the running kernel has",
+                self.missing.join(" ")
+            ));
+        }
+        if !self.extra.is_empty() {
+            problems.push(format!(
+                "module has {:?}, which the running kernel lacks",
+                self.extra.join(" ")
+            ));
+        }
+        write!(
+            f,
+            "{} (module vermagic {:?})",
+            problems.join("; "),
+            self.vermagic
+        )
+    }
+}
+
+impl std::error::Error for VermagicMismatch {}
+
+/// Compare a module's vermagic with the kernel's release and, when the
+/// kernel's config gave one, its `expected` vermagic flags.
 pub fn compare_vermagic(
     module: &str,
     release: &str,
     expected: Option<&str>,
-) -> Result<String, String> {
+) -> Result<VermagicMatch, VermagicMismatch> {
     let mut mt = module.split_whitespace();
     let m_release = mt.next().unwrap_or("");
     let m_flags: Vec<&str> = mt.collect();
-    let mut problems = Vec::new();
-    if m_release != release {
-        problems.push(format!(
-            "built for kernel {m_release:?}, running {release:?}"
-        ));
-    }
+    let mut out = VermagicMismatch {
+        vermagic: module.trim_end().to_string(),
+        release: (m_release != release).then(|| (m_release.to_string(), release.to_string())),
+        missing: Vec::new(),
+        extra: Vec::new(),
+    };
     if let Some(exp) = expected {
         let e_flags: Vec<&str> = exp.split_whitespace().skip(1).collect();
         // RANDSTRUCT_<hash> cannot be derived from the config; skip it.
-        let relevant = |f: &&&str| !f.starts_with("RANDSTRUCT_");
-        let missing: Vec<&str> = e_flags
-            .iter()
-            .filter(relevant)
-            .filter(|f| !m_flags.contains(f))
-            .copied()
-            .collect();
-        let extra: Vec<&str> = m_flags
-            .iter()
-            .filter(relevant)
-            .filter(|f| !e_flags.contains(f))
-            .copied()
-            .collect();
-        if !missing.is_empty() {
-            problems.push(format!(
-                "module lacks {:?}, which the running kernel has",
-                missing.join(" ")
-            ));
-        }
-        if !extra.is_empty() {
-            problems.push(format!(
-                "module has {:?}, which the running kernel lacks",
-                extra.join(" ")
-            ));
-        }
+        let only_in = |a: &[&str], b: &[&str]| -> Vec<String> {
+            a.iter()
+                .filter(|f| !f.starts_with("RANDSTRUCT_") && !b.contains(f))
+                .map(|f| f.to_string())
+                .collect()
+        };
+        out.missing = only_in(&e_flags, &m_flags);
+        out.extra = only_in(&m_flags, &e_flags);
     }
-    if problems.is_empty() {
-        Ok(match expected {
-            Some(_) => format!("{:?} matches the running kernel", module.trim_end()),
-            None => format!(
-                "release {release} matches (no kernel config found, so the flags were not compared)"
-            ),
-        })
-    } else {
-        Err(format!(
-            "{} (module vermagic {:?})",
-            problems.join("; "),
-            module.trim_end()
-        ))
+    if out.release.is_some() || !out.missing.is_empty() || !out.extra.is_empty() {
+        return Err(out);
     }
+    Ok(match expected {
+        Some(_) => VermagicMatch::Full {
+            vermagic: out.vermagic,
+        },
+        None => VermagicMatch::ReleaseOnly {
+            release: release.to_string(),
+        },
+    })
 }
 
 /// Run every preflight check for `info` (a module file with hash `sha256`).
 pub fn preflight(paths: &Paths, info: &ModuleInfo) -> Preflight {
-    let mut c = Vec::new();
+    let mut checks = vec![
+        livepatch_module(info),
+        kernel_livepatch(paths),
+        vermagic(paths, info),
+        not_loaded(paths, info),
+    ];
+    checks.extend(target_symbols(paths, info));
+    checks.push(ftrace(paths));
+    checks.push(no_transition(paths));
+    checks.push(signature(paths, info));
+    Preflight {
+        module: info.name.clone(),
+        ok: !checks.iter().any(|x| x.status == Status::Fail),
+        checks,
+    }
+}
 
+fn livepatch_module(info: &ModuleInfo) -> Check {
+    let id = CheckId::LivepatchModule;
     if info.livepatch {
-        push(
-            &mut c,
-            "livepatch-module",
-            Status::Pass,
-            "modinfo livepatch=Y",
-        );
+        Check::new(id, Status::Pass, "modinfo livepatch=Y")
     } else {
-        push(
-            &mut c,
-            "livepatch-module",
+        Check::new(
+            id,
             Status::Fail,
             "not a livepatch module: modinfo has no livepatch=Y (a plain module belongs to insmod/modprobe)",
-        );
+        )
     }
+}
 
+fn kernel_livepatch(paths: &Paths) -> Check {
+    let id = CheckId::KernelLivepatch;
     if paths.livepatch_supported() {
-        push(
-            &mut c,
-            "kernel-livepatch",
-            Status::Pass,
-            "/sys/kernel/livepatch present",
-        );
+        Check::new(id, Status::Pass, "/sys/kernel/livepatch present")
     } else {
-        push(
-            &mut c,
-            "kernel-livepatch",
+        Check::new(
+            id,
             Status::Fail,
             format!(
                 "{} is missing: this kernel was built without CONFIG_LIVEPATCH (or cannot load modules)",
                 paths.livepatch().display()
             ),
-        );
+        )
     }
+}
 
-    let release = paths.release().ok();
-    match (&info.vermagic, &release) {
-        (None, _) => push(&mut c, "vermagic", Status::Fail, "module has no vermagic"),
-        (Some(_), None) => push(
-            &mut c,
-            "vermagic",
+fn vermagic(paths: &Paths, info: &ModuleInfo) -> Check {
+    let id = CheckId::Vermagic;
+    let Some(vm) = &info.vermagic else {
+        return Check::new(id, Status::Fail, "module has no vermagic");
+    };
+    let Ok(rel) = paths.release() else {
+        return Check::new(
+            id,
             Status::Fail,
             "cannot read the running kernel's release from /proc/sys/kernel/osrelease",
+        );
+    };
+    let exp = expected_vermagic(paths, &rel);
+    match compare_vermagic(vm, &rel, exp.as_ref().map(|(s, _)| s.as_str())) {
+        Ok(m) => Check::new(id, Status::Pass, m.to_string()),
+        Err(m) => Check::new(id, Status::Fail, m.to_string()),
+    }
+}
+
+fn not_loaded(paths: &Paths, info: &ModuleInfo) -> Check {
+    let id = CheckId::NotLoaded;
+    let Some(name) = &info.name else {
+        return Check::new(id, Status::Fail, "cannot tell the module's name");
+    };
+    if paths.module(name).is_none() {
+        return Check::new(id, Status::Pass, format!("no module {name} loaded"));
+    }
+    let same = match state::loaded_record(paths, name) {
+        Some(r) if r.sha256 == info.sha256 => {
+            "the same file (sha256 matches the one hotpatch loaded)".to_string()
+        }
+        Some(r) => format!(
+            "a different file (hotpatch loaded sha256 {}…, this is {}…)",
+            &r.sha256[..12.min(r.sha256.len())],
+            &info.sha256[..12]
         ),
-        (Some(vm), Some(rel)) => {
-            let exp = expected_vermagic(paths, rel);
-            match compare_vermagic(vm, rel, exp.as_ref().map(|(s, _)| s.as_str())) {
-                Ok(d) => push(&mut c, "vermagic", Status::Pass, d),
-                Err(d) => push(&mut c, "vermagic", Status::Fail, d),
-            }
+        None => "not loaded by hotpatch, so it cannot tell whether it is this file".to_string(),
+    };
+    let enabled = match paths.patch(name) {
+        Some(p) if p.enabled == Some(true) => "enabled",
+        Some(_) => "disabled",
+        None => "no longer a live patch (replaced or disabled); unload it first",
+    };
+    Check::new(
+        id,
+        Status::Fail,
+        format!("module {name} is already loaded ({enabled}): {same}"),
+    )
+}
+
+/// None when the module names no function and is not a livepatch anyway
+/// (the livepatch-module check already says why it is refused).
+fn target_symbols(paths: &Paths, info: &ModuleInfo) -> Option<Check> {
+    let id = CheckId::TargetSymbols;
+    let ks = match Kallsyms::load(paths) {
+        Ok(ks) => ks,
+        Err(e) => return Some(Check::new(id, Status::Fail, format!("{e:#}"))),
+    };
+    let mut missing = Vec::new();
+    let mut deferred = Vec::new();
+    let mut n = 0;
+    for (obj, f) in info.functions() {
+        n += 1;
+        if obj != "vmlinux" && !ks.has_object(obj) {
+            deferred.push(format!("{obj}:{}", f.name));
+        } else if !ks.has(obj, &f.name) {
+            missing.push(format!("{obj}:{}", f.name));
         }
     }
-
-    match &info.name {
-        None => push(
-            &mut c,
-            "not-loaded",
+    if !missing.is_empty() {
+        return Some(Check::new(
+            id,
             Status::Fail,
-            "cannot tell the module's name",
-        ),
-        Some(name) => match paths.module(name) {
-            None => push(
-                &mut c,
-                "not-loaded",
-                Status::Pass,
-                format!("no module {name} loaded"),
+            format!(
+                "not in /proc/kallsyms of the running kernel: {} (patch built for other code?)",
+                missing.join(", ")
             ),
-            Some(_) => {
-                let same = match state::loaded_record(paths, name) {
-                    Some(r) if r.sha256 == info.sha256 => {
-                        "the same file (sha256 matches the one hotpatch loaded)".to_string()
-                    }
-                    Some(r) => format!(
-                        "a different file (hotpatch loaded sha256 {}…, this is {}…)",
-                        &r.sha256[..12.min(r.sha256.len())],
-                        &info.sha256[..12]
-                    ),
-                    None => "not loaded by hotpatch, so it cannot tell whether it is this file"
-                        .to_string(),
-                };
-                let enabled = paths
-                    .patch(name)
-                    .map(|p| {
-                        if p.enabled == Some(true) {
-                            "enabled"
-                        } else {
-                            "disabled"
-                        }
-                    })
-                    .unwrap_or("no longer a live patch (replaced or disabled); unload it first");
-                push(
-                    &mut c,
-                    "not-loaded",
-                    Status::Fail,
-                    format!("module {name} is already loaded ({enabled}): {same}"),
-                );
-            }
-        },
+        ));
     }
-
-    match Kallsyms::load(paths) {
-        Err(e) => push(&mut c, "target-symbols", Status::Fail, format!("{e:#}")),
-        Ok(ks) => {
-            let mut missing = Vec::new();
-            let mut deferred = Vec::new();
-            let mut n = 0;
-            for (obj, f) in info.functions() {
-                n += 1;
-                if obj != "vmlinux" && !ks.has_object(obj) {
-                    deferred.push(format!("{obj}:{}", f.name));
-                } else if !ks.has(obj, &f.name) {
-                    missing.push(format!("{obj}:{}", f.name));
-                }
-            }
-            if !missing.is_empty() {
-                push(
-                    &mut c,
-                    "target-symbols",
-                    Status::Fail,
-                    format!(
-                        "not in /proc/kallsyms of the running kernel: {} (patch built for other code?)",
-                        missing.join(", ")
-                    ),
-                );
-            } else if n == 0 && info.livepatch {
-                push(
-                    &mut c,
-                    "target-symbols",
-                    Status::Warn,
-                    "could not find which functions the module patches; nothing checked",
-                );
-            } else if n > 0 {
-                let mut d = format!("all {n} target function(s) found");
-                if !deferred.is_empty() {
-                    d.push_str(&format!(
-                        "; {} apply when their module loads (not loaded now)",
-                        deferred.join(", ")
-                    ));
-                }
-                push(&mut c, "target-symbols", Status::Pass, d);
-            }
-        }
+    if n == 0 {
+        return info.livepatch.then(|| {
+            Check::new(
+                id,
+                Status::Warn,
+                "could not find which functions the module patches; nothing checked",
+            )
+        });
     }
+    let mut d = format!("all {n} target function(s) found");
+    if !deferred.is_empty() {
+        d.push_str(&format!(
+            "; {} apply when their module loads (not loaded now)",
+            deferred.join(", ")
+        ));
+    }
+    Some(Check::new(id, Status::Pass, d))
+}
 
+fn ftrace(paths: &Paths) -> Check {
+    let id = CheckId::Ftrace;
     match read_attr(paths.proc_file("sys/kernel/ftrace_enabled")).as_deref() {
-        Ok("1") => push(&mut c, "ftrace", Status::Pass, "ftrace_enabled=1"),
-        Ok(v) => push(
-            &mut c,
-            "ftrace",
+        Ok("1") => Check::new(id, Status::Pass, "ftrace_enabled=1"),
+        Ok(v) => Check::new(
+            id,
             Status::Fail,
             format!("ftrace_enabled={v}: livepatch needs ftrace; sysctl kernel.ftrace_enabled=1"),
         ),
-        Err(_) => push(
-            &mut c,
-            "ftrace",
+        Err(_) => Check::new(
+            id,
             Status::Warn,
             "no /proc/sys/kernel/ftrace_enabled (kernel without function tracer?)",
         ),
     }
+}
 
+fn no_transition(paths: &Paths) -> Check {
+    let id = CheckId::NoTransition;
     match paths.any_in_transition() {
-        None => push(
-            &mut c,
-            "no-transition",
-            Status::Pass,
-            "no patch in transition",
-        ),
-        Some(p) => push(
-            &mut c,
-            "no-transition",
+        None => Check::new(id, Status::Pass, "no patch in transition"),
+        Some(p) => Check::new(
+            id,
             Status::Fail,
             format!(
                 "patch {p} is still in transition; only one may be at a time (see `hotpatch status`)"
             ),
         ),
     }
+}
 
+/// Why the kernel requires signed modules (`sig_enforce=Y`, or the lockdown
+/// mode), or None when it does not.
+fn signature_required(paths: &Paths) -> Option<String> {
     let enforce = read_attr(paths.sys.join("module/module/parameters/sig_enforce"))
         .ok()
         .as_deref()
         == Some("Y");
-    let lockdown = read_attr(paths.sys.join("kernel/security/lockdown"))
-        .ok()
-        .and_then(|l| {
-            let sel = l.split('[').nth(1)?.split(']').next()?.to_string();
-            (sel != "none").then_some(sel)
-        });
-    let required = enforce || lockdown.is_some();
-    let why = match (enforce, &lockdown) {
-        (true, _) => "sig_enforce=Y".to_string(),
-        (false, Some(l)) => format!("lockdown={l}"),
-        _ => String::new(),
-    };
-    match (required, &info.signature) {
-        (true, None) => push(
-            &mut c,
-            "signature",
+    if enforce {
+        return Some("sig_enforce=Y".to_string());
+    }
+    let lockdown = read_attr(paths.sys.join("kernel/security/lockdown")).ok()?;
+    let sel = lockdown.split('[').nth(1)?.split(']').next()?;
+    (sel != "none").then(|| format!("lockdown={sel}"))
+}
+
+fn signature(paths: &Paths, info: &ModuleInfo) -> Check {
+    let id = CheckId::Signature;
+    match (signature_required(paths), &info.signature) {
+        (Some(why), None) => Check::new(
+            id,
             Status::Fail,
             format!("the kernel requires signed modules ({why}) and this one is unsigned"),
         ),
-        (true, Some(s)) => push(
-            &mut c,
-            "signature",
+        (Some(why), Some(s)) => Check::new(
+            id,
             Status::Pass,
             format!(
                 "signed ({}); required by {why}; the kernel verifies the key",
                 s.id_type
             ),
         ),
-        (false, None) => push(
-            &mut c,
-            "signature",
+        (None, None) => Check::new(
+            id,
             Status::Warn,
             "unsigned; not required here, but loading taints the kernel (E)",
         ),
-        (false, Some(s)) => push(
-            &mut c,
-            "signature",
-            Status::Pass,
-            format!("signed ({})", s.id_type),
-        ),
-    }
-
-    let ok = !c.iter().any(|x| x.status == Status::Fail);
-    Preflight {
-        module: info.name.clone(),
-        ok,
-        checks: c,
+        (None, Some(s)) => Check::new(id, Status::Pass, format!("signed ({})", s.id_type)),
     }
 }
 
@@ -390,13 +470,26 @@ mod tests {
             Some("6.1.0-56-cloud-amd64 SMP preempt mod_unload modversions "),
         )
         .unwrap_err();
-        assert!(r.contains("built for kernel \"5.10.0-30-amd64\""), "{r}");
-        assert!(r.contains("lacks \"preempt\""), "{r}");
+        assert_eq!(
+            r.release,
+            Some(("5.10.0-30-amd64".into(), "6.1.0-56-cloud-amd64".into()))
+        );
+        assert_eq!(r.missing, ["preempt"]);
+        assert!(r.extra.is_empty());
+        // The text names both, as the check's detail shows it.
+        let t = r.to_string();
+        assert!(t.contains("built for kernel \"5.10.0-30-amd64\""), "{t}");
+        assert!(t.contains("lacks \"preempt\""), "{t}");
     }
 
     #[test]
     fn vermagic_without_config_compares_release_only() {
-        assert!(compare_vermagic("6.1.0 SMP", "6.1.0", None).is_ok());
+        assert_eq!(
+            compare_vermagic("6.1.0 SMP", "6.1.0", None),
+            Ok(VermagicMatch::ReleaseOnly {
+                release: "6.1.0".into()
+            })
+        );
         assert!(compare_vermagic("6.2.0 SMP", "6.1.0", None).is_err());
         assert!(compare_vermagic("", "6.1.0", None).is_err());
     }

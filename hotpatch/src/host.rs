@@ -4,9 +4,9 @@
 
 use crate::paths::Paths;
 use livehost_common::sysfs::{read_attr, read_text};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Environment {
     /// `hardware`, `vm-kvm`, `vm-tcg` (QEMU's CPU emulator), `vm-other`.
     pub kind: String,

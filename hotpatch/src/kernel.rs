@@ -6,18 +6,18 @@
 use crate::paths::Paths;
 use anyhow::{Context, Result};
 use livehost_common::sysfs::{read_attr, read_text};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
 /// One patched function as sysfs shows it: `<object>/<func>,<sympos>`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LiveFunc {
     pub name: String,
     pub sympos: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LiveObject {
     pub name: String,
     /// `<object>/patched` (6.1+): whether the object is loaded and patched.
@@ -26,7 +26,7 @@ pub struct LiveObject {
 }
 
 /// A livepatch as `/sys/kernel/livepatch/<name>` describes it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LivePatch {
     pub name: String,
     pub enabled: Option<bool>,
@@ -162,7 +162,7 @@ impl Paths {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LoadedModule {
     pub name: String,
     pub size: u64,
@@ -304,7 +304,7 @@ impl Kallsyms {
 }
 
 /// A task whose per-task patch state is not (yet) the transition's target.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TaskState {
     pub pid: u32,
     pub tid: u32,

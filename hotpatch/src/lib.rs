@@ -2,39 +2,75 @@
 //!
 //! Inspect a livepatch module without trusting it ([`module`]), preflight it
 //! against the running kernel ([`check`]), load it and follow the transition
-//! task by task, rolling back when it stalls ([`ops`]), and keep the patches
-//! that should survive a reboot ([`state`]). Every path to the kernel is
+//! task by task, rolling back when it stalls ([`load`], [`transition`]),
+//! change or remove a loaded patch ([`change`]), show what is patched
+//! ([`list`]), and keep the patches that should survive a reboot
+//! ([`install`], [`boot`], [`state`]). Every path to the kernel is
 //! injectable ([`paths::Paths`]) so the decisions are unit-testable; the
 //! end-to-end proof runs in QEMU guests (tests/guest.rs).
+//!
+//! Each command's `--json` output is one serde type, so other tools read it
+//! back through the same type:
+//!
+//! | command | type |
+//! |---|---|
+//! | `inspect` | [`module::ModuleInfo`] |
+//! | `check` | [`check::Preflight`] |
+//! | `load FILE` | [`load::LoadReport`] |
+//! | `load --installed` | [`boot::InstalledRun`] |
+//! | `enable`, `disable` | [`change::ChangeReport`] |
+//! | `unload` | `Vec<`[`change::UnloadResult`]`>` |
+//! | `list` / `status` | [`list::Status`] |
+//! | `install` | [`install::InstallReport`] |
+//! | `uninstall` | [`install::UninstallReport`] |
+//! | `journal` | `Vec<`[`state::JournalEntry`]`>` |
+//! | any, on error | [`commands::ErrorReport`] |
 
+pub mod boot;
+pub mod change;
 pub mod check;
+pub mod commands;
 pub mod host;
+pub mod install;
 pub mod kernel;
 pub mod kmod;
+pub mod list;
+pub mod load;
 pub mod measure;
 pub mod module;
-pub mod ops;
+pub mod output;
 pub mod paths;
 pub mod state;
 #[doc(hidden)]
 pub mod testelf;
+pub mod transition;
 
-/// Kernel command-line switch that makes `load --installed` do nothing, for
-/// a boot where a re-applied patch is suspected of causing trouble.
-pub const SKIP_SWITCH: &str = "hotpatch.skip=1";
+pub use boot::{InstalledResult, InstalledRun, SKIP_SWITCH, boot_skip_requested};
+pub use change::{ChangeAction, ChangeReport, UnloadResult};
+pub use check::{Check, CheckId, Preflight};
+pub use commands::ErrorReport;
+pub use install::{InstallReport, UninstallReport};
+pub use list::Status as ListReport;
+pub use load::{LoadReport, Outcome};
+pub use measure::{Measurement, Window};
+pub use module::ModuleInfo;
+pub use state::{JournalEntry, JournalOp, JournalResult};
 
-/// True when the kernel command line asks to skip re-applying patches.
-pub fn boot_skip_requested(cmdline: &str) -> bool {
-    cmdline.split_whitespace().any(|w| w == SKIP_SWITCH)
+use serde::{Deserialize, Serialize};
+
+/// A module that an operation over several (`unload --all`, `load
+/// --installed`) could not handle; the others were still handled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModuleError {
+    pub module: String,
+    pub error: String,
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn skip_switch_is_a_whole_word() {
-        assert!(super::boot_skip_requested("ro quiet hotpatch.skip=1 x"));
-        assert!(!super::boot_skip_requested("hotpatch.skip=10"));
-        assert!(!super::boot_skip_requested("xhotpatch.skip=1"));
-        assert!(!super::boot_skip_requested(""));
+impl ModuleError {
+    pub fn new(module: &str, e: &anyhow::Error) -> ModuleError {
+        ModuleError {
+            module: module.to_string(),
+            error: format!("{e:#}"),
+        }
     }
 }

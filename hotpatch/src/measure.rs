@@ -7,13 +7,13 @@
 //! difference, not the machine's background noise.
 
 use livehost_common::monotonic_ns;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Window {
     pub duration_ms: f64,
     /// Largest gap any spinning thread saw between two clock reads.
@@ -26,7 +26,8 @@ pub struct Window {
     pub sleeps: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// The `measure` part of `hotpatch load --measure --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measurement {
     pub environment: crate::host::Environment,
     pub spinning_threads: usize,

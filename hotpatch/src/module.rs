@@ -14,7 +14,7 @@
 
 use anyhow::{Context, Result, bail};
 use goblin::elf::{Elf, header, section_header, sym};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -61,14 +61,14 @@ fn abs64_reloc_type(machine: u16) -> Option<u32> {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Signature {
     /// `PKCS#7` for every kernel since 4.x; other ids are reported raw.
     pub id_type: String,
     pub signature_len: u32,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PatchedFunction {
     /// The kernel function being replaced (`klp_func.old_name`).
     pub name: String,
@@ -78,7 +78,7 @@ pub struct PatchedFunction {
     pub replacement: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PatchedObject {
     /// `vmlinux` or the name of the module being patched.
     pub name: String,
@@ -87,7 +87,7 @@ pub struct PatchedObject {
 
 /// A `.klp.sym.<object>.<name>,<sympos>` symbol: a reference the kernel
 /// resolves when the patched object is present (klp-convert/kpatch output).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KlpSymbol {
     pub object: String,
     pub name: String,
@@ -95,7 +95,7 @@ pub struct KlpSymbol {
 }
 
 /// Everything `inspect` reports about a module file.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModuleInfo {
     pub size: u64,
     pub sha256: String,

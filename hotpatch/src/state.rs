@@ -11,6 +11,9 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// How long a run waits for another to release the lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// Held for the duration of an operation; released on drop.
 pub struct Lock {
     _flock: Flock<File>,
@@ -59,8 +62,23 @@ pub fn lock(paths: &Paths, wait: Duration) -> Result<Lock> {
     }
 }
 
-pub fn now_unix() -> f64 {
-    livehost_common::unix_ms() as f64 / 1e3
+/// Timestamps are integer milliseconds since the epoch (`*_unix_ms`).
+/// hotpatch before that wrote float seconds under `time`, `loaded_at` and
+/// `installed_at`; those fields are read through a serde alias and this
+/// conversion, so records written by an older hotpatch stay readable. The
+/// old writer always wrote a JSON float and the new one an integer, so the
+/// number's form says which unit it is in.
+fn unix_ms_or_legacy_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stamp {
+        Ms(u64),
+        Secs(f64),
+    }
+    Ok(match Stamp::deserialize(d)? {
+        Stamp::Ms(ms) => ms,
+        Stamp::Secs(s) => (s * 1e3).round().max(0.0) as u64,
+    })
 }
 
 /// Who is doing this: the sudo caller when there is one, else the user.
@@ -81,15 +99,94 @@ pub fn actor() -> String {
         .unwrap_or_else(|| format!("uid {uid}"))
 }
 
+/// What a journal line records.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum JournalOp {
+    Load,
+    /// `load --installed` as a whole (a skipped boot re-apply); each module
+    /// it loads is journalled as a `load`.
+    LoadInstalled,
+    Enable,
+    Disable,
+    Unload,
+    Install,
+    Uninstall,
+}
+
+/// How the change a journal line records ended.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum JournalResult {
+    Ok,
+    /// Preflight refused; nothing changed.
+    Refused,
+    RolledBack,
+    Error,
+    /// Left in transition (`--no-rollback`).
+    Stalled,
+    /// Forced through (`--force`).
+    Forced,
+}
+
+impl JournalOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalOp::Load => "load",
+            JournalOp::LoadInstalled => "load-installed",
+            JournalOp::Enable => "enable",
+            JournalOp::Disable => "disable",
+            JournalOp::Unload => "unload",
+            JournalOp::Install => "install",
+            JournalOp::Uninstall => "uninstall",
+        }
+    }
+}
+
+impl JournalResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalResult::Ok => "ok",
+            JournalResult::Refused => "refused",
+            JournalResult::RolledBack => "rolled-back",
+            JournalResult::Error => "error",
+            JournalResult::Stalled => "stalled",
+            JournalResult::Forced => "forced",
+        }
+    }
+
+    /// `Ok` or `Error`, for a change that either happened or did not.
+    pub fn of<T, E>(r: &Result<T, E>) -> JournalResult {
+        if r.is_ok() {
+            JournalResult::Ok
+        } else {
+            JournalResult::Error
+        }
+    }
+}
+
+impl std::fmt::Display for JournalOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::fmt::Display for JournalResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One line of `journal.jsonl`, and of `hotpatch journal --json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JournalEntry {
-    pub time: f64,
+    #[serde(alias = "time", deserialize_with = "unix_ms_or_legacy_secs")]
+    pub time_unix_ms: u64,
     pub user: String,
-    pub op: String,
+    pub op: JournalOp,
     pub module: Option<String>,
     pub sha256: Option<String>,
-    /// ok, refused, rolled-back, error, stalled, forced
-    pub result: String,
+    pub result: JournalResult,
     pub duration_ms: Option<f64>,
     pub detail: serde_json::Value,
 }
@@ -114,20 +211,20 @@ pub fn journal(paths: &Paths, e: &JournalEntry) -> Result<()> {
 /// warning to show when the journal could not be written.
 pub fn record(
     paths: &Paths,
-    op: &str,
+    op: JournalOp,
     module: Option<&str>,
     sha: Option<&str>,
-    result: &str,
+    result: JournalResult,
     duration_ms: Option<f64>,
     detail: serde_json::Value,
 ) -> Vec<String> {
     let e = JournalEntry {
-        time: now_unix(),
+        time_unix_ms: livehost_common::unix_ms(),
         user: actor(),
-        op: op.into(),
+        op,
         module: module.map(String::from),
         sha256: sha.map(String::from),
-        result: result.into(),
+        result,
         duration_ms,
         detail,
     };
@@ -158,7 +255,8 @@ pub struct LoadedRecord {
     pub sha256: String,
     pub path: String,
     pub replace: Option<bool>,
-    pub loaded_at: f64,
+    #[serde(alias = "loaded_at", deserialize_with = "unix_ms_or_legacy_secs")]
+    pub loaded_unix_ms: u64,
     /// The transition was forced: the kernel keeps a reference to the module
     /// forever, so it can never be removed.
     #[serde(default)]
@@ -229,14 +327,17 @@ pub struct Installed {
     /// File name inside the release's directory.
     pub file: String,
     pub sha256: String,
-    pub installed_at: f64,
+    #[serde(alias = "installed_at", deserialize_with = "unix_ms_or_legacy_secs")]
+    pub installed_unix_ms: u64,
     pub installed_by: String,
     pub source: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
-    pub kernel: String,
+    /// The kernel release these modules are applied on.
+    #[serde(alias = "kernel")]
+    pub release: String,
     /// Load order at boot: install order, so stacks rebuild as they were.
     pub modules: Vec<Installed>,
 }
@@ -252,7 +353,7 @@ pub fn read_manifest(paths: &Paths, release: &str) -> Result<Manifest> {
         Ok(t) => serde_json::from_str(&t)
             .with_context(|| format!("{} is corrupt; fix or delete it and reinstall", p.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest {
-            kernel: release.to_string(),
+            release: release.to_string(),
             modules: Vec::new(),
         }),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
@@ -260,9 +361,9 @@ pub fn read_manifest(paths: &Paths, release: &str) -> Result<Manifest> {
 }
 
 pub fn write_manifest(paths: &Paths, m: &Manifest) -> Result<()> {
-    check_release(&m.kernel)?;
+    check_release(&m.release)?;
     write_atomic(
-        &manifest_path(paths, &m.kernel),
+        &manifest_path(paths, &m.release),
         &serde_json::to_vec_pretty(m)?,
     )
 }
@@ -286,7 +387,7 @@ pub fn install(
         name: name.to_string(),
         file: fname,
         sha256: sha256.to_string(),
-        installed_at: now_unix(),
+        installed_unix_ms: livehost_common::unix_ms(),
         installed_by: actor(),
         source: std::fs::canonicalize(file)
             .unwrap_or_else(|_| file.to_path_buf())
@@ -349,12 +450,12 @@ mod tests {
     fn journal_appends_and_skips_torn_line() {
         let (_d, p) = tmp_paths();
         let e = JournalEntry {
-            time: 1.0,
+            time_unix_ms: 1000,
             user: "t".into(),
-            op: "load".into(),
+            op: JournalOp::Load,
             module: Some("m".into()),
             sha256: None,
-            result: "ok".into(),
+            result: JournalResult::Ok,
             duration_ms: Some(3.0),
             detail: serde_json::json!({}),
         };
@@ -364,7 +465,7 @@ mod tests {
         f.write_all(b"{\"time\": 3, \"us").unwrap();
         let j = read_journal(&p).unwrap();
         assert_eq!(j.len(), 2);
-        assert_eq!(j[1].op, "load");
+        assert_eq!(j[1].op, JournalOp::Load);
     }
 
     #[test]
@@ -410,7 +511,7 @@ mod tests {
                 sha256: "h".into(),
                 path: "/x".into(),
                 replace: None,
-                loaded_at: 0.0,
+                loaded_unix_ms: 0,
                 forced: false,
             };
             assert!(save_loaded(&p, &rec).is_err());
@@ -427,6 +528,49 @@ mod tests {
         assert_eq!(left, ["a.ko"]);
         assert!(check_release("6.12.117+deb13-cloud-amd64").is_ok());
         assert!(check_release("6.1.0-56-cloud-amd64").is_ok());
+    }
+
+    /// State written by hotpatch before timestamps were `*_unix_ms` and the
+    /// manifest's release was `kernel`: still read, seconds made milliseconds.
+    #[test]
+    fn old_state_files_are_read() {
+        let (_d, p) = tmp_paths();
+        std::fs::create_dir_all(&p.state).unwrap();
+        std::fs::write(
+            p.journal(),
+            concat!(
+                r#"{"time":1733212345.678,"user":"root","op":"load","module":"m","sha256":null,"result":"rolled-back","duration_ms":null,"detail":{}}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        let j = read_journal(&p).unwrap();
+        assert_eq!(j[0].time_unix_ms, 1_733_212_345_678);
+        assert_eq!(j[0].result, JournalResult::RolledBack);
+        let new = serde_json::to_value(&j[0]).unwrap();
+        assert_eq!(new["time_unix_ms"], 1_733_212_345_678u64);
+        assert!(new.get("time").is_none());
+
+        std::fs::create_dir_all(p.loaded_dir()).unwrap();
+        std::fs::write(
+            p.loaded_dir().join("m.json"),
+            r#"{"name":"m","sha256":"h","path":"/x","replace":null,"loaded_at":1733212345.5}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            loaded_record(&p, "m").unwrap().loaded_unix_ms,
+            1_733_212_345_500
+        );
+
+        std::fs::create_dir_all(p.installed_dir("6.1")).unwrap();
+        std::fs::write(
+            manifest_path(&p, "6.1"),
+            r#"{"kernel":"6.1","modules":[{"name":"a","file":"a.ko","sha256":"h","installed_at":2.25,"installed_by":"root","source":"/a.ko"}]}"#,
+        )
+        .unwrap();
+        let m = read_manifest(&p, "6.1").unwrap();
+        assert_eq!(m.release, "6.1");
+        assert_eq!(m.modules[0].installed_unix_ms, 2250);
     }
 
     #[test]

@@ -211,248 +211,11 @@ impl ModuleSpec {
     }
 
     pub fn build(&self) -> Built {
-        // Section indices.
-        const TEXT: u16 = 1;
-        const RODATA: u16 = 3;
-        const DATA: u16 = 4;
-        const RELA_DATA: u32 = 5;
-        const THIS_MODULE: u16 = 7;
-        const SYMTAB: u32 = 8;
-        const STRTAB: u32 = 9;
-        const SHSTRTAB: u32 = 10;
-        const NSEC: usize = 11;
-
-        // Symbols: null, 3 section symbols, the functions (local), then
-        // __this_module and one undefined symbol (global).
-        let mut strtab = vec![0u8];
-        let mut name_of = |s: &str| {
-            let at = strtab.len() as u32;
-            strtab.extend_from_slice(s.as_bytes());
-            strtab.push(0);
-            at
-        };
-        let mut syms: Vec<[u8; 24]> = vec![[0; 24]];
-        let sym = |name: u32, info: u8, shndx: u16, value: u64, size: u64| {
-            let mut e = [0u8; 24];
-            e[..4].copy_from_slice(&name.to_le_bytes());
-            e[4] = info;
-            e[6..8].copy_from_slice(&shndx.to_le_bytes());
-            e[8..16].copy_from_slice(&value.to_le_bytes());
-            e[16..24].copy_from_slice(&size.to_le_bytes());
-            e
-        };
-        const STT_OBJECT: u8 = 1;
-        const STT_FUNC: u8 = 2;
-        const STT_SECTION: u8 = 3;
-        const GLOBAL: u8 = 1 << 4;
-        for shndx in [TEXT, RODATA, DATA] {
-            syms.push(sym(0, STT_SECTION, shndx, 0, 0));
-        }
-        let first_func = syms.len();
-        for (i, f) in self.func_names.iter().enumerate() {
-            let n = name_of(f);
-            syms.push(sym(n, STT_FUNC, TEXT, 16 * i as u64, 16));
-        }
-        let first_global = syms.len();
-        let n = name_of("__this_module");
-        syms.push(sym(
-            n,
-            GLOBAL | STT_OBJECT,
-            THIS_MODULE,
-            0,
-            THIS_MODULE_SIZE as u64,
-        ));
-        let n = name_of("klp_enable_patch");
-        syms.push(sym(n, GLOBAL, 0, 0, 0));
-        let sym_index = |s: Sym| -> u64 {
-            match s {
-                Sym::Section(Sec::Text) => 1,
-                Sym::Section(Sec::Rodata) => 2,
-                Sym::Section(Sec::Data) => 3,
-                Sym::Func(i) => (first_func + i) as u64,
-                Sym::ThisModule => first_global as u64,
-                Sym::Undefined => first_global as u64 + 1,
-            }
-        };
-        let rela = |relocs: &[Reloc]| -> Vec<u8> {
-            let mut out = Vec::new();
-            for r in relocs {
-                out.extend_from_slice(&r.offset.to_le_bytes());
-                out.extend_from_slice(
-                    &((sym_index(r.sym) << 32) | u64::from(r.kind)).to_le_bytes(),
-                );
-                out.extend_from_slice(&r.addend.to_le_bytes());
-            }
-            out
-        };
-        let mut modinfo = Vec::new();
-        for (k, v) in &self.modinfo {
-            modinfo.extend_from_slice(format!("{k}={v}").as_bytes());
-            modinfo.push(0);
-        }
-        let mut this_module = vec![0u8; THIS_MODULE_SIZE];
-        let nb = self.this_module_name.as_bytes();
-        let nb = &nb[..nb.len().min(55)];
-        this_module[24..24 + nb.len()].copy_from_slice(nb);
-        let symtab: Vec<u8> = syms.concat();
-
-        let mut shstrtab = vec![0u8];
-        let mut sh_name = |s: &str| {
-            let at = shstrtab.len() as u32;
-            shstrtab.extend_from_slice(s.as_bytes());
-            shstrtab.push(0);
-            at
-        };
-        struct Sh {
-            name: u32,
-            kind: u32,
-            flags: u64,
-            data: Vec<u8>,
-            link: u32,
-            info: u32,
-            entsize: u64,
-        }
-        const A: u64 = 2;
-        const W: u64 = 1;
-        const X: u64 = 4;
-        const MS: u64 = 0x10 | 0x20;
-        const INFO_LINK: u64 = 0x40;
-        let progbits = 1;
-        let mut shs = vec![
-            Sh {
-                name: sh_name(".text"),
-                kind: progbits,
-                flags: A | X,
-                data: self.text.clone(),
-                link: 0,
-                info: 0,
-                entsize: 0,
-            },
-            Sh {
-                name: sh_name(".rela.text"),
-                kind: 4,
-                flags: INFO_LINK,
-                data: rela(&self.text_relocs),
-                link: SYMTAB,
-                info: u32::from(TEXT),
-                entsize: 24,
-            },
-            Sh {
-                name: sh_name(".rodata.str1.1"),
-                kind: progbits,
-                flags: A | MS,
-                data: self.rodata.clone(),
-                link: 0,
-                info: 0,
-                entsize: 1,
-            },
-            Sh {
-                name: sh_name(".data"),
-                kind: progbits,
-                flags: W | A,
-                data: self.data.clone(),
-                link: 0,
-                info: 0,
-                entsize: 0,
-            },
-            Sh {
-                name: sh_name(".rela.data"),
-                kind: 4,
-                flags: INFO_LINK,
-                data: rela(&self.data_relocs),
-                link: SYMTAB,
-                info: u32::from(DATA),
-                entsize: 24,
-            },
-            Sh {
-                name: sh_name(".modinfo"),
-                kind: progbits,
-                flags: A,
-                data: modinfo,
-                link: 0,
-                info: 0,
-                entsize: 0,
-            },
-            Sh {
-                name: sh_name(".gnu.linkonce.this_module"),
-                kind: progbits,
-                flags: W | A,
-                data: this_module,
-                link: 0,
-                info: 0,
-                entsize: 0,
-            },
-            Sh {
-                name: sh_name(".symtab"),
-                kind: 2,
-                flags: 0,
-                data: symtab,
-                link: STRTAB,
-                info: first_global as u32,
-                entsize: 24,
-            },
-            Sh {
-                name: sh_name(".strtab"),
-                kind: 3,
-                flags: 0,
-                data: strtab,
-                link: 0,
-                info: 0,
-                entsize: 0,
-            },
-        ];
-        let shstr_name = sh_name(".shstrtab");
-        shs.push(Sh {
-            name: shstr_name,
-            kind: 3,
-            flags: 0,
-            data: shstrtab,
-            link: 0,
-            info: 0,
-            entsize: 0,
-        });
+        let syms = Symbols::new(&self.func_names);
+        let shs = self.sections(syms);
         debug_assert_eq!(shs.len() + 1, NSEC);
-
-        let mut out = vec![0u8; 64];
-        let mut offsets = Vec::new();
-        for s in &shs {
-            while !out.len().is_multiple_of(8) {
-                out.push(0);
-            }
-            offsets.push(out.len());
-            out.extend_from_slice(&s.data);
-        }
-        while !out.len().is_multiple_of(8) {
-            out.push(0);
-        }
-        let shoff = out.len();
-        out.extend_from_slice(&[0u8; 64]);
-        for (s, off) in shs.iter().zip(&offsets) {
-            let mut h = [0u8; 64];
-            h[..4].copy_from_slice(&s.name.to_le_bytes());
-            h[4..8].copy_from_slice(&s.kind.to_le_bytes());
-            h[8..16].copy_from_slice(&s.flags.to_le_bytes());
-            h[24..32].copy_from_slice(&(*off as u64).to_le_bytes());
-            h[32..40].copy_from_slice(&(s.data.len() as u64).to_le_bytes());
-            h[40..44].copy_from_slice(&s.link.to_le_bytes());
-            h[44..48].copy_from_slice(&s.info.to_le_bytes());
-            h[48..56].copy_from_slice(&8u64.to_le_bytes());
-            h[56..64].copy_from_slice(&s.entsize.to_le_bytes());
-            out.extend_from_slice(&h);
-        }
-        // ELF header.
-        out[..4].copy_from_slice(b"\x7fELF");
-        out[4] = 2; // 64-bit
-        out[5] = 1; // little endian
-        out[6] = 1;
-        out[16..18].copy_from_slice(&1u16.to_le_bytes()); // ET_REL
-        out[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86_64
-        out[20..24].copy_from_slice(&1u32.to_le_bytes());
-        out[40..48].copy_from_slice(&(shoff as u64).to_le_bytes());
-        out[52..54].copy_from_slice(&64u16.to_le_bytes());
-        out[58..60].copy_from_slice(&64u16.to_le_bytes());
-        out[60..62].copy_from_slice(&(NSEC as u16).to_le_bytes());
-        out[62..64].copy_from_slice(&(SHSTRTAB as u16).to_le_bytes());
+        let (mut out, offsets, shoff) = lay_out(&shs);
+        write_elf_header(&mut out, shoff);
         Built {
             data_shdr: shoff + 64 * usize::from(DATA),
             rela_data: offsets[RELA_DATA as usize - 1],
@@ -460,4 +223,275 @@ impl ModuleSpec {
             bytes: out,
         }
     }
+
+    /// Every section but the null one, in index order.
+    fn sections(&self, syms: Symbols) -> Vec<Sh> {
+        let mut shstrtab = StrTab::new();
+        let mut sh = |name: &str, kind: u32, flags: u64, data: Vec<u8>| Sh {
+            name: shstrtab.add(name),
+            kind,
+            flags,
+            data,
+            link: 0,
+            info: 0,
+            entsize: 0,
+        };
+        let rela = |sh: Sh, target: u16| Sh {
+            link: SYMTAB,
+            info: u32::from(target),
+            entsize: 24,
+            ..sh
+        };
+        let mut shs = vec![
+            sh(".text", SHT_PROGBITS, A | X, self.text.clone()),
+            rela(
+                sh(
+                    ".rela.text",
+                    SHT_RELA,
+                    INFO_LINK,
+                    syms.rela(&self.text_relocs),
+                ),
+                TEXT,
+            ),
+            Sh {
+                entsize: 1,
+                ..sh(".rodata.str1.1", SHT_PROGBITS, A | MS, self.rodata.clone())
+            },
+            sh(".data", SHT_PROGBITS, W | A, self.data.clone()),
+            rela(
+                sh(
+                    ".rela.data",
+                    SHT_RELA,
+                    INFO_LINK,
+                    syms.rela(&self.data_relocs),
+                ),
+                DATA,
+            ),
+            sh(".modinfo", SHT_PROGBITS, A, self.modinfo_bytes()),
+            sh(
+                ".gnu.linkonce.this_module",
+                SHT_PROGBITS,
+                W | A,
+                self.this_module_bytes(),
+            ),
+            Sh {
+                link: STRTAB,
+                info: syms.first_global as u32,
+                entsize: 24,
+                ..sh(".symtab", SHT_SYMTAB, 0, syms.table.concat())
+            },
+            sh(".strtab", SHT_STRTAB, 0, syms.names.bytes),
+        ];
+        let name = shstrtab.add(".shstrtab");
+        shs.push(Sh {
+            name,
+            kind: SHT_STRTAB,
+            flags: 0,
+            data: shstrtab.bytes,
+            link: 0,
+            info: 0,
+            entsize: 0,
+        });
+        shs
+    }
+
+    /// `.modinfo`: `key=value` strings, NUL-terminated.
+    fn modinfo_bytes(&self) -> Vec<u8> {
+        let mut modinfo = Vec::new();
+        for (k, v) in &self.modinfo {
+            modinfo.extend_from_slice(format!("{k}={v}").as_bytes());
+            modinfo.push(0);
+        }
+        modinfo
+    }
+
+    /// `struct module` with only its `name` (at offset 24, 56 bytes) set.
+    fn this_module_bytes(&self) -> Vec<u8> {
+        let mut this_module = vec![0u8; THIS_MODULE_SIZE];
+        let nb = self.this_module_name.as_bytes();
+        let nb = &nb[..nb.len().min(55)];
+        this_module[24..24 + nb.len()].copy_from_slice(nb);
+        this_module
+    }
+}
+
+// Section indices.
+const TEXT: u16 = 1;
+const RODATA: u16 = 3;
+const DATA: u16 = 4;
+const RELA_DATA: u32 = 5;
+const THIS_MODULE: u16 = 7;
+const SYMTAB: u32 = 8;
+const STRTAB: u32 = 9;
+const SHSTRTAB: u32 = 10;
+const NSEC: usize = 11;
+
+// Section types and flags.
+const SHT_PROGBITS: u32 = 1;
+const SHT_SYMTAB: u32 = 2;
+const SHT_STRTAB: u32 = 3;
+const SHT_RELA: u32 = 4;
+const W: u64 = 1;
+const A: u64 = 2;
+const X: u64 = 4;
+const MS: u64 = 0x10 | 0x20;
+const INFO_LINK: u64 = 0x40;
+
+// Symbol types and binding.
+const STT_OBJECT: u8 = 1;
+const STT_FUNC: u8 = 2;
+const STT_SECTION: u8 = 3;
+const GLOBAL: u8 = 1 << 4;
+
+/// One section header's fields and the section's bytes.
+struct Sh {
+    name: u32,
+    kind: u32,
+    flags: u64,
+    data: Vec<u8>,
+    link: u32,
+    info: u32,
+    entsize: u64,
+}
+
+/// A string table: NUL-separated names, starting with an empty one.
+struct StrTab {
+    bytes: Vec<u8>,
+}
+
+impl StrTab {
+    fn new() -> StrTab {
+        StrTab { bytes: vec![0] }
+    }
+    /// Append `s`; its offset, which is how ELF names it.
+    fn add(&mut self, s: &str) -> u32 {
+        let at = self.bytes.len() as u32;
+        self.bytes.extend_from_slice(s.as_bytes());
+        self.bytes.push(0);
+        at
+    }
+}
+
+/// The symbol table: null, 3 section symbols, the functions (local), then
+/// `__this_module` and one undefined symbol (global).
+struct Symbols {
+    table: Vec<[u8; 24]>,
+    names: StrTab,
+    first_func: usize,
+    first_global: usize,
+}
+
+fn sym(name: u32, info: u8, shndx: u16, value: u64, size: u64) -> [u8; 24] {
+    let mut e = [0u8; 24];
+    e[..4].copy_from_slice(&name.to_le_bytes());
+    e[4] = info;
+    e[6..8].copy_from_slice(&shndx.to_le_bytes());
+    e[8..16].copy_from_slice(&value.to_le_bytes());
+    e[16..24].copy_from_slice(&size.to_le_bytes());
+    e
+}
+
+impl Symbols {
+    fn new(func_names: &[String]) -> Symbols {
+        let mut names = StrTab::new();
+        let mut table: Vec<[u8; 24]> = vec![[0; 24]];
+        for shndx in [TEXT, RODATA, DATA] {
+            table.push(sym(0, STT_SECTION, shndx, 0, 0));
+        }
+        let first_func = table.len();
+        for (i, f) in func_names.iter().enumerate() {
+            table.push(sym(names.add(f), STT_FUNC, TEXT, 16 * i as u64, 16));
+        }
+        let first_global = table.len();
+        let n = names.add("__this_module");
+        table.push(sym(
+            n,
+            GLOBAL | STT_OBJECT,
+            THIS_MODULE,
+            0,
+            THIS_MODULE_SIZE as u64,
+        ));
+        let n = names.add("klp_enable_patch");
+        table.push(sym(n, GLOBAL, 0, 0, 0));
+        Symbols {
+            table,
+            names,
+            first_func,
+            first_global,
+        }
+    }
+
+    fn index(&self, s: Sym) -> u64 {
+        match s {
+            Sym::Section(Sec::Text) => 1,
+            Sym::Section(Sec::Rodata) => 2,
+            Sym::Section(Sec::Data) => 3,
+            Sym::Func(i) => (self.first_func + i) as u64,
+            Sym::ThisModule => self.first_global as u64,
+            Sym::Undefined => self.first_global as u64 + 1,
+        }
+    }
+
+    /// `Elf64_Rela` entries for `relocs`.
+    fn rela(&self, relocs: &[Reloc]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in relocs {
+            out.extend_from_slice(&r.offset.to_le_bytes());
+            out.extend_from_slice(&((self.index(r.sym) << 32) | u64::from(r.kind)).to_le_bytes());
+            out.extend_from_slice(&r.addend.to_le_bytes());
+        }
+        out
+    }
+}
+
+fn pad8(out: &mut Vec<u8>) {
+    while !out.len().is_multiple_of(8) {
+        out.push(0);
+    }
+}
+
+/// Room for the ELF header, each section's bytes 8-aligned, then the
+/// section headers (null first). Returns the file, each section's offset
+/// and the section header table's offset.
+fn lay_out(shs: &[Sh]) -> (Vec<u8>, Vec<usize>, usize) {
+    let mut out = vec![0u8; 64];
+    let mut offsets = Vec::new();
+    for s in shs {
+        pad8(&mut out);
+        offsets.push(out.len());
+        out.extend_from_slice(&s.data);
+    }
+    pad8(&mut out);
+    let shoff = out.len();
+    out.extend_from_slice(&[0u8; 64]);
+    for (s, off) in shs.iter().zip(&offsets) {
+        let mut h = [0u8; 64];
+        h[..4].copy_from_slice(&s.name.to_le_bytes());
+        h[4..8].copy_from_slice(&s.kind.to_le_bytes());
+        h[8..16].copy_from_slice(&s.flags.to_le_bytes());
+        h[24..32].copy_from_slice(&(*off as u64).to_le_bytes());
+        h[32..40].copy_from_slice(&(s.data.len() as u64).to_le_bytes());
+        h[40..44].copy_from_slice(&s.link.to_le_bytes());
+        h[44..48].copy_from_slice(&s.info.to_le_bytes());
+        h[48..56].copy_from_slice(&8u64.to_le_bytes());
+        h[56..64].copy_from_slice(&s.entsize.to_le_bytes());
+        out.extend_from_slice(&h);
+    }
+    (out, offsets, shoff)
+}
+
+/// The ELF64 header of an x86_64 relocatable object.
+fn write_elf_header(out: &mut [u8], shoff: usize) {
+    out[..4].copy_from_slice(b"\x7fELF");
+    out[4] = 2; // 64-bit
+    out[5] = 1; // little endian
+    out[6] = 1;
+    out[16..18].copy_from_slice(&1u16.to_le_bytes()); // ET_REL
+    out[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86_64
+    out[20..24].copy_from_slice(&1u32.to_le_bytes());
+    out[40..48].copy_from_slice(&(shoff as u64).to_le_bytes());
+    out[52..54].copy_from_slice(&64u16.to_le_bytes());
+    out[58..60].copy_from_slice(&64u16.to_le_bytes());
+    out[60..62].copy_from_slice(&(NSEC as u16).to_le_bytes());
+    out[62..64].copy_from_slice(&(SHSTRTAB as u16).to_le_bytes());
 }

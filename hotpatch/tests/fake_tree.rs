@@ -2,10 +2,11 @@
 //! shows, against a fake /sys + /proc + /boot tree (every path is
 //! injectable). The kernel itself is exercised in tests/guest.rs.
 
-use hotpatch::check::{self, Status};
+use hotpatch::check::{self, CheckId, Status};
 use hotpatch::module::{ModuleInfo, PatchedFunction, PatchedObject};
-use hotpatch::ops;
 use hotpatch::paths::Paths;
+use hotpatch::state::{JournalOp, JournalResult};
+use hotpatch::{change, list};
 use std::path::Path;
 use std::process::Command;
 
@@ -118,17 +119,15 @@ fn module(name: &str, vermagic: &str, funcs: &[(&str, &str)]) -> ModuleInfo {
     }
 }
 
-fn check_of<'a>(p: &'a check::Preflight, id: &str) -> &'a check::Check {
-    p.checks
-        .iter()
-        .find(|c| c.id == id)
+fn check_of(p: &check::Preflight, id: CheckId) -> &check::Check {
+    p.check(id)
         .unwrap_or_else(|| panic!("no check {id}: {p:?}"))
 }
 
 #[test]
 fn status_orders_stack_and_names_function_owners() {
     let (_d, paths) = tree();
-    let s = ops::status(&paths);
+    let s = list::status(&paths);
     let names: Vec<&str> = s.patches.iter().map(|p| p.patch.name.as_str()).collect();
     assert_eq!(names, ["hp_a", "hp_b"], "bottom of the stack first");
     assert_eq!(
@@ -146,7 +145,7 @@ fn status_orders_stack_and_names_function_owners() {
     assert_eq!(cmd.also_in, ["hp_a"]);
     assert_eq!(s.leftover_modules, ["hp_old"]);
     assert!(s.taint_flags.iter().any(|f| f.starts_with('K')));
-    assert_eq!(ops::unload_order(&paths), ["hp_b", "hp_a", "hp_old"]);
+    assert_eq!(change::unload_order(&paths), ["hp_b", "hp_a", "hp_old"]);
 }
 
 #[test]
@@ -173,11 +172,11 @@ fn preflight_refuses_while_another_patch_transitions() {
         &module("hp_new", MAGIC, &[("vmlinux", "cmdline_proc_show")]),
     );
     assert!(!p.ok);
-    let failed: Vec<&str> = p.failures().map(|c| c.id).collect();
-    assert_eq!(failed, ["no-transition"], "{p:?}");
-    assert!(check_of(&p, "no-transition").detail.contains("hp_b"));
-    assert_eq!(check_of(&p, "vermagic").status, Status::Pass);
-    assert_eq!(check_of(&p, "signature").status, Status::Warn);
+    let failed: Vec<CheckId> = p.failures().map(|c| c.id).collect();
+    assert_eq!(failed, [CheckId::NoTransition], "{p:?}");
+    assert!(check_of(&p, CheckId::NoTransition).detail.contains("hp_b"));
+    assert_eq!(check_of(&p, CheckId::Vermagic).status, Status::Pass);
+    assert_eq!(check_of(&p, CheckId::Signature).status, Status::Warn);
 }
 
 #[test]
@@ -198,7 +197,7 @@ fn preflight_passes_when_quiet_and_reasons_each_failure() {
     );
     assert!(ok.ok, "{ok:?}");
     assert!(
-        check_of(&ok, "target-symbols")
+        check_of(&ok, CheckId::TargetSymbols)
             .detail
             .contains("e1000:e1000_probe apply when their module loads")
     );
@@ -212,18 +211,18 @@ fn preflight_passes_when_quiet_and_reasons_each_failure() {
         ),
     );
     assert!(!bad.ok);
-    let vm = &check_of(&bad, "vermagic").detail;
+    let vm = &check_of(&bad, CheckId::Vermagic).detail;
     assert!(
         vm.contains("built for kernel \"6.1.0-57-cloud-amd64\"")
             && vm.contains("lacks \"preempt\""),
         "{vm}"
     );
-    let nl = &check_of(&bad, "not-loaded").detail;
+    let nl = &check_of(&bad, CheckId::NotLoaded).detail;
     assert!(
         nl.contains("already loaded (enabled)") && nl.contains("not loaded by hotpatch"),
         "{nl}"
     );
-    let ts = &check_of(&bad, "target-symbols").detail;
+    let ts = &check_of(&bad, CheckId::TargetSymbols).detail;
     assert!(
         ts.contains("vmlinux:nope_fn") && ts.contains("hp_busy:nope2"),
         "{ts}"
@@ -235,7 +234,7 @@ fn preflight_passes_when_quiet_and_reasons_each_failure() {
         &paths,
         &module("hp_new", MAGIC, &[("vmlinux", "cmdline_proc_show")]),
     );
-    assert_eq!(check_of(&p, "signature").status, Status::Fail);
+    assert_eq!(check_of(&p, CheckId::Signature).status, Status::Fail);
     // ftrace off is a failure with the fix.
     write(d.path(), "proc/sys/kernel/ftrace_enabled", "0\n");
     let p = check::preflight(
@@ -243,7 +242,7 @@ fn preflight_passes_when_quiet_and_reasons_each_failure() {
         &module("hp_new", MAGIC, &[("vmlinux", "cmdline_proc_show")]),
     );
     assert!(
-        check_of(&p, "ftrace")
+        check_of(&p, CheckId::Ftrace)
             .detail
             .contains("sysctl kernel.ftrace_enabled=1")
     );
@@ -258,11 +257,11 @@ fn no_livepatch_support_is_named() {
         &module("hp_new", MAGIC, &[("vmlinux", "cmdline_proc_show")]),
     );
     assert!(
-        check_of(&p, "kernel-livepatch")
+        check_of(&p, CheckId::KernelLivepatch)
             .detail
             .contains("CONFIG_LIVEPATCH")
     );
-    assert!(!ops::status(&paths).livepatch_supported);
+    assert!(!list::status(&paths).livepatch_supported);
 }
 
 fn bin(paths: &Paths, args: &[&str]) -> std::process::Output {
@@ -287,7 +286,11 @@ fn cli_list_json_and_errors() {
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["patches"][1]["name"], "hp_b");
-    assert_eq!(v["kernel"], REL);
+    assert_eq!(v["release"], REL);
+    // The same JSON read back through hotpatch's own type.
+    let typed: hotpatch::ListReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(typed.patches[1].patch.name, "hp_b");
+    assert_eq!(typed.release.as_deref(), Some(REL));
 
     let text = String::from_utf8(bin(&paths, &["list"]).stdout).unwrap();
     assert!(
@@ -421,13 +424,13 @@ fn systemd_unit_command_runs() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("skipping installed patches"));
     let j = hotpatch::state::read_journal(&paths).unwrap();
-    assert_eq!(j.last().unwrap().op, "load-installed");
+    assert_eq!(j.last().unwrap().op, JournalOp::LoadInstalled);
     assert_eq!(j.last().unwrap().detail["skipped"], "hotpatch.skip=1");
 }
 
 #[test]
 fn transition_wait_has_a_deadline_and_sees_completion() {
-    use hotpatch::ops::{Wait, wait_transition};
+    use hotpatch::transition::{Wait, wait_transition};
     use livehost_common::progress::Progress;
     use std::time::{Duration, Instant};
     let (d, paths) = tree();
@@ -511,7 +514,7 @@ fn load_installed_refuses_a_changed_file() {
             sha256: sha_a,
             path: "/x/hp_a.ko".into(),
             replace: Some(false),
-            loaded_at: 0.0,
+            loaded_unix_ms: 0,
             forced: false,
         },
     )
@@ -542,13 +545,31 @@ fn load_installed_refuses_a_changed_file() {
     assert_eq!(r[1]["module"], "hp_a");
     assert_eq!(r[1]["outcome"], "already-loaded");
     assert_eq!(r[2]["module"], "hp_c");
+    // Read back through hotpatch's own types.
+    use hotpatch::{InstalledResult, Outcome};
+    let run: hotpatch::InstalledRun = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(run.release, REL);
+    match &run.results[0] {
+        InstalledResult::Load(l) => {
+            assert_eq!(l.outcome, Outcome::Refused);
+            assert_eq!(l.preflight.checks[0].id, CheckId::InstalledFile);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        run.results[1],
+        InstalledResult::AlreadyLoaded {
+            outcome: Outcome::AlreadyLoaded,
+            ..
+        }
+    ));
     let j = hotpatch::state::read_journal(&paths).unwrap();
     let e = j
         .iter()
         .find(|e| e.module.as_deref() == Some("hp_t"))
         .expect("journalled");
-    assert_eq!(e.op, "load");
-    assert_eq!(e.result, "refused");
+    assert_eq!(e.op, JournalOp::Load);
+    assert_eq!(e.result, JournalResult::Refused);
     assert!(e.detail["reasons"][0].as_str().unwrap().contains("sha256"));
 
     // Text mode says why, too.
@@ -603,16 +624,17 @@ fn install_files_under_the_modules_own_release() {
             .is_empty()
     );
     let j = hotpatch::state::read_journal(&paths).unwrap();
-    assert_eq!(j.last().unwrap().detail["kernel"], next);
-    assert_eq!(j.last().unwrap().detail["running"], REL);
+    assert_eq!(j.last().unwrap().detail["release"], next);
+    assert_eq!(j.last().unwrap().detail["running_release"], REL);
 
     // For the running kernel: no note; JSON carries the messages.
     let f = write_ko("hp_now", MAGIC);
     let out = bin(&paths, &["--json", "install", f.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["kernel"], REL);
-    assert_eq!(v["messages"], serde_json::json!([]));
+    let v: hotpatch::InstallReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.release, REL);
+    assert_eq!(v.running_release, REL);
+    assert!(v.messages.is_empty());
     assert_eq!(
         hotpatch::state::read_manifest(&paths, REL).unwrap().modules[0].name,
         "hp_now"
@@ -624,10 +646,15 @@ fn install_files_under_the_modules_own_release() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a kernel release"));
 
-    // uninstall --kernel reaches the other release's entry.
+    // uninstall --release (alias --kernel) reaches the other release's entry.
     let out = bin(&paths, &["uninstall", "hp_next"]);
     assert_eq!(out.status.code(), Some(1));
-    let out = bin(&paths, &["uninstall", "hp_next", "--kernel", next]);
+    let out = bin(
+        &paths,
+        &["uninstall", "hp_next", "--kernel", "6.9", "--help"],
+    );
+    assert!(out.status.success(), "--kernel is still accepted: {out:?}");
+    let out = bin(&paths, &["uninstall", "hp_next", "--release", next]);
     assert!(out.status.success(), "{out:?}");
     assert!(
         hotpatch::state::read_manifest(&paths, next)
@@ -646,7 +673,7 @@ fn install_files_under_the_modules_own_release() {
 /// module support.)
 #[test]
 fn atomic_replace_waits_for_superseded_patches_to_be_freed() {
-    use hotpatch::ops::remove_superseded;
+    use hotpatch::load::remove_superseded;
     use livehost_common::progress::Progress;
     use std::collections::BTreeSet;
     use std::time::{Duration, Instant};
@@ -746,7 +773,16 @@ fn enable_waits_or_says_what_to_run() {
     use std::time::Duration;
     let (d, paths) = tree();
     let quiet = Progress::silent();
-    let poll = Duration::from_millis(5);
+    let enable = |name: &str, secs: u64| {
+        change::Change {
+            paths: &paths,
+            name,
+            timeout: Duration::from_secs(secs),
+            poll: Duration::from_millis(5),
+            progress: &quiet,
+        }
+        .enable()
+    };
 
     // hp_b: enabled and in transition. Finishes 60 ms later.
     let flip = d.path().join("sys/kernel/livepatch/hp_b/transition");
@@ -754,7 +790,7 @@ fn enable_waits_or_says_what_to_run() {
         std::thread::sleep(Duration::from_millis(60));
         std::fs::write(flip, "0\n").unwrap();
     });
-    let r = ops::enable(&paths, "hp_b", Duration::from_secs(5), poll, &quiet).unwrap();
+    let r = enable("hp_b", 5).unwrap();
     h.join().unwrap();
     assert!(r.transition_ms.is_some());
     assert_eq!(
@@ -763,14 +799,11 @@ fn enable_waits_or_says_what_to_run() {
         "enabled was written again"
     );
     // Enabled and quiet: nothing to do.
-    let r = ops::enable(&paths, "hp_b", Duration::from_secs(5), poll, &quiet).unwrap();
+    let r = enable("hp_b", 5).unwrap();
     assert_eq!(r.messages, ["hp_b is already enabled"]);
 
     // hp_old: module loaded, patch freed, no record: say what to run.
-    let e = format!(
-        "{:#}",
-        ops::enable(&paths, "hp_old", Duration::from_secs(1), poll, &quiet).unwrap_err()
-    );
+    let e = format!("{:#}", enable("hp_old", 1).unwrap_err());
     assert!(
         e.contains("no record") && e.contains("`hotpatch unload hp_old`, then `hotpatch load"),
         "{e}"
@@ -785,26 +818,17 @@ fn enable_waits_or_says_what_to_run() {
             sha256: hotpatch::module::sha256_hex(b"then"),
             path: f.display().to_string(),
             replace: Some(false),
-            loaded_at: 0.0,
+            loaded_unix_ms: 0,
             forced: false,
         },
     )
     .unwrap();
-    let e = format!(
-        "{:#}",
-        ops::enable(&paths, "hp_old", Duration::from_secs(1), poll, &quiet).unwrap_err()
-    );
+    let e = format!("{:#}", enable("hp_old", 1).unwrap_err());
     assert!(e.contains("changed since hotpatch loaded it"), "{e}");
     std::fs::remove_file(&f).unwrap();
-    let e = format!(
-        "{:#}",
-        ops::enable(&paths, "hp_old", Duration::from_secs(1), poll, &quiet).unwrap_err()
-    );
+    let e = format!("{:#}", enable("hp_old", 1).unwrap_err());
     assert!(e.contains("cannot be read"), "{e}");
     // Not loaded at all.
-    let e = format!(
-        "{:#}",
-        ops::enable(&paths, "hp_none", Duration::from_secs(1), poll, &quiet).unwrap_err()
-    );
+    let e = format!("{:#}", enable("hp_none", 1).unwrap_err());
     assert!(e.contains("hotpatch load FILE.ko"), "{e}");
 }
