@@ -134,7 +134,7 @@ pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
 /// comes from a fresh anonymous mapping).
 pub fn load(vm: &Vm, bytes: &[u8], img: &Image) -> Result<()> {
     for s in &img.segments {
-        vm.write(
+        vm.memory().write(
             s.paddr,
             &bytes[s.offset as usize..(s.offset + s.filesz) as usize],
         )?;
