@@ -232,7 +232,10 @@ mod tests {
         assert_eq!(classify(false, None, None).0, HostKind::Hardware);
         let kvm = classify(true, Some("KVMKVMKVM"), Some("QEMU")).0;
         assert_eq!(kvm, HostKind::VmKvm);
-        assert_eq!(classify(true, Some("TCGTCGTCGTCG"), None).0, HostKind::VmTcg);
+        assert_eq!(
+            classify(true, Some("TCGTCGTCGTCG"), None).0,
+            HostKind::VmTcg
+        );
         assert_eq!(classify(true, None, Some("QEMU")).0, HostKind::VmTcg);
         let other = classify(true, Some("Microsoft Hv"), None).0;
         assert_eq!(other, HostKind::VmOther);
@@ -242,7 +245,10 @@ mod tests {
     fn kinds_serialise_as_before() {
         let s = serde_json::to_string(&[HostKind::Hardware, HostKind::VmTcg]).unwrap();
         assert_eq!(s, r#"["hardware","vm-tcg"]"#);
-        assert_eq!(serde_json::to_string(&Accel::HardwareKvm).unwrap(), r#""HardwareKvm""#);
+        assert_eq!(
+            serde_json::to_string(&Accel::HardwareKvm).unwrap(),
+            r#""HardwareKvm""#
+        );
     }
 
     #[test]
@@ -259,7 +265,10 @@ mod tests {
         std::fs::write(d.join("sys/kernel/osrelease"), "6.1.0-test\n").unwrap();
         let h = Host::probe_at(&d, &d.join("nosys"));
         std::fs::remove_dir_all(&d).unwrap();
-        assert_eq!((h.kind, h.cpu_model.as_str()), (HostKind::Hardware, "Test CPU"));
+        assert_eq!(
+            (h.kind, h.cpu_model.as_str()),
+            (HostKind::Hardware, "Test CPU")
+        );
         assert_eq!(h.release, "6.1.0-test");
     }
 }

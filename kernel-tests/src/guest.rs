@@ -233,7 +233,12 @@ fn prepare(opts: &RunOptions, progress: &Progress) -> Result<Prepared> {
 
     progress.step("building initramfs");
     let run_dir = RunDir::new()?;
-    crate::rootfs::build(opts, &kernel, &modules, &run_dir.path.join("initramfs.cpio"))?;
+    crate::rootfs::build(
+        opts,
+        &kernel,
+        &modules,
+        &run_dir.path.join("initramfs.cpio"),
+    )?;
     let console_log = run_dir.path.join("console.log");
     let result_log = run_dir.path.join("result.log");
     std::fs::write(&result_log, b"")?;
@@ -344,7 +349,10 @@ fn watch(
             .unwrap_or(boot_budget + opts.timeout + Duration::from_secs(30));
     let (mut init_wall, mut cmd_wall, mut hung) = (None, None, false);
     let exit_status: Option<ExitStatus> = loop {
-        let child = guard.0.as_mut().expect("the guard holds QEMU until the end");
+        let child = guard
+            .0
+            .as_mut()
+            .expect("the guard holds QEMU until the end");
         if let Some(st) = child.try_wait()? {
             break Some(st);
         }

@@ -202,7 +202,11 @@ mod tests {
         c.append = "console=ttyS0".into();
         c.serial = vec![Serial::File("/c".into()), Serial::File("/r".into())];
         c.devices.push("isa-debug-exit".into());
-        let a: Vec<String> = c.args().iter().map(|s| s.to_string_lossy().into()).collect();
+        let a: Vec<String> = c
+            .args()
+            .iter()
+            .map(|s| s.to_string_lossy().into())
+            .collect();
         let line = a.join(" ");
         for want in [
             "-accel kvm -cpu host",

@@ -50,8 +50,22 @@ pub(crate) fn build(
 /// Directories, a static busybox with its applets, `/init`, `/etc`.
 fn base_system(ir: &mut Initramfs) -> Result<()> {
     for d in [
-        "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/proc", "/sys", "/dev", "/tmp", "/run", "/root",
-        "/etc", "/var", "/mnt", "/lib", "/lib64", "/livehost",
+        "/bin",
+        "/sbin",
+        "/usr/bin",
+        "/usr/sbin",
+        "/proc",
+        "/sys",
+        "/dev",
+        "/tmp",
+        "/run",
+        "/root",
+        "/etc",
+        "/var",
+        "/mnt",
+        "/lib",
+        "/lib64",
+        "/livehost",
     ] {
         ir.dir(d)?;
     }

@@ -43,6 +43,9 @@ pub use vcpu::{ExitCounts, Observed, RunEnd, RunError, Vcpu};
 pub use vm::{Mode, Phases, Vm};
 pub use watchdog::Watchdog;
 
+/// The exits `KVM_RUN` returns, for loops of their own (see [`Watchdog`]).
+pub use kvm_ioctls::VcpuExit;
+
 use std::time::{Duration, Instant};
 
 /// Longest deadline a run takes; larger ones are clamped to it so that

@@ -112,6 +112,11 @@ mod tests {
 
     #[test]
     fn out_of_bounds_write_is_refused() {
-        assert!(GuestRam::new(0x1000).unwrap().write(0xfff, &[0, 0]).is_err());
+        assert!(
+            GuestRam::new(0x1000)
+                .unwrap()
+                .write(0xfff, &[0, 0])
+                .is_err()
+        );
     }
 }

@@ -271,7 +271,7 @@ fn exit_loop(fd: &mut VcpuFd, obs: &mut Observed) -> Result<RunEnd, RunError> {
             }
             VcpuExit::MmioWrite(addr, data) => {
                 obs.exits.mmio_write += 1;
-                if let (layout::RESULT_MMIO, Ok(b)) = (addr, <[u8; 8]>::try_from(&data[..])) {
+                if let (layout::RESULT_MMIO, Ok(b)) = (addr, <[u8; 8]>::try_from(data)) {
                     obs.mmio_result = Some(u64::from_le_bytes(b));
                 }
             }

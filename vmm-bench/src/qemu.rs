@@ -71,7 +71,12 @@ fn config(accel: Accel, kernel: PathBuf, ram_mb: u64, append: String) -> QemuCon
     q
 }
 
-fn spawn_and_watch(q: &QemuConfig, marker: &str, timeout: Duration, accel: Accel) -> Result<QemuRun> {
+fn spawn_and_watch(
+    q: &QemuConfig,
+    marker: &str,
+    timeout: Duration,
+    accel: Accel,
+) -> Result<QemuRun> {
     watch(q.command()?, marker, timeout, q.memory_mb << 20, accel)
 }
 
@@ -285,14 +290,7 @@ mod tests {
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", script]);
         launcher::dies_with_parent(&mut cmd);
-        let r = watch(
-            cmd,
-            "LIVEHOST-UK",
-            Duration::from_secs(20),
-            0,
-            Accel::Tcg,
-        )
-        .unwrap();
+        let r = watch(cmd, "LIVEHOST-UK", Duration::from_secs(20), 0, Accel::Tcg).unwrap();
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         assert_eq!(r.exit_code, 33);
         assert_eq!(field_u64(&r.line, "checksum"), Some(1), "{}", r.line);

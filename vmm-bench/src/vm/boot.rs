@@ -225,8 +225,8 @@ fn time_bare_loop(kvm: &Kvm, code: &[u8], n: u32) -> Result<f64> {
         // The physical limit: nothing between two KVM_RUNs but the match.
         loop {
             match fd.run().context("KVM_RUN failed in the bare loop")? {
-                kvm_ioctls::VcpuExit::IoOut(..) => seen += 1,
-                kvm_ioctls::VcpuExit::Hlt => break,
+                livehost_kvm::VcpuExit::IoOut(..) => seen += 1,
+                livehost_kvm::VcpuExit::Hlt => break,
                 other => bail!("bare loop: unexpected exit {other:?}"),
             }
             if seen > n as u64 {
