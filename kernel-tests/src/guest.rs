@@ -206,6 +206,8 @@ fn run_with(opts: &RunOptions, progress: &Progress) -> Result<RunOutcome> {
     if opts.command.is_empty() {
         bail!("no command to run in the guest");
     }
+    // Before the kernel download and the archive: say what is missing first.
+    crate::qemu::binary()?;
     let p = prepare(opts, progress)?;
     let (qemu, boot) = qemu_config(opts, &p, progress);
     let mut cmd = qemu.command()?;

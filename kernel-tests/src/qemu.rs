@@ -130,10 +130,7 @@ impl QemuConfig {
     /// stderr piped, and QEMU killed when the spawning thread exits (an
     /// interrupted run leaves no guest behind).
     pub fn command(&self) -> Result<Command> {
-        let qemu = which(QEMU).ok_or_else(|| {
-            anyhow!("{QEMU} is not installed: run `./x setup` (or apt-get install qemu-system-x86)")
-        })?;
-        let mut cmd = Command::new(qemu);
+        let mut cmd = Command::new(binary()?);
         cmd.args(self.args());
         dies_with_parent(&mut cmd);
         Ok(cmd)
@@ -177,6 +174,13 @@ pub fn which(prog: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join(prog))
         .find(|p| p.is_file())
+}
+
+/// QEMU's path, or an error saying what to install.
+pub fn binary() -> Result<PathBuf> {
+    which(QEMU).ok_or_else(|| {
+        anyhow!("{QEMU} is not installed: run `./x setup` (or apt-get install qemu-system-x86)")
+    })
 }
 
 /// True when QEMU is installed.

@@ -40,7 +40,13 @@ impl GuestRam {
     }
 
     /// The host address of guest-physical 0, for
-    /// `kvm_userspace_memory_region::userspace_addr`.
+    /// `kvm_userspace_memory_region::userspace_addr` (no ioctl).
+    ///
+    /// ```
+    /// let ram = livehost_kvm::GuestRam::new(0x1000)?;
+    /// assert_ne!(ram.host_addr()?, 0);
+    /// # Ok::<(), anyhow::Error>(())
+    /// ```
     pub fn host_addr(&self) -> Result<u64> {
         self.mem
             .get_host_address(GuestAddress(0))
@@ -81,14 +87,20 @@ impl GuestRam {
     /// Bytes of guest RAM resident in host memory (`mincore`), so that a
     /// runtime's own overhead can be told apart from the guest's RAM in its
     /// RSS. 0 when unknown.
+    ///
+    /// ```
+    /// let ram = livehost_kvm::GuestRam::new(0x4000)?;
+    /// ram.write(0, &[1])?; // touches one page
+    /// assert!(ram.resident_bytes() >= 4096);
+    /// # Ok::<(), anyhow::Error>(())
+    /// ```
     pub fn resident_bytes(&self) -> u64 {
         let Ok(host) = self.host_addr() else {
             return 0;
         };
         let pages = self.len.div_ceil(4096);
         let mut vec = vec![0u8; pages];
-        // SAFETY: mincore on our own mapping of exactly `len` bytes, with a
-        // vector of one byte per page; on error the vector stays zero.
+        // SAFETY: our own mapping of `len` bytes, and one vector byte per page.
         let r = unsafe { libc::mincore(host as *mut libc::c_void, self.len, vec.as_mut_ptr()) };
         if r != 0 {
             return 0;

@@ -79,8 +79,7 @@ impl Vm {
             memory_size: ram as u64,
             userspace_addr: mem.host_addr()?,
         };
-        // SAFETY: the region is the mapping owned by `mem`, which moves into
-        // the same `Vm` as the fd and is dropped after it (field order).
+        // SAFETY: the region is `mem`'s mapping, which `Vm` drops after the fd (field order).
         unsafe { fd.set_user_memory_region(region) }
             .context("KVM_SET_USER_MEMORY_REGION failed")?;
         phases.memory_us = us(t.elapsed());

@@ -15,8 +15,7 @@ pub struct Watchdog {
     fired: AtomicBool,
 }
 
-// SAFETY: `immediate_exit` points into the vCPU's kvm_run mapping and is
-// only written (one byte, volatile) while `guard` runs, see there.
+// SAFETY: the pointer into kvm_run is only written (one volatile byte) while `guard` runs.
 unsafe impl Sync for Watchdog {}
 
 /// A real-time signal with an empty handler: its only job is to interrupt
@@ -26,8 +25,7 @@ fn kick_signal() -> libc::c_int {
     let sig = libc::SIGRTMIN() + 4;
     INSTALL.call_once(|| {
         extern "C" fn noop(_: libc::c_int) {}
-        // SAFETY: a handler that does nothing is async-signal-safe; the
-        // zeroed sigaction is then filled with valid fields.
+        // SAFETY: an empty handler is async-signal-safe; every sigaction field is valid.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = noop as *const () as usize;
@@ -71,8 +69,9 @@ impl Watchdog {
         self.fired.load(Ordering::SeqCst)
     }
 
-    /// Run `f` (which runs the vCPU) on this thread with a watchdog thread
-    /// that kicks it after `limit`. The vCPU must outlive this call.
+    /// Run `f` (which runs the vCPU, `KVM_RUN`) on this thread with a
+    /// watchdog thread that kicks it after `limit`; see [`Watchdog::new`]
+    /// for an example. The vCPU must outlive this call.
     pub fn guard<T>(&self, limit: Duration, f: impl FnOnce() -> T) -> T {
         let sig = kick_signal();
         // SAFETY: pthread_self has no preconditions.
@@ -102,12 +101,9 @@ impl Watchdog {
             let now = Instant::now();
             let wait = if now >= deadline {
                 self.fired.store(true, Ordering::SeqCst);
-                // SAFETY: the vCPU (and so the kvm_run mapping) is alive
-                // until `f` returns, and `f` cannot return before we are
-                // woken through `finished`.
+                // SAFETY: kvm_run stays mapped until `f` returns, which waits for `finished`.
                 unsafe { self.immediate_exit.write_volatile(1) };
-                // SAFETY: `vcpu_thread` owns the scope, alive until this
-                // scoped thread is joined.
+                // SAFETY: `vcpu_thread` owns the scope, so it lives until we are joined.
                 unsafe { libc::pthread_kill(vcpu_thread, sig) };
                 Duration::from_millis(5)
             } else {
