@@ -542,7 +542,7 @@ fn unpack(files: &[PathBuf], root: &Path, abi: &str, progress: &Progress) -> Res
     let st = Command::new("depmod")
         .arg("-b")
         .arg(root)
-        .arg(&abi)
+        .arg(abi)
         .status()
         .context("cannot run depmod: install the kmod package")?;
     if !st.success() {
