@@ -17,7 +17,10 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// Debian's qemu-system-data ships it; absent elsewhere, SeaBIOS it is.
 pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 
-/// The accelerator QEMU runs a guest under (`-accel`).
+/// The accelerator QEMU runs a guest under: the value of its `-accel`
+/// option, serialised as `kvm` or `tcg` (what kernel-tests' JSON and the
+/// demo have always said). Where a number was measured is
+/// `livehost_common::host::Accel`; this is only the QEMU option it maps to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
@@ -31,6 +34,18 @@ impl fmt::Display for Accel {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
         })
+    }
+}
+
+impl From<livehost_common::host::Accel> for Accel {
+    /// Any KVM class runs QEMU with `-accel kvm`; TCG (and a native run,
+    /// which has no QEMU equivalent) with `-accel tcg`.
+    fn from(a: livehost_common::host::Accel) -> Accel {
+        use livehost_common::host::Accel as Host;
+        match a {
+            Host::HardwareKvm | Host::NestedKvm | Host::NestedEmulatingKvm => Accel::Kvm,
+            Host::Tcg | Host::Native => Accel::Tcg,
+        }
     }
 }
 

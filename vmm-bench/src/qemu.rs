@@ -61,11 +61,7 @@ pub fn choose_accel(kvm: Option<Accel>) -> Accel {
 /// The launcher's configuration for `kernel` under `accel`, `ram_mb` of
 /// RAM, console on stdout.
 fn config(accel: Accel, kernel: PathBuf, ram_mb: u64, append: String) -> QemuConfig {
-    let qemu_accel = match accel {
-        Accel::Tcg => launcher::Accel::Tcg,
-        _ => launcher::Accel::Kvm,
-    };
-    let mut q = QemuConfig::new(qemu_accel, kernel);
+    let mut q = QemuConfig::new(accel.into(), kernel);
     q.memory_mb = ram_mb;
     q.append = append;
     q
