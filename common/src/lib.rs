@@ -8,7 +8,7 @@ pub mod base64;
 pub mod container;
 pub mod elf;
 pub mod exit;
-pub mod guest_mem;
+pub mod host;
 pub mod lock;
 pub mod progress;
 pub mod sysfs;

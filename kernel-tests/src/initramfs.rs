@@ -1,4 +1,5 @@
-//! The guest's root file system: a newc cpio archive written by us.
+//! The one initramfs writer: a newc cpio archive written by us. kernel-tests'
+//! guests and vmm-bench's QEMU-Linux row both build theirs here.
 //!
 //! The archive is left uncompressed: the kernel unpacks it faster than it
 //! would decompress it under TCG, and the files are local anyway.
@@ -15,6 +16,7 @@ enum Node {
     Dir,
     File { data: Vec<u8>, mode: u32 },
     Symlink(String),
+    CharDev { major: u32, minor: u32, mode: u32 },
 }
 
 /// An initramfs being assembled; paths are absolute guest paths.
@@ -75,6 +77,15 @@ impl Initramfs {
         Ok(())
     }
 
+    /// A character device node, e.g. `/dev/console` (5, 1): the kernel
+    /// opens it for init before anything could mount devtmpfs.
+    pub fn char_dev(&mut self, guest: &str, major: u32, minor: u32, mode: u32) -> Result<()> {
+        let p = normalize(guest)?;
+        self.parents(&p);
+        self.nodes.insert(p, Node::CharDev { major, minor, mode });
+        Ok(())
+    }
+
     pub fn contains(&self, guest: &str) -> bool {
         normalize(guest).is_ok_and(|p| self.nodes.contains_key(&p))
     }
@@ -130,19 +141,29 @@ impl Initramfs {
         Ok(())
     }
 
-    /// Write the archive in newc format.
+    /// Write the archive in newc format, padded to a 512-byte block.
     pub fn write_to(&self, mut w: impl Write) -> Result<()> {
+        let mut len = 0;
         for (ino, (path, node)) in (1u32..).zip(self.nodes.iter()) {
             let name = path.trim_start_matches('/');
-            let (mode, data): (u32, &[u8]) = match node {
-                Node::Dir => (0o040755, &[]),
-                Node::File { data, mode } => (0o100000 | mode, data),
-                Node::Symlink(t) => (0o120777, t.as_bytes()),
+            let (mode, data, rdev): (u32, &[u8], _) = match node {
+                Node::Dir => (0o040755, &[], (0, 0)),
+                Node::File { data, mode } => (0o100000 | mode, data, (0, 0)),
+                Node::Symlink(t) => (0o120777, t.as_bytes(), (0, 0)),
+                Node::CharDev { major, minor, mode } => (0o020000 | mode, &[], (*major, *minor)),
             };
-            write_entry(&mut w, ino, mode, name, data)?;
+            len += write_entry(&mut w, ino, mode, name, data, rdev)?;
         }
-        write_entry(&mut w, 0, 0, "TRAILER!!!", &[])?;
+        len += write_entry(&mut w, 0, 0, "TRAILER!!!", &[], (0, 0))?;
+        w.write_all(&vec![0u8; (512 - len % 512) % 512])?;
         Ok(())
+    }
+
+    /// The archive as bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        self.write_to(&mut v)?;
+        Ok(v)
     }
 
     pub fn write_file(&self, path: &Path) -> Result<()> {
@@ -155,30 +176,39 @@ impl Initramfs {
     }
 }
 
-fn write_entry(w: &mut impl Write, ino: u32, mode: u32, name: &str, data: &[u8]) -> Result<()> {
+/// One newc entry; returns the bytes written.
+fn write_entry(
+    w: &mut impl Write,
+    ino: u32,
+    mode: u32,
+    name: &str,
+    data: &[u8],
+    rdev: (u32, u32),
+) -> Result<usize> {
     let namesize = name.len() + 1;
     let header = format!(
-        "070701{ino:08x}{mode:08x}{uid:08x}{gid:08x}{nlink:08x}{mtime:08x}{size:08x}{z:08x}{z:08x}{z:08x}{z:08x}{namesize:08x}{z:08x}",
+        "070701{ino:08x}{mode:08x}{uid:08x}{gid:08x}{nlink:08x}{mtime:08x}{size:08x}{z:08x}{z:08x}{major:08x}{minor:08x}{namesize:08x}{z:08x}",
         uid = 0,
         gid = 0,
         nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 },
         mtime = 0,
         size = data.len(),
+        major = rdev.0,
+        minor = rdev.1,
         z = 0,
     );
     w.write_all(header.as_bytes())?;
     w.write_all(name.as_bytes())?;
     w.write_all(&[0])?;
-    pad4(w, 110 + namesize)?;
+    let head = pad4(w, 110 + namesize)?;
     w.write_all(data)?;
-    pad4(w, data.len())?;
-    Ok(())
+    Ok(110 + namesize + head + data.len() + pad4(w, data.len())?)
 }
 
-fn pad4(w: &mut impl Write, len: usize) -> Result<()> {
+fn pad4(w: &mut impl Write, len: usize) -> Result<usize> {
     let pad = (4 - len % 4) % 4;
     w.write_all(&[0u8; 3][..pad])?;
-    Ok(())
+    Ok(pad)
 }
 
 /// The shared libraries (and the ELF interpreter) `ldd` says `prog` needs.
@@ -283,6 +313,18 @@ mod tests {
             String::from_utf8_lossy(&out.stdout).contains("hello"),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn device_nodes_carry_their_numbers_and_the_archive_fills_blocks() {
+        let mut i = Initramfs::new();
+        i.char_dev("/dev/console", 5, 1, 0o600).unwrap();
+        let buf = i.to_bytes().unwrap();
+        assert_eq!(buf.len() % 512, 0);
+        let s = String::from_utf8_lossy(&buf);
+        // mode 020600, then rdevmajor 5 and rdevminor 1 in the header
+        assert!(s.contains("00002180"), "{s}");
+        assert!(s.contains("0000000500000001"), "{s}");
     }
 
     #[test]

@@ -538,8 +538,16 @@ fn fetch_debian(suite: DebianSuite, cache: &Path, progress: &Progress) -> Result
     }
 
     let _ = std::fs::remove_dir_all(&kdir);
-    std::fs::create_dir_all(&root)?;
-    for f in &files {
+    unpack(&files, &root, &abi, progress)?;
+    fix_headers(&root, &abi)?;
+    std::fs::write(kdir.join(READY), format!("{abi} {meta_ver}\n"))?;
+    Ok(debian_kernel(&root, &abi, &meta_ver))
+}
+
+/// Unpack the downloaded packages into `root` and index its modules.
+fn unpack(files: &[PathBuf], root: &Path, abi: &str, progress: &Progress) -> Result<()> {
+    std::fs::create_dir_all(root)?;
+    for f in files {
         progress.step(format!(
             "unpacking {}",
             f.file_name().unwrap_or_default().to_string_lossy()
@@ -547,7 +555,7 @@ fn fetch_debian(suite: DebianSuite, cache: &Path, progress: &Progress) -> Result
         let st = Command::new("dpkg")
             .args(["-x"])
             .arg(f)
-            .arg(&root)
+            .arg(root)
             .status()
             .context("cannot run dpkg -x")?;
         if !st.success() {
@@ -565,16 +573,14 @@ fn fetch_debian(suite: DebianSuite, cache: &Path, progress: &Progress) -> Result
     progress.step("running depmod");
     let st = Command::new("depmod")
         .arg("-b")
-        .arg(&root)
-        .arg(&abi)
+        .arg(root)
+        .arg(abi)
         .status()
         .context("cannot run depmod: install the kmod package")?;
     if !st.success() {
         bail!("depmod -b {} {abi} failed", root.display());
     }
-    fix_headers(&root, &abi)?;
-    std::fs::write(kdir.join(READY), format!("{abi} {meta_ver}\n"))?;
-    Ok(debian_kernel(&root, &abi, &meta_ver))
+    Ok(())
 }
 
 /// Debian's headers Makefile includes the common tree by its installed

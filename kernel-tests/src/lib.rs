@@ -11,19 +11,27 @@
 //! println!("{}", out.stdout);
 //! ```
 //!
-//! Pieces: [`kernel`] fetches and caches Debian kernels, [`initramfs`] writes
-//! the guest's root (newc cpio), [`accel`] decides between KVM and TCG,
-//! [`guest`] boots QEMU and collects the result, [`module`] builds
-//! out-of-tree modules against a guest kernel's headers, [`pvh`] turns a
-//! bzImage into the ELF QEMU boots directly (faster under TCG).
+//! Pieces: [`kernel`] fetches and caches Debian kernels, [`initramfs`] is
+//! the one newc cpio writer, [`rootfs`] fills it for a guest (busybox, init,
+//! modules, the command), [`accel`] decides between KVM and TCG with the
+//! KVM speed probe of `livehost-kvm`, [`qemu`] is the one QEMU launcher
+//! (configuration struct to arguments), [`guest`] runs a guest and
+//! its report is parsed in `frame`, [`module`] builds out-of-tree modules
+//! against a guest kernel's headers, [`pvh`] turns a bzImage into the ELF
+//! QEMU boots directly (faster under TCG).
 
 pub mod accel;
+mod frame;
 pub mod guest;
 pub mod initramfs;
 pub mod kernel;
 pub mod module;
 pub mod pvh;
+pub mod qemu;
+pub mod rootfs;
+mod run_dir;
 
-pub use accel::{Accel, AccelChoice};
+pub use accel::AccelChoice;
 pub use guest::{GuestStatus, RunOptions, RunOutcome, run};
 pub use kernel::{GuestKernel, KernelSpec, fetch};
+pub use qemu::{Accel, QemuConfig};

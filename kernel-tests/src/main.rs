@@ -172,12 +172,20 @@ fn real_main(cli: Cli) -> Result<i32> {
                 };
                 println!(
                     "{}",
-                    serde_json::json!({ "linux_boot": p, "long_mode": lm })
+                    serde_json::json!({
+                        "linux_boot": {
+                            "usable": p.native,
+                            "reason": p.reason,
+                            "ns_per_iteration": p.ns_per_iteration,
+                            "probe_us": p.probe_us,
+                        },
+                        "long_mode": lm,
+                    })
                 );
             } else {
                 println!(
                     "{}: {} (probe took {} µs)",
-                    if p.usable {
+                    if p.native {
                         "KVM usable for Linux guests"
                     } else {
                         "KVM not usable for Linux guests"
@@ -198,7 +206,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                     Err(e) => println!("64-bit guest: failed: {e:#}"),
                 }
             }
-            Ok(if p.usable { 0 } else { 1 })
+            Ok(if p.native { 0 } else { 1 })
         }
     }
 }

@@ -6,28 +6,19 @@ use serde::Serialize;
 pub struct HostInfo {
     pub cpu_model: String,
     pub cpus: usize,
+    /// The kernel release (the report's JSON keeps the name `kernel`).
     pub kernel: String,
     pub host_is_guest: bool,
 }
 
+/// The facts of [`livehost_common::host::Host::probe`] a report records.
 pub fn host_info() -> HostInfo {
-    let cpuinfo = livehost_common::sysfs::read_text("/proc/cpuinfo").unwrap_or_default();
-    let cpu_model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')))
-        .map(|(_, v)| v.trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let host_is_guest = cpuinfo
-        .lines()
-        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
-    let kernel = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into());
+    let h = livehost_common::host::Host::probe();
     HostInfo {
-        cpu_model,
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        kernel,
-        host_is_guest,
+        cpu_model: h.cpu_model,
+        cpus: h.cpus,
+        kernel: h.release,
+        host_is_guest: h.hypervisor_flag,
     }
 }
 

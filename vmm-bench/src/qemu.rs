@@ -2,17 +2,23 @@
 //! Debian kernel booting the static workload as `/init`. Both run under the
 //! accelerator [`choose_accel`] picks from the KVM probe (TCG on this
 //! project's machines, since a Linux guest never gets past real-mode set-up
-//! on their emulating nested KVM).
+//! on their emulating nested KVM). QEMU is configured and started through
+//! kernel-tests' launcher ([`QemuConfig`]), the initramfs written by its
+//! cpio writer; what is vmm-bench's own is the console watch that times
+//! the result line.
 
 use crate::container::{Reaper, drain};
 use crate::vm::probe::Accel;
 use anyhow::{Context, Result, bail};
+use kernel_tests::initramfs::Initramfs;
+use kernel_tests::qemu::{self as launcher, QemuConfig};
 use serde::Serialize;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-pub const QEMU: &str = "qemu-system-x86_64";
+pub use kernel_tests::qemu::QEMU;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct QemuRun {
@@ -52,59 +58,39 @@ pub fn choose_accel(kvm: Option<Accel>) -> Accel {
     }
 }
 
-fn base_args(accel: Accel) -> Vec<String> {
-    let a: &[&str] = if accel == Accel::Tcg {
-        &["-accel", "tcg", "-cpu", "max"]
-    } else {
-        &["-accel", "kvm", "-cpu", "host"]
-    };
-    a.iter()
-        .chain(
-            [
-                "-nodefaults",
-                "-display",
-                "none",
-                "-no-reboot",
-                "-serial",
-                "stdio",
-            ]
-            .iter(),
-        )
-        .map(|s| s.to_string())
-        .collect()
+/// The launcher's configuration for `kernel` under `accel`, `ram_mb` of
+/// RAM, console on stdout.
+fn config(accel: Accel, kernel: PathBuf, ram_mb: u64, append: String) -> QemuConfig {
+    let mut q = QemuConfig::new(accel.into(), kernel);
+    q.memory_mb = ram_mb;
+    q.append = append;
+    q
 }
 
 fn spawn_and_watch(
-    args: &[String],
+    q: &QemuConfig,
     marker: &str,
     timeout: Duration,
-    ram: u64,
     accel: Accel,
 ) -> Result<QemuRun> {
-    watch(QEMU, args, marker, timeout, ram, accel)
+    watch(q.command()?, marker, timeout, q.memory_mb << 20, accel)
 }
 
-/// Run `program` (QEMU; tests use a shell), stream its console (stdout)
-/// for `marker`, and drain its stderr at the same time so QEMU's warnings,
-/// however many, never fill the pipe and stall the guest.
+/// Run `cmd` (QEMU; tests use a shell) with its stdout and stderr piped,
+/// stream its console (stdout) for `marker`, and drain its stderr at the
+/// same time so QEMU's warnings, however many, never fill the pipe and
+/// stall the guest.
 fn watch(
-    program: &str,
-    args: &[String],
+    mut cmd: Command,
     marker: &str,
     timeout: Duration,
     ram: u64,
     accel: Accel,
 ) -> Result<QemuRun> {
     let launch = Instant::now();
-    let mut child = std::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| {
-            format!("cannot start {QEMU}: install qemu-system-x86 (Debian) and retry")
-        })?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!("cannot start {QEMU}: install qemu-system-x86 (Debian) and retry")
+    })?;
     let reaper = Reaper::new(child.id() as i32);
     let out: OwnedFd = child.stdout.take().context("no stdout pipe")?.into();
     let err: OwnedFd = child.stderr.take().context("no stderr pipe")?.into();
@@ -207,18 +193,10 @@ pub fn run_unikernel(
     crate::check_kib(kib)?;
     let p = write_temp("unikernel.elf", image)?;
     let ram_mb = 16 + (kib >> 10) + 8;
-    let mut args = base_args(accel);
-    args.extend([
-        "-m".into(),
-        format!("{ram_mb}M"),
-        "-device".into(),
-        "isa-debug-exit,iobase=0xf4,iosize=0x04".into(),
-        "-kernel".into(),
-        p.display().to_string(),
-        "-append".into(),
-        format!("kib={kib} loops={loops}"),
-    ]);
-    let r = spawn_and_watch(&args, "LIVEHOST-UK", timeout, ram_mb << 20, accel)?;
+    let mut q = config(accel, p, ram_mb, format!("kib={kib} loops={loops}"));
+    q.devices
+        .push("isa-debug-exit,iobase=0xf4,iosize=0x04".into());
+    let r = spawn_and_watch(&q, "LIVEHOST-UK", timeout, accel)?;
     // isa-debug-exit: the guest wrote 0x10, QEMU exits with (0x10 << 1) | 1.
     if r.exit_code != 33 {
         bail!(
@@ -230,53 +208,26 @@ pub fn run_unikernel(
     Ok(r)
 }
 
-/// A newc cpio archive with `/init` (the static workload), `/dev/console`
-/// and `/proc`: the kernel opens /dev/console for init before anything
-/// could mount devtmpfs, so the node must be in the archive.
+/// A newc cpio archive (kernel-tests' writer) with `/init` (the static
+/// workload), `/dev/console` and `/proc`: the kernel opens /dev/console for
+/// init before anything could mount devtmpfs, so the node must be in the
+/// archive.
 pub fn initramfs(init: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut ino = 1u32;
-    let mut entry = |out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)| {
-        let hdr = format!(
-            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            0,
-            0,
-            1,
-            0,
-            data.len(),
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() + 1,
-            0
-        );
-        ino += 1;
-        out.extend_from_slice(hdr.as_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-        out.extend_from_slice(data);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
+    let build = || -> Result<Vec<u8>> {
+        let mut ir = Initramfs::new();
+        ir.char_dev("/dev/console", 5, 1, 0o600)?;
+        ir.dir("/proc")?;
+        ir.file("/init", init.to_vec(), 0o755)?;
+        ir.to_bytes()
     };
-    entry(&mut out, "dev", 0o040755, &[], (0, 0));
-    entry(&mut out, "dev/console", 0o020600, &[], (5, 1));
-    entry(&mut out, "proc", 0o040755, &[], (0, 0));
-    entry(&mut out, "init", 0o100755, init, (0, 0));
-    entry(&mut out, "TRAILER!!!", 0, &[], (0, 0));
-    while !out.len().is_multiple_of(512) {
-        out.push(0);
-    }
-    out
+    // Fixed absolute paths written to memory: nothing here can fail.
+    build().expect("an in-memory archive of fixed paths")
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LinuxImage {
-    pub kernel_version: String,
+    /// The guest kernel's release.
+    pub release: String,
     pub bzimage: PathBuf,
     pub bzimage_bytes: u64,
     pub initramfs_bytes: u64,
@@ -289,7 +240,7 @@ pub fn linux_image() -> Result<LinuxImage> {
         .context("cannot fetch the Debian kernel (kernel-tests); the QEMU-Linux row needs it")?;
     let bzimage_bytes = std::fs::metadata(&k.bzimage)?.len();
     Ok(LinuxImage {
-        kernel_version: k.version,
+        release: k.version,
         bzimage: k.bzimage,
         bzimage_bytes,
         initramfs_bytes: initramfs(crate::LINUX_INIT).len() as u64,
@@ -307,28 +258,17 @@ pub fn run_linux(
     crate::check_kib(kib)?;
     let initrd = write_temp("initramfs.cpio", &initramfs(crate::LINUX_INIT))?;
     let ram_mb = 256 + (kib >> 10);
-    let mut args = base_args(accel);
-    args.extend([
-        "-m".into(),
-        format!("{ram_mb}M"),
-        "-kernel".into(),
-        img.bzimage.display().to_string(),
-        "-initrd".into(),
-        initrd.display().to_string(),
-        "-append".into(),
-        format!("console=ttyS0 panic=-1 quiet loglevel=1 rdinit=/init -- kib={kib} loops={loops} --reboot"),
-    ]);
-    spawn_and_watch(&args, "LIVEHOST-LX", timeout, ram_mb << 20, accel)
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=1 rdinit=/init -- kib={kib} loops={loops} --reboot"
+    );
+    let mut q = config(accel, img.bzimage.clone(), ram_mb, append);
+    q.initrd = Some(initrd);
+    spawn_and_watch(&q, "LIVEHOST-LX", timeout, accel)
 }
 
 /// True when QEMU is installed.
 pub fn qemu_available() -> bool {
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            p.to_str()
-                .map(|s| s.split(':').any(|d| Path::new(d).join(QEMU).is_file()))
-        })
-        .unwrap_or(false)
+    launcher::available()
 }
 
 #[cfg(test)]
@@ -343,15 +283,10 @@ mod tests {
         let script =
             "head -c 1000000 /dev/zero | tr '\\0' w >&2; echo LIVEHOST-UK checksum=0x1; exit 33";
         let t = Instant::now();
-        let r = watch(
-            "/bin/sh",
-            &["-c".into(), script.into()],
-            "LIVEHOST-UK",
-            Duration::from_secs(20),
-            0,
-            Accel::Tcg,
-        )
-        .unwrap();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", script]);
+        launcher::dies_with_parent(&mut cmd);
+        let r = watch(cmd, "LIVEHOST-UK", Duration::from_secs(20), 0, Accel::Tcg).unwrap();
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         assert_eq!(r.exit_code, 33);
         assert_eq!(field_u64(&r.line, "checksum"), Some(1), "{}", r.line);

@@ -1,9 +1,9 @@
 //! Whole runs: the unikernel with the workload, and raw code blobs (probe,
 //! bad-guest tests, the exit round-trip comparison).
 
-use super::vcpu::Observed;
-use super::{Kvm, Mode, Phases, RunEnd, RunError, Vm, elf, layout, us};
+use super::{Kvm, Mode, Observed, Phases, RunEnd, RunError, Vm, Watchdog, elf, layout};
 use anyhow::{Context, Result, bail};
+use livehost_kvm::us;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,7 @@ pub fn run_unikernel(kvm: &Kvm, cfg: &UnikernelRun) -> Result<UnikernelReport> {
     let ram = (layout::BUF_BASE + (cfg.kib << 10)).next_multiple_of(1 << 20) as usize + (1 << 20);
     let launch = Instant::now();
     let mut phases = Phases::default();
-    let vm = Vm::new(kvm, ram, &mut phases)?;
+    let vm = Vm::new_timed(kvm, ram, &mut phases)?;
     let t = Instant::now();
     let img = elf::parse(cfg.image, ram).context("refusing the unikernel image")?;
     elf::load(&vm, cfg.image, &img)?;
@@ -75,7 +75,7 @@ pub fn run_unikernel(kvm: &Kvm, cfg: &UnikernelRun) -> Result<UnikernelReport> {
         (layout::mb::SEED, cfg.seed),
         (layout::mb::LOOP_N, cfg.loop_n),
     ] {
-        vm.write(layout::MAILBOX + off, &v.to_le_bytes())?;
+        vm.memory().write(layout::MAILBOX + off, &v.to_le_bytes())?;
     }
     phases.load_us = us(t.elapsed());
     let t = Instant::now();
@@ -90,7 +90,7 @@ pub fn run_unikernel(kvm: &Kvm, cfg: &UnikernelRun) -> Result<UnikernelReport> {
             obs.serial
         );
     }
-    let rd = |o| vm.read_u64(layout::MAILBOX + o);
+    let rd = |o| vm.memory().read_u64(layout::MAILBOX + o);
     if rd(layout::mb::DONE)? != 1 {
         bail!(
             "unikernel halted without reporting results; serial output: {:?}",
@@ -108,7 +108,7 @@ pub fn run_unikernel(kvm: &Kvm, cfg: &UnikernelRun) -> Result<UnikernelReport> {
     let cyc_us = |c: u64| khz.map(|k| c as f64 / k as f64 * 1000.0);
     let per_ns = |c: u64| khz.map(|k| c as f64 / k as f64 * 1e6 / cfg.loop_n.max(1) as f64);
     let rss = crate::host::self_rss_bytes();
-    let resident = vm.resident_guest_bytes();
+    let resident = vm.memory().resident_bytes();
     Ok(UnikernelReport {
         checksum,
         ram_bytes: ram as u64,
@@ -134,81 +134,20 @@ pub fn run_unikernel(kvm: &Kvm, cfg: &UnikernelRun) -> Result<UnikernelReport> {
     })
 }
 
-/// Run raw machine code at the image base (long mode) or 0x8000 (real
-/// mode) in a 4 MiB guest. Returns how it ended and what was observed.
+/// Run raw machine code in a 4 MiB guest ([`livehost_kvm::run_raw`]):
+/// how it ended, what was observed, and the time from VM creation on.
 pub fn run_raw(
     kvm: &Kvm,
     mode: Mode,
     code: &[u8],
     limit: Duration,
 ) -> Result<(Result<RunEnd, RunError>, Observed, Duration)> {
-    let mut phases = Phases::default();
-    let launch = Instant::now();
-    let vm = Vm::new(kvm, layout::MIN_RAM, &mut phases)?;
-    let at = match mode {
-        Mode::Real => 0x8000,
-        Mode::Long => layout::IMAGE_BASE,
-    };
-    vm.write(at, code)?;
-    let mut vcpu = vm.vcpu(kvm, mode, at)?;
-    let mut obs = Observed::default();
-    let r = vcpu.run(limit, &mut obs);
-    Ok((r, obs, launch.elapsed()))
+    let r = livehost_kvm::run_raw(kvm, mode, code, limit)?;
+    Ok((r.end, r.observed, r.elapsed))
 }
 
 /// Machine code for the guests the probe and tests use.
-pub mod code {
-    /// Real mode: 'R' to serial, boot-timer byte, HLT.
-    pub const REAL_HELLO: &[u8] = &[
-        0xba, 0xf8, 0x03, // mov dx, 0x3f8
-        0xb0, b'R', // mov al, 'R'
-        0xee, // out dx, al
-        0xba, 0x40, 0x04, // mov dx, 0x440
-        0xb0, 123,  // mov al, 123
-        0xee, // out dx, al
-        0xf4, // hlt
-    ];
-    /// Long mode: 'L' to serial, boot-timer byte, HLT.
-    pub const LONG_HELLO: &[u8] = &[
-        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
-        0xb0, b'L', // mov al, 'L'
-        0xee, // out dx, al
-        0x66, 0xba, 0x40, 0x04, // mov dx, 0x440
-        0xb0, 123,  // mov al, 123
-        0xee, // out dx, al
-        0xf4, // hlt
-    ];
-    /// Long mode: `ud2` with no IDT: #UD -> #DF -> triple fault.
-    pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
-    /// Long mode: spin forever without touching the boot timer.
-    pub const SPIN: &[u8] = &[0xeb, 0xfe];
-
-    /// Long mode: `n` writes to the null port, then HLT.
-    pub fn port_loop(n: u32) -> Vec<u8> {
-        let mut v = vec![0x66, 0xba, 0x41, 0x04, 0xb9]; // mov dx, 0x441; mov ecx, imm32
-        v.extend_from_slice(&n.max(1).to_le_bytes());
-        v.extend_from_slice(&[
-            0xee, // out dx, al
-            0xff, 0xc9, // dec ecx
-            0x75, 0xfb, // jnz out
-            0xf4, // hlt
-        ]);
-        v
-    }
-
-    /// Long mode: `n` iterations of a register-only loop, then HLT; tells
-    /// whether plain guest instructions run natively or are emulated.
-    pub fn spin_loop(n: u32) -> Vec<u8> {
-        let mut v = vec![0xb9]; // mov ecx, imm32
-        v.extend_from_slice(&n.max(1).to_le_bytes());
-        v.extend_from_slice(&[
-            0xff, 0xc9, // dec ecx
-            0x75, 0xfc, // jnz dec
-            0xf4, // hlt
-        ]);
-        v
-    }
-}
+pub use livehost_kvm::code;
 
 /// The exit round trip through our VMM's full exit loop versus a bare
 /// `KVM_RUN` loop that does nothing but re-enter, measured alternately in
@@ -260,9 +199,8 @@ pub fn compare_exit_loops(kvm: &Kvm, n: u32, samples: usize) -> Result<ExitCompa
 }
 
 fn time_vmm_loop(kvm: &Kvm, code: &[u8], n: u32) -> Result<f64> {
-    let mut phases = Phases::default();
-    let vm = Vm::new(kvm, layout::MIN_RAM, &mut phases)?;
-    vm.write(layout::IMAGE_BASE, code)?;
+    let vm = Vm::new(kvm, layout::MIN_RAM)?;
+    vm.memory().write(layout::IMAGE_BASE, code)?;
     let mut vcpu = vm.vcpu(kvm, Mode::Long, layout::IMAGE_BASE)?;
     let mut obs = Observed::default();
     let t = Instant::now();
@@ -275,21 +213,20 @@ fn time_vmm_loop(kvm: &Kvm, code: &[u8], n: u32) -> Result<f64> {
 }
 
 fn time_bare_loop(kvm: &Kvm, code: &[u8], n: u32) -> Result<f64> {
-    let mut phases = Phases::default();
-    let vm = Vm::new(kvm, layout::MIN_RAM, &mut phases)?;
-    vm.write(layout::IMAGE_BASE, code)?;
+    let vm = Vm::new(kvm, layout::MIN_RAM)?;
+    vm.memory().write(layout::IMAGE_BASE, code)?;
     let mut vcpu = vm.vcpu(kvm, Mode::Long, layout::IMAGE_BASE)?;
     let fd = vcpu.fd();
     // The same watchdog as the VMM's loop, so both pay for it alike.
-    let kicker = super::Kicker::new(fd);
-    kicker.guard(Duration::from_secs(30), || {
+    let watchdog = Watchdog::new(fd);
+    watchdog.guard(Duration::from_secs(30), || {
         let mut seen = 0u64;
         let t = Instant::now();
         // The physical limit: nothing between two KVM_RUNs but the match.
         loop {
             match fd.run().context("KVM_RUN failed in the bare loop")? {
-                kvm_ioctls::VcpuExit::IoOut(..) => seen += 1,
-                kvm_ioctls::VcpuExit::Hlt => break,
+                livehost_kvm::VcpuExit::IoOut(..) => seen += 1,
+                livehost_kvm::VcpuExit::Hlt => break,
                 other => bail!("bare loop: unexpected exit {other:?}"),
             }
             if seen > n as u64 {

@@ -26,8 +26,9 @@ pub struct Image {
     pub pvh_entry: Option<u32>,
 }
 
-/// Parse and check an image against a guest of `ram` bytes.
-pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
+/// The ELF header's checks: a 64-bit little-endian x86-64 static
+/// executable. Returns (entry, phoff, phentsize, phnum).
+fn header(b: &[u8]) -> Result<(u64, u64, u64, u64)> {
     if b.len() as u64 > MAX_IMAGE {
         bail!(
             "image is {} bytes, larger than the {} MiB limit: this is not a vmm-bench unikernel",
@@ -61,6 +62,13 @@ pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
     if phentsize < 56 || phnum == 0 || phnum > 64 {
         bail!("ELF has {phnum} program headers of {phentsize} bytes: not a loadable image");
     }
+    Ok((entry, phoff, phentsize, phnum))
+}
+
+/// Parse and check an image against a guest of `ram` bytes.
+pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
+    let (entry, phoff, phentsize, phnum) = header(b)?;
+    let trunc = || anyhow::anyhow!("ELF header is truncated");
     let mut segments = Vec::new();
     let mut pvh_entry = None;
     for i in 0..phnum {
@@ -134,7 +142,7 @@ pub fn parse(b: &[u8], ram: usize) -> Result<Image> {
 /// comes from a fresh anonymous mapping).
 pub fn load(vm: &Vm, bytes: &[u8], img: &Image) -> Result<()> {
     for s in &img.segments {
-        vm.write(
+        vm.memory().write(
             s.paddr,
             &bytes[s.offset as usize..(s.offset + s.filesz) as usize],
         )?;
