@@ -3,6 +3,7 @@
 //! booting Linux) with start-up, round-trip, compute, memory, size and
 //! density figures, each labelled with the accelerator it ran under.
 
+pub mod commands;
 pub mod container;
 pub mod host;
 pub mod native;
