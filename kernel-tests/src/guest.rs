@@ -112,8 +112,10 @@ impl GuestStatus {
         match self {
             GuestStatus::Exited(c) => *c,
             GuestStatus::Timeout | GuestStatus::Hang => livehost_common::exit::TIMEOUT,
-            GuestStatus::Panic => 125,
-            GuestStatus::SetupFailed | GuestStatus::NoResult => 126,
+            GuestStatus::Panic => livehost_common::exit::GUEST_PANIC,
+            GuestStatus::SetupFailed | GuestStatus::NoResult => {
+                livehost_common::exit::GUEST_SETUP_FAILED
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 //! booting Linux) with start-up, round-trip, compute, memory, size and
 //! density figures, each labelled with the accelerator it ran under.
 
+pub mod commands;
 pub mod container;
 pub mod host;
 pub mod native;
@@ -16,8 +17,6 @@ pub static LINUX_INIT: &[u8] = include_bytes!(env!("VMM_BENCH_LINUX_INIT"));
 
 pub use vmm_bench_workload::MAX_KIB;
 
-use std::time::{Duration, Instant};
-
 /// Refuse a workload size that not every path accepts (see [`MAX_KIB`]),
 /// before anything allocates or boots.
 pub fn check_kib(kib: u64) -> anyhow::Result<()> {
@@ -28,12 +27,5 @@ pub fn check_kib(kib: u64) -> anyhow::Result<()> {
 }
 
 /// Longest deadline any run takes (the command line caps `--timeout` at
-/// this too); larger library arguments are clamped to it.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
-
-/// `start + timeout`, never overflowing: timeouts beyond [`MAX_TIMEOUT`] are
-/// clamped to it.
-pub fn deadline(start: Instant, timeout: Duration) -> Instant {
-    let t = timeout.min(MAX_TIMEOUT);
-    start.checked_add(t).unwrap_or(start)
-}
+/// this too), and `start + timeout` clamped to it.
+pub use livehost_container::{MAX_TIMEOUT, deadline};

@@ -1,6 +1,6 @@
 //! The native baseline: the static workload as a plain child process.
 
-use crate::container::{Reaper, read_until, workload_path};
+use crate::container::{Reaper, read_until, workload};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::os::fd::OwnedFd;
@@ -15,8 +15,11 @@ pub struct NativeRun {
     pub max_rss_bytes: u64,
 }
 
+/// Run the workload as a plain child process. It is executed from its
+/// sealed memory file (`/proc/self/fd/N` in the child), never from a path
+/// another user could reach.
 pub fn run(args: &[String], timeout: Duration) -> Result<NativeRun> {
-    let exe = workload_path()?;
+    let exe = workload()?.exec_path();
     let launch = Instant::now();
     let mut child = std::process::Command::new(&exe)
         .args(args)

@@ -153,7 +153,11 @@ fn run_json_is_uniform_for_every_path() {
 fn refused(args: &[&str], names: &[&str]) {
     let out = Command::new(EXE).args(args).output().unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {e}");
+    assert_eq!(
+        out.status.code(),
+        Some(livehost_common::exit::USAGE),
+        "{args:?}: {e}"
+    );
     assert!(!e.contains("panicked"), "{args:?}: {e}");
     for n in names {
         assert!(e.contains(n), "{args:?}: want {n:?} in {e}");
@@ -279,7 +283,10 @@ fn container_command_runs_isolated_and_stops_on_sigterm() {
     // SAFETY: signalling the child we spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let st = child.wait().unwrap();
-    assert_eq!(st.code(), Some(128 + libc::SIGTERM));
+    assert_eq!(
+        st.code(),
+        Some(livehost_common::exit::signaled(libc::SIGTERM))
+    );
     assert!(
         !root
             .join(livehost_common::container::cgroup_leaf(&name))
@@ -304,7 +311,7 @@ fn corrupt_or_oversized_image_files_are_refused() {
         .arg(&bad)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(livehost_common::exit::ERROR));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("refusing image") && e.contains("bad.elf"), "{e}");
 
@@ -324,7 +331,7 @@ fn corrupt_or_oversized_image_files_are_refused() {
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert_eq!(out.status.code(), Some(livehost_common::exit::ERROR), "{e}");
     assert!(
         e.contains("outside the file") && !e.contains("panicked"),
         "{e}"
@@ -339,7 +346,7 @@ fn corrupt_or_oversized_image_files_are_refused() {
         .arg(&big)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(livehost_common::exit::ERROR));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("larger than"), "{e}");
 }
@@ -398,7 +405,11 @@ fn sigterm_during_a_container_run_leaves_no_cgroup_leaf() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{e}");
+    assert_eq!(
+        out.status.code(),
+        Some(livehost_common::exit::signaled(libc::SIGTERM)),
+        "{e}"
+    );
     assert!(e.contains("stopped by signal"), "{e}");
     assert!(ours().is_empty(), "cgroup leaf left behind: {:?}", ours());
     for p in inside {
@@ -469,7 +480,11 @@ fn sigterm_during_a_runc_run_deletes_the_container_and_its_bundle() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{e}");
+    assert_eq!(
+        out.status.code(),
+        Some(livehost_common::exit::signaled(libc::SIGTERM)),
+        "{e}"
+    );
     let t = std::time::Instant::now();
     while std::path::Path::new(&format!("/proc/{init}")).exists() {
         assert!(
@@ -479,4 +494,29 @@ fn sigterm_during_a_runc_run_deletes_the_container_and_its_bundle() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(!bundle.exists(), "bundle {} left behind", bundle.display());
+}
+
+/// A run past its `--timeout` exits 124 on every path, told apart by the
+/// error's type (the launcher's `TimedOut`, the VMM's `RunError::Timeout`),
+/// not by words in its message.
+#[test]
+fn a_run_past_its_deadline_exits_with_the_timeout_status() {
+    assert!(livehost_common::is_root(), "needs root (CI runs as root)");
+    let mut paths = vec!["native", "container"];
+    if std::path::Path::new("/dev/kvm").exists() {
+        paths.push("vm");
+    }
+    for path in paths {
+        let out = Command::new(EXE)
+            .args(["run", path, "--kib", "4", "--loops", "1000000000"])
+            .args(["--timeout", "1"])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(livehost_common::exit::TIMEOUT),
+            "{path}: {e}"
+        );
+    }
 }
