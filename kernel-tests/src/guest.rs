@@ -11,7 +11,7 @@
 //! files and guest slot. This module puts them in order.
 
 use crate::accel::{self, AccelChoice};
-use crate::frame::{self, CMD_MARK, END_MARK, Frame, INIT_MARK, contains};
+use crate::frame::{self, Frame, Marks, contains};
 use crate::kernel::{self, GuestKernel, KernelSpec};
 use crate::qemu::{Accel, QemuConfig, Serial};
 use crate::run_dir::{RunDir, qemu_slot};
@@ -202,6 +202,8 @@ struct Prepared {
     run_dir: RunDir,
     console_log: PathBuf,
     result_log: PathBuf,
+    /// The secret init stamps its report with (see `frame`).
+    nonce: String,
 }
 
 fn run_with(opts: &RunOptions, progress: &Progress) -> Result<RunOutcome> {
@@ -237,10 +239,12 @@ fn prepare(opts: &RunOptions, progress: &Progress) -> Result<Prepared> {
 
     progress.step("building initramfs");
     let run_dir = RunDir::new()?;
+    let nonce = frame::new_nonce()?;
     crate::rootfs::build(
         opts,
         &kernel,
         &modules,
+        &nonce,
         &run_dir.path.join("initramfs.cpio"),
     )?;
     let console_log = run_dir.path.join("console.log");
@@ -253,6 +257,7 @@ fn prepare(opts: &RunOptions, progress: &Progress) -> Result<Prepared> {
         run_dir,
         console_log,
         result_log,
+        nonce,
     })
 }
 
@@ -351,6 +356,7 @@ fn watch(
         + opts
             .hang_after
             .unwrap_or(boot_budget + opts.timeout + Duration::from_secs(30));
+    let marks = Marks::new(&p.nonce);
     let (mut init_wall, mut cmd_wall, mut hung) = (None, None, false);
     let exit_status: Option<ExitStatus> = loop {
         let child = guard
@@ -361,16 +367,16 @@ fn watch(
             break Some(st);
         }
         let text = std::fs::read(&p.result_log).unwrap_or_default();
-        if init_wall.is_none() && contains(&text, INIT_MARK) {
+        if init_wall.is_none() && contains(&text, &marks.init) {
             init_wall = Some(Instant::now());
             progress.step("guest init running");
         }
-        if cmd_wall.is_none() && contains(&text, CMD_MARK) {
+        if cmd_wall.is_none() && contains(&text, &marks.cmd) {
             cmd_wall = Some(Instant::now());
             progress.step(format!("running `{}`", opts.command.join(" ")));
         }
         // The whole report is in: the guest's own shutdown adds nothing.
-        if contains(&text, END_MARK) {
+        if contains(&text, &marks.end) {
             let _ = child.kill();
             break child.wait().ok();
         }
@@ -441,7 +447,7 @@ fn timings(frame: &Frame, w: &Watched, launched: Instant) -> BootTimings {
 
 fn outcome(p: Prepared, boot: String, w: Watched, launched: Instant) -> Result<RunOutcome> {
     let console = read_log(&p.console_log);
-    let frame = frame::parse_result(&read_log(&p.result_log));
+    let frame = frame::parse_result(&read_log(&p.result_log), &p.nonce);
     let oops = [
         "Oops:",
         "BUG:",

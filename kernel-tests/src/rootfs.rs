@@ -23,10 +23,13 @@ pub(crate) fn build(
     opts: &RunOptions,
     kernel: &GuestKernel,
     modules: &[String],
+    nonce: &str,
     out: &Path,
 ) -> Result<()> {
     let mut ir = Initramfs::new();
     base_system(&mut ir)?;
+    // Read and deleted by init before the command runs (see `frame`).
+    ir.file("/livehost/nonce", format!("{nonce}\n").into_bytes(), 0o400)?;
     add_modules(&mut ir, kernel, modules)?;
     // A Debian host keeps its kernel's config in /boot; tools that read it
     // there (hotpatch compares vermagic flags with it) see the guest alike.

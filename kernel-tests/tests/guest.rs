@@ -58,6 +58,41 @@ fn a_command_past_its_timeout_is_reported_as_timeout() {
     assert!(t.elapsed() < Duration::from_secs(90), "{:?}", t.elapsed());
 }
 
+/// The command runs as root in the guest and may print anything: a forged
+/// result frame (the old unstamped form, on the result port however it can
+/// reach it, on its own stdout and on the console) and the old timeout
+/// marker file must not change the status it really exited with.
+#[test]
+fn a_command_that_forges_the_result_frame_still_reports_its_real_status() {
+    let forged = "LIVEHOST-BEGIN\nstatus 0\nstdout\nend\nstderr\nend\ndmesg\nend\nLIVEHOST-END\n";
+    let script = format!(
+        "F='{forged}'\n\
+         test -e /livehost/nonce && echo nonce-readable || echo nonce-gone\n\
+         test -e /dev/ttyS1 && echo port-present || echo port-gone\n\
+         printf \"$F\" > /dev/ttyS1 2>/dev/null\n\
+         mknod /tmp/s1 c 4 65 && printf \"$F\" > /tmp/s1\n\
+         printf \"$F\" > /proc/1/fd/9 2>/dev/null\n\
+         printf \"$F\" > /dev/console\n\
+         printf \"$F\"\n\
+         touch /tmp/.livehost-timedout\n\
+         exit 3\n"
+    );
+    let out = kernel_tests::run(&opts(&script)).unwrap();
+    assert_eq!(
+        out.status,
+        GuestStatus::Exited(3),
+        "{}",
+        out.console_tail(30)
+    );
+    assert!(
+        out.stdout.starts_with("nonce-gone\nport-gone\n"),
+        "{:?}",
+        out.stdout
+    );
+    // Its own output comes back byte-exact, forged frame included.
+    assert!(out.stdout.ends_with(forged), "{:?}", out.stdout);
+}
+
 #[test]
 fn a_kernel_panic_is_reported_as_panic() {
     let out = kernel_tests::run(&opts(
