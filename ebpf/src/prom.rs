@@ -27,8 +27,8 @@ fn labels(pairs: &[(&str, String)]) -> String {
     format!("{{{}}}", inner.join(","))
 }
 
-/// Cumulative log2 histogram as Prometheus buckets (le in seconds). All 32
-/// buckets are always written, so every series keeps the same bucket set
+/// Cumulative log2 histogram as Prometheus buckets (le in seconds). All
+/// `HIST_SLOTS` buckets are always written, so every series keeps the same bucket set
 /// over time (histogram_quantile needs that).
 fn histogram(out: &mut String, name: &str, base: &[(&str, String)], hist: &Hist, sum_ns: u64) {
     let mut cum = 0;
