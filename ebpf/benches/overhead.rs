@@ -7,8 +7,9 @@
 //!
 //! Run: `sudo cargo bench -p ebpf` (root: loads BPF, opens /dev/kvm).
 
+use livehost_ebpf::kernel::enable_run_time_stats;
 use livehost_ebpf::kvm_guest::run_pio_guest;
-use livehost_ebpf::observer::{Observer, ObserverOptions, enable_run_time_stats};
+use livehost_ebpf::observer::{Observer, ObserverOptions};
 use std::io::{Read, Write};
 use std::time::Instant;
 

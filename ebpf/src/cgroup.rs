@@ -218,7 +218,7 @@ pub fn container_name(path: &str) -> Option<String> {
 
 /// Throttling and pressure, from cgroupfs; fields are None where the file
 /// is absent (a v2 tree without the cpu controller, a kernel without PSI).
-#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CpuFiles {
     pub nr_periods: Option<u64>,
     pub nr_throttled: Option<u64>,
@@ -227,7 +227,17 @@ pub struct CpuFiles {
     pub pressure_some_avg10: Option<f64>,
     pub pressure_some_total_usec: Option<u64>,
     /// Which hierarchy the throttling numbers came from: "v2" or "v1".
-    pub source: Option<&'static str>,
+    pub source: Option<CpuSource>,
+}
+
+/// Which cgroup hierarchy a `cpu.stat` was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuSource {
+    /// The unified hierarchy (`cpu.stat` with `throttled_usec`).
+    V2,
+    /// The v1 cpu controller (`cpu.stat` with `throttled_time` in ns).
+    V1,
 }
 
 fn kv(text: &str, key: &str) -> Option<u64> {
@@ -238,13 +248,12 @@ fn kv(text: &str, key: &str) -> Option<u64> {
 }
 
 /// Parse cgroup v2 `cpu.stat` / v1 `cpu.stat` text into `out`.
-pub fn parse_cpu_stat(text: &str, v1: bool, out: &mut CpuFiles) {
+pub fn parse_cpu_stat(text: &str, source: CpuSource, out: &mut CpuFiles) {
     out.nr_periods = kv(text, "nr_periods");
     out.nr_throttled = kv(text, "nr_throttled");
-    out.throttled_usec = if v1 {
-        kv(text, "throttled_time").map(|ns| ns / 1000)
-    } else {
-        kv(text, "throttled_usec")
+    out.throttled_usec = match source {
+        CpuSource::V1 => kv(text, "throttled_time").map(|ns| ns / 1000),
+        CpuSource::V2 => kv(text, "throttled_usec"),
     };
 }
 
@@ -270,8 +279,8 @@ pub fn cpu_files(mounts: &Mounts, rel: &str) -> CpuFiles {
         if let Ok(t) = livehost_common::sysfs::read_text(dir.join("cpu.stat"))
             && t.contains("nr_throttled")
         {
-            parse_cpu_stat(&t, false, &mut out);
-            out.source = Some("v2");
+            parse_cpu_stat(&t, CpuSource::V2, &mut out);
+            out.source = Some(CpuSource::V2);
         }
         if let Ok(t) = livehost_common::sysfs::read_text(dir.join("cpu.pressure")) {
             parse_pressure(&t, &mut out);
@@ -293,13 +302,21 @@ pub fn cpu_files(mounts: &Mounts, rel: &str) -> CpuFiles {
         for dir in member.iter().map(String::as_str).chain([rel]) {
             let dir = v1.join(dir.trim_start_matches('/'));
             if let Ok(t) = livehost_common::sysfs::read_text(dir.join("cpu.stat")) {
-                parse_cpu_stat(&t, true, &mut out);
-                out.source = Some("v1");
+                parse_cpu_stat(&t, CpuSource::V1, &mut out);
+                out.source = Some(CpuSource::V1);
                 break;
             }
         }
     }
     out
+}
+
+/// Default-hierarchy cgroup path of a process ("0::/path" line).
+pub fn pid_cgroup_path(pid: u32) -> Option<String> {
+    let text = livehost_common::sysfs::read_text(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
 }
 
 /// The path of the v1 hierarchy holding the `cpu` controller, from a
@@ -399,7 +416,7 @@ garbage line\n - \n";
         let mut f = CpuFiles::default();
         parse_cpu_stat(
             "usage_usec 10\nnr_periods 7\nnr_throttled 3\nthrottled_usec 1500\n",
-            false,
+            CpuSource::V2,
             &mut f,
         );
         assert_eq!(
@@ -409,7 +426,7 @@ garbage line\n - \n";
         let mut f = CpuFiles::default();
         parse_cpu_stat(
             "nr_periods 7\nnr_throttled 2\nthrottled_time 5000000\n",
-            true,
+            CpuSource::V1,
             &mut f,
         );
         assert_eq!(f.throttled_usec, Some(5000));
@@ -422,7 +439,7 @@ garbage line\n - \n";
         assert_eq!(f.pressure_some_total_usec, Some(12345));
         let mut f = CpuFiles::default();
         parse_pressure("some avg10=x total=\n\u{fffd}", &mut f);
-        parse_cpu_stat("nr_throttled\nnr_periods -1\n", false, &mut f);
+        parse_cpu_stat("nr_throttled\nnr_periods -1\n", CpuSource::V2, &mut f);
         assert_eq!(f, CpuFiles::default());
     }
 }

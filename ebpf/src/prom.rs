@@ -1,10 +1,12 @@
 //! Prometheus text exposition (format 0.0.4) of the cumulative counters,
 //! and a minimal HTTP/1.1 server for `/metrics` on std::net.
 
-use crate::cgroup::{self, Resolver};
-use crate::observer::RawSnapshot;
+use crate::cgroup::{self, CpuFiles, Resolver};
+use crate::comm::comm_or;
+use crate::intf::{CULPRIT_IDLE, ExitKind};
 use crate::reasons;
-use crate::report::{self, Filter, comm_or};
+use crate::report::{self, Filter};
+use crate::snapshot::{Hist, RawSnapshot, VcpuVal};
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -25,10 +27,10 @@ fn labels(pairs: &[(&str, String)]) -> String {
     format!("{{{}}}", inner.join(","))
 }
 
-/// Cumulative log2 histogram as Prometheus buckets (le in seconds). All 32
-/// buckets are always written, so every series keeps the same bucket set
+/// Cumulative log2 histogram as Prometheus buckets (le in seconds). All
+/// `HIST_SLOTS` buckets are always written, so every series keeps the same bucket set
 /// over time (histogram_quantile needs that).
-fn histogram(out: &mut String, name: &str, base: &[(&str, String)], hist: &[u64; 32], sum_ns: u64) {
+fn histogram(out: &mut String, name: &str, base: &[(&str, String)], hist: &Hist, sum_ns: u64) {
     let mut cum = 0;
     for (i, c) in hist.iter().enumerate() {
         cum += c;
@@ -48,6 +50,12 @@ fn histogram(out: &mut String, name: &str, base: &[(&str, String)], hist: &[u64;
     let _ = writeln!(out, "{name}_count{} {cum}", labels(base));
 }
 
+/// `# HELP` and `# TYPE` of one metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// The cumulative counters of `snap`, in the text exposition format.
 pub fn render(
     snap: &RawSnapshot,
     resolver: &mut Resolver,
@@ -55,212 +63,35 @@ pub fn render(
     attached: &[String],
 ) -> String {
     let mut o = String::new();
-    let vm_on = !filter.containers_only;
-    let cg_on = !filter.vm_only;
-    if vm_on {
-        o.push_str("# HELP overhead_kvm_exits_total KVM exits per vCPU thread and reason (kind: hw = kvm_exit, user = return to the VMM, pio_in/pio_out = port accesses).\n# TYPE overhead_kvm_exits_total counter\n");
-        let mut hw = Vec::new();
-        let mut keys: Vec<_> = snap.exits.keys().collect();
-        keys.sort();
-        for k in keys {
-            if filter.pid.is_some_and(|p| p != k.tgid) {
-                continue;
-            }
-            let v = &snap.exits[k];
-            let (kind, reason) = match k.kind {
-                0 => ("hw", reasons::hw_exit_name(k.isa, k.reason)),
-                1 => (
-                    "user",
-                    reasons::kvm_exit_name(k.reason)
-                        .map(str::to_string)
-                        .unwrap_or_else(|| k.reason.to_string()),
-                ),
-                2 => ("pio_in", format!("{:#x}", k.reason)),
-                _ => ("pio_out", format!("{:#x}", k.reason)),
-            };
-            let vcpu = snap.vcpus.get(&k.tid).map(|v| v.vcpu_id).unwrap_or(-1);
-            let l = vec![
-                (
-                    "vm",
-                    format!(
-                        "{}/{}",
-                        k.tgid,
-                        comm_or(k.tgid, snap.vcpus.get(&k.tid).map(|v| &v.comm))
-                    ),
-                ),
-                ("vcpu", vcpu.to_string()),
-                ("tid", k.tid.to_string()),
-                ("kind", kind.to_string()),
-                (
-                    "isa",
-                    if k.kind == 0 {
-                        reasons::isa_name(k.isa).to_string()
-                    } else {
-                        String::new()
-                    },
-                ),
-                ("reason", reason),
-            ];
-            let _ = writeln!(o, "overhead_kvm_exits_total{} {}", labels(&l), v.count);
-            if k.kind == 0 {
-                hw.push((l, v));
-            }
-        }
-        o.push_str("# HELP overhead_kvm_exit_duration_seconds Time from kvm_exit to the next kvm_entry on the same thread.\n# TYPE overhead_kvm_exit_duration_seconds histogram\n");
-        for (l, v) in hw {
-            let l: Vec<_> = l.into_iter().filter(|(k, _)| *k != "kind").collect();
-            histogram(
-                &mut o,
-                "overhead_kvm_exit_duration_seconds",
-                &l,
-                &v.hist,
-                v.sum_ns,
-            );
-        }
-        o.push_str("# HELP overhead_vcpu_runqueue_delay_seconds_total Time vCPU threads waited for a CPU (the guest's steal time).\n# TYPE overhead_vcpu_runqueue_delay_seconds_total counter\n");
-        let mut tids: Vec<_> = snap.vcpus.iter().collect();
-        tids.sort_by_key(|(t, _)| **t);
-        for (tid, v) in tids {
-            if filter.pid.is_some_and(|p| p != v.tgid) {
-                continue;
-            }
-            let l = [
-                (
-                    "vm",
-                    format!("{}/{}", v.tgid, comm_or(v.tgid, Some(&v.comm))),
-                ),
-                ("vcpu", v.vcpu_id.to_string()),
-                ("tid", tid.to_string()),
-            ];
-            let _ = writeln!(
-                o,
-                "overhead_vcpu_runqueue_delay_seconds_total{} {}",
-                labels(&l),
-                v.rq_sum_ns as f64 / 1e9
-            );
-        }
+    if !filter.containers_only {
+        exit_metrics(&mut o, snap, filter);
+        vcpu_metrics(&mut o, snap, filter);
     }
-    if cg_on {
-        let root = resolver.root_id();
-        let mut ids: Vec<u64> = snap.cgroups.keys().copied().collect();
-        ids.sort();
-        if let Some(keep) = &filter.cgroups {
-            ids.retain(|i| keep.contains(i));
-        }
-        let named: Vec<(u64, Vec<(&str, String)>)> = ids
-            .iter()
-            .map(|id| {
-                let path = resolver.path(*id).unwrap_or_else(|| format!("#{id}"));
-                let container = cgroup::container_name(&path).unwrap_or_default();
-                (*id, vec![("cgroup", path), ("container", container)])
-            })
-            .collect();
-        o.push_str("# HELP overhead_cgroup_cpu_seconds_total CPU time of the cgroup's tasks, from sched_switch.\n# TYPE overhead_cgroup_cpu_seconds_total counter\n");
-        for (id, l) in &named {
-            let _ = writeln!(
-                o,
-                "overhead_cgroup_cpu_seconds_total{} {}",
-                labels(l),
-                snap.cgroups[id].cpu_ns as f64 / 1e9
-            );
-        }
-        o.push_str("# HELP overhead_cgroup_runqueue_latency_seconds Wakeup/preemption to running, per cgroup.\n# TYPE overhead_cgroup_runqueue_latency_seconds histogram\n");
-        for (id, l) in &named {
-            let v = &snap.cgroups[id];
-            histogram(
-                &mut o,
-                "overhead_cgroup_runqueue_latency_seconds",
-                l,
-                &v.hist,
-                v.rq_sum_ns,
-            );
-        }
-        o.push_str("# HELP overhead_cgroup_preempted_wait_seconds_total Run-queue wait of a cgroup, by the cgroup holding the CPU when the wait ended (by_class: same, other, host, idle).\n# TYPE overhead_cgroup_preempted_wait_seconds_total counter\n");
-        let mut pairs: Vec<_> = snap.pairs.iter().collect();
-        pairs.sort_by_key(|(k, _)| **k);
-        let mut preempt_lines = String::new();
-        for ((victim, culprit), v) in pairs {
-            if let Some(keep) = &filter.cgroups
-                && !keep.contains(victim)
-            {
-                continue;
-            }
-            let Some((_, vl)) = named.iter().find(|(i, _)| i == victim) else {
-                continue;
-            };
-            let class = report::culprit_class(*victim, *culprit, root);
-            let mut l = vl.clone();
-            l.push((
-                "by",
-                if *culprit == 0 {
-                    "idle".into()
-                } else {
-                    resolver
-                        .path(*culprit)
-                        .unwrap_or_else(|| format!("#{culprit}"))
-                },
-            ));
-            l.push(("by_class", class.into()));
-            let _ = writeln!(
-                o,
-                "overhead_cgroup_preempted_wait_seconds_total{} {}",
-                labels(&l),
-                v.wait_ns as f64 / 1e9
-            );
-            let _ = writeln!(
-                preempt_lines,
-                "overhead_cgroup_preemptions_total{} {}",
-                labels(&l),
-                v.preemptions
-            );
-        }
-        o.push_str("# HELP overhead_cgroup_preemptions_total Times a cgroup's task was preempted, by the cgroup that got the CPU.\n# TYPE overhead_cgroup_preemptions_total counter\n");
-        o.push_str(&preempt_lines);
-        let mut thr = String::new();
-        let mut thr_s = String::new();
-        let mut psi = String::new();
-        for (_, l) in &named {
-            let f = cgroup::cpu_files(&resolver.mounts, &l[0].1);
-            if let Some(n) = f.nr_throttled {
-                let _ = writeln!(
-                    thr,
-                    "overhead_cgroup_throttled_periods_total{} {n}",
-                    labels(l)
-                );
-            }
-            if let Some(u) = f.throttled_usec {
-                let _ = writeln!(
-                    thr_s,
-                    "overhead_cgroup_throttled_seconds_total{} {}",
-                    labels(l),
-                    u as f64 / 1e6
-                );
-            }
-            if let Some(u) = f.pressure_some_total_usec {
-                let _ = writeln!(
-                    psi,
-                    "overhead_cgroup_cpu_pressure_some_seconds_total{} {}",
-                    labels(l),
-                    u as f64 / 1e6
-                );
-            }
-        }
-        o.push_str("# HELP overhead_cgroup_throttled_periods_total nr_throttled from cpu.stat (v2, or v1 cpu controller).\n# TYPE overhead_cgroup_throttled_periods_total counter\n");
-        o.push_str(&thr);
-        o.push_str("# HELP overhead_cgroup_throttled_seconds_total Throttled time from cpu.stat.\n# TYPE overhead_cgroup_throttled_seconds_total counter\n");
-        o.push_str(&thr_s);
-        o.push_str("# HELP overhead_cgroup_cpu_pressure_some_seconds_total cpu.pressure some total.\n# TYPE overhead_cgroup_cpu_pressure_some_seconds_total counter\n");
-        o.push_str(&psi);
+    if !filter.vm_only {
+        let named = cgroup_labels(snap, resolver, filter);
+        cgroup_sched_metrics(&mut o, snap, &named);
+        preemption_metrics(&mut o, snap, resolver, filter, &named);
+        cgroup_file_metrics(&mut o, resolver, &named);
     }
-    o.push_str("# HELP overhead_drops_total Map updates lost because a BPF map was full (numbers are incomplete when non-zero).\n# TYPE overhead_drops_total counter\n");
-    for (name, n) in &snap.drops {
+    family(
+        &mut o,
+        "overhead_drops_total",
+        "counter",
+        "Map updates lost because a BPF map was full (numbers are incomplete when non-zero).",
+    );
+    for (d, n) in &snap.drops {
         let _ = writeln!(
             o,
             "overhead_drops_total{} {n}",
-            labels(&[("map", name.clone())])
+            labels(&[("map", d.name().to_string())])
         );
     }
-    o.push_str("# HELP overhead_program_attached BPF programs attached by this observer.\n# TYPE overhead_program_attached gauge\n");
+    family(
+        &mut o,
+        "overhead_program_attached",
+        "gauge",
+        "BPF programs attached by this observer.",
+    );
     for p in attached {
         let _ = writeln!(
             o,
@@ -269,6 +100,227 @@ pub fn render(
         );
     }
     o
+}
+
+/// `vm`, `vcpu` and `tid` labels of a vCPU thread.
+fn thread_labels(tgid: u32, tid: u32, seen: Option<&VcpuVal>) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "vm",
+            format!("{tgid}/{}", comm_or(tgid, seen.map(|v| &v.comm))),
+        ),
+        ("vcpu", seen.map_or(-1, |v| v.vcpu_id).to_string()),
+        ("tid", tid.to_string()),
+    ]
+}
+
+fn exit_metrics(o: &mut String, snap: &RawSnapshot, filter: &Filter) {
+    family(
+        o,
+        "overhead_kvm_exits_total",
+        "counter",
+        "KVM exits per vCPU thread and reason (kind: hw = kvm_exit, user = return to the VMM, pio_in/pio_out = port accesses).",
+    );
+    let mut hw = Vec::new();
+    let mut keys: Vec<_> = snap.exits.keys().collect();
+    keys.sort();
+    for k in keys {
+        if !filter.keeps_pid(k.tgid) {
+            continue;
+        }
+        let v = &snap.exits[k];
+        let mut l = thread_labels(k.tgid, k.tid, snap.vcpus.get(&k.tid));
+        let is_hw = k.kind == ExitKind::Hw;
+        let isa = if is_hw { k.isa.name() } else { "" };
+        l.push(("kind", k.kind.name().to_string()));
+        l.push(("isa", isa.to_string()));
+        l.push(("reason", reasons::exit_name(k.kind, k.isa, k.reason)));
+        let _ = writeln!(o, "overhead_kvm_exits_total{} {}", labels(&l), v.count);
+        if is_hw {
+            l.retain(|(k, _)| *k != "kind");
+            hw.push((l, v));
+        }
+    }
+    family(
+        o,
+        "overhead_kvm_exit_duration_seconds",
+        "histogram",
+        "Time from kvm_exit to the next kvm_entry on the same thread.",
+    );
+    for (l, v) in hw {
+        histogram(
+            o,
+            "overhead_kvm_exit_duration_seconds",
+            &l,
+            &v.hist,
+            v.sum_ns,
+        );
+    }
+}
+
+fn vcpu_metrics(o: &mut String, snap: &RawSnapshot, filter: &Filter) {
+    family(
+        o,
+        "overhead_vcpu_runqueue_delay_seconds_total",
+        "counter",
+        "Time vCPU threads waited for a CPU (the guest's steal time).",
+    );
+    let mut tids: Vec<_> = snap.vcpus.iter().collect();
+    tids.sort_by_key(|(t, _)| **t);
+    for (tid, v) in tids {
+        if !filter.keeps_pid(v.tgid) {
+            continue;
+        }
+        let _ = writeln!(
+            o,
+            "overhead_vcpu_runqueue_delay_seconds_total{} {}",
+            labels(&thread_labels(v.tgid, *tid, Some(v))),
+            v.rq_sum_ns as f64 / 1e9
+        );
+    }
+}
+
+/// The kept cgroups by id, with their `cgroup` (path) and `container` labels.
+type CgroupLabels = Vec<(u64, Vec<(&'static str, String)>)>;
+
+fn cgroup_labels(snap: &RawSnapshot, resolver: &mut Resolver, filter: &Filter) -> CgroupLabels {
+    let mut ids: Vec<u64> = snap.cgroups.keys().copied().collect();
+    ids.sort();
+    ids.retain(|i| filter.keeps_cgroup(*i));
+    ids.iter()
+        .map(|id| {
+            let path = resolver.path(*id).unwrap_or_else(|| format!("#{id}"));
+            let container = cgroup::container_name(&path).unwrap_or_default();
+            (*id, vec![("cgroup", path), ("container", container)])
+        })
+        .collect()
+}
+
+fn cgroup_sched_metrics(o: &mut String, snap: &RawSnapshot, named: &CgroupLabels) {
+    family(
+        o,
+        "overhead_cgroup_cpu_seconds_total",
+        "counter",
+        "CPU time of the cgroup's tasks, from sched_switch.",
+    );
+    for (id, l) in named {
+        let _ = writeln!(
+            o,
+            "overhead_cgroup_cpu_seconds_total{} {}",
+            labels(l),
+            snap.cgroups[id].cpu_ns as f64 / 1e9
+        );
+    }
+    family(
+        o,
+        "overhead_cgroup_runqueue_latency_seconds",
+        "histogram",
+        "Wakeup/preemption to running, per cgroup.",
+    );
+    for (id, l) in named {
+        let v = &snap.cgroups[id];
+        histogram(
+            o,
+            "overhead_cgroup_runqueue_latency_seconds",
+            l,
+            &v.hist,
+            v.rq_sum_ns,
+        );
+    }
+}
+
+fn preemption_metrics(
+    o: &mut String,
+    snap: &RawSnapshot,
+    resolver: &mut Resolver,
+    filter: &Filter,
+    named: &CgroupLabels,
+) {
+    let root = resolver.root_id();
+    family(
+        o,
+        "overhead_cgroup_preempted_wait_seconds_total",
+        "counter",
+        "Run-queue wait of a cgroup, by the cgroup holding the CPU when the wait ended (by_class: same, other, host, idle).",
+    );
+    let mut pairs: Vec<_> = snap.pairs.iter().collect();
+    pairs.sort_by_key(|(k, _)| **k);
+    let mut preempt_lines = String::new();
+    for ((victim, culprit), v) in pairs {
+        if !filter.keeps_cgroup(*victim) {
+            continue;
+        }
+        let Some((_, vl)) = named.iter().find(|(i, _)| i == victim) else {
+            continue;
+        };
+        let class = report::culprit_class(*victim, *culprit, root);
+        let by = if *culprit == CULPRIT_IDLE {
+            class.as_str().to_string()
+        } else {
+            resolver
+                .path(*culprit)
+                .unwrap_or_else(|| format!("#{culprit}"))
+        };
+        let mut l = vl.clone();
+        l.push(("by", by));
+        l.push(("by_class", class.as_str().to_string()));
+        let _ = writeln!(
+            o,
+            "overhead_cgroup_preempted_wait_seconds_total{} {}",
+            labels(&l),
+            v.wait_ns as f64 / 1e9
+        );
+        let _ = writeln!(
+            preempt_lines,
+            "overhead_cgroup_preemptions_total{} {}",
+            labels(&l),
+            v.preemptions
+        );
+    }
+    family(
+        o,
+        "overhead_cgroup_preemptions_total",
+        "counter",
+        "Times a cgroup's task was preempted, by the cgroup that got the CPU.",
+    );
+    o.push_str(&preempt_lines);
+}
+
+/// One sample of a cgroupfs metric, if the file has it.
+type CpuFileValue<'a> = dyn Fn(&CpuFiles) -> Option<String> + 'a;
+
+/// Throttling and pressure from cgroupfs (read now, not from BPF).
+fn cgroup_file_metrics(o: &mut String, resolver: &Resolver, named: &CgroupLabels) {
+    let files: Vec<_> = named
+        .iter()
+        .map(|(_, l)| (l, cgroup::cpu_files(&resolver.mounts, &l[0].1)))
+        .collect();
+    let seconds = |usec: Option<u64>| usec.map(|u| (u as f64 / 1e6).to_string());
+    let families: [(&str, &str, &CpuFileValue); 3] = [
+        (
+            "overhead_cgroup_throttled_periods_total",
+            "nr_throttled from cpu.stat (v2, or v1 cpu controller).",
+            &|f| f.nr_throttled.map(|n| n.to_string()),
+        ),
+        (
+            "overhead_cgroup_throttled_seconds_total",
+            "Throttled time from cpu.stat.",
+            &|f| seconds(f.throttled_usec),
+        ),
+        (
+            "overhead_cgroup_cpu_pressure_some_seconds_total",
+            "cpu.pressure some total.",
+            &|f| seconds(f.pressure_some_total_usec),
+        ),
+    ];
+    for (name, help, value) in families {
+        family(o, name, "counter", help);
+        for (l, f) in &files {
+            if let Some(v) = value(f) {
+                let _ = writeln!(o, "{name}{} {v}", labels(l));
+            }
+        }
+    }
 }
 
 /// Bind first, so "address in use" is reported before any BPF is loaded.
@@ -337,7 +389,7 @@ mod tests {
 
     #[test]
     fn histogram_buckets_are_cumulative_and_complete() {
-        let mut h = [0u64; 32];
+        let mut h = Hist::default();
         h[3] = 2; // [8, 16) ns
         h[31] = 1; // >= 2^31 ns
         let mut o = String::new();

@@ -3,9 +3,8 @@
 //! `KVM_EXIT_*` user-space exit reasons (include/uapi/linux/kvm.h). Names
 //! follow the kernel's own trace output (lowercase for SVM, upper for VMX).
 
-/// `isa` values as the kvm_exit tracepoint reports them.
-pub const ISA_VMX: u16 = 1;
-pub const ISA_SVM: u16 = 2;
+use crate::intf::{ExitKind, KvmIsa};
+use serde::{Deserialize, Serialize};
 
 /// KVM_EXIT_IO: the user-space exit a port access causes.
 pub const KVM_EXIT_IO: u32 = 2;
@@ -16,11 +15,29 @@ pub const SVM_EXIT_IOIO: u32 = 0x7b;
 /// SVM exit code of a nested page fault.
 pub const SVM_EXIT_NPF: u32 = 0x400;
 
-pub fn isa_name(isa: u16) -> &'static str {
-    match isa {
-        ISA_VMX => "vmx",
-        ISA_SVM => "svm",
-        _ => "unknown",
+/// Which table an exit's `reason` code belongs to (`isa` in JSON): the
+/// vendor's for hardware exits, KVM's `KVM_EXIT_*` for user-space exits, a
+/// port number for port I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReasonTable {
+    Vmx,
+    Svm,
+    /// A hardware exit of a vendor this build does not know.
+    Unknown,
+    Kvm,
+    Port,
+}
+
+impl ReasonTable {
+    pub fn of(kind: ExitKind, isa: KvmIsa) -> ReasonTable {
+        match (kind, isa) {
+            (ExitKind::Hw, KvmIsa::Vmx) => ReasonTable::Vmx,
+            (ExitKind::Hw, KvmIsa::Svm) => ReasonTable::Svm,
+            (ExitKind::Hw, KvmIsa::Unknown) => ReasonTable::Unknown,
+            (ExitKind::User, _) => ReasonTable::Kvm,
+            (ExitKind::PioIn | ExitKind::PioOut, _) => ReasonTable::Port,
+        }
     }
 }
 
@@ -220,13 +237,25 @@ pub fn kvm_exit_name(code: u32) -> Option<&'static str> {
 }
 
 /// The display name of a hardware exit: vendor table, else the hex code.
-pub fn hw_exit_name(isa: u16, code: u32) -> String {
+pub fn hw_exit_name(isa: KvmIsa, code: u32) -> String {
     let name = match isa {
-        ISA_VMX => vmx_reason_name(code).map(str::to_string),
-        ISA_SVM => svm_reason_name(code),
-        _ => None,
+        KvmIsa::Vmx => vmx_reason_name(code).map(str::to_string),
+        KvmIsa::Svm => svm_reason_name(code),
+        KvmIsa::Unknown => None,
     };
     name.unwrap_or_else(|| format!("{:#x}", code))
+}
+
+/// The display name of any exit: the reason's name in its table (the code
+/// when the table lacks it), or the port in hex for port I/O.
+pub fn exit_name(kind: ExitKind, isa: KvmIsa, reason: u32) -> String {
+    match kind {
+        ExitKind::Hw => hw_exit_name(isa, reason),
+        ExitKind::User => kvm_exit_name(reason)
+            .map(str::to_string)
+            .unwrap_or_else(|| reason.to_string()),
+        ExitKind::PioIn | ExitKind::PioOut => format!("{reason:#x}"),
+    }
 }
 
 #[cfg(test)]
@@ -246,7 +275,19 @@ mod tests {
         assert_eq!(kvm_exit_name(KVM_EXIT_IO), Some("IO"));
         assert_eq!(kvm_exit_name(KVM_EXIT_HLT), Some("HLT"));
         assert_eq!(kvm_exit_name(99), None);
-        assert_eq!(hw_exit_name(ISA_SVM, 0x7b), "io");
-        assert_eq!(hw_exit_name(0, 0x7b), "0x7b");
+        assert_eq!(hw_exit_name(KvmIsa::Svm, 0x7b), "io");
+        assert_eq!(hw_exit_name(KvmIsa::Unknown, 0x7b), "0x7b");
+        assert_eq!(exit_name(ExitKind::User, KvmIsa::Unknown, 99), "99");
+        assert_eq!(exit_name(ExitKind::PioOut, KvmIsa::Unknown, 0x510), "0x510");
+    }
+
+    #[test]
+    fn reason_tables_serialise_as_the_documented_isa_names() {
+        let isa = |k, i| serde_json::to_string(&ReasonTable::of(k, i)).unwrap();
+        assert_eq!(isa(ExitKind::Hw, KvmIsa::Svm), "\"svm\"");
+        assert_eq!(isa(ExitKind::Hw, KvmIsa::Vmx), "\"vmx\"");
+        assert_eq!(isa(ExitKind::Hw, KvmIsa::Unknown), "\"unknown\"");
+        assert_eq!(isa(ExitKind::User, KvmIsa::Unknown), "\"kvm\"");
+        assert_eq!(isa(ExitKind::PioIn, KvmIsa::Unknown), "\"port\"");
     }
 }

@@ -2,7 +2,7 @@
 //! notes, the VM table and the cgroup table, redrawn every interval.
 //! q, Esc or Ctrl-C quits.
 
-use crate::report::{self, Report, us};
+use crate::report::{self, Report, noisy_culprits, us};
 use anyhow::Result;
 use ratatui::Frame;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
@@ -20,7 +20,14 @@ fn draw(f: &mut Frame, r: &Report, interval: Duration) {
         Constraint::Fill(1),
     ])
     .areas(f.area());
+    f.render_widget(header(r, interval), head);
+    f.render_widget(vm_table(r), vms);
+    f.render_widget(cgroup_table(r), cgs);
+}
 
+/// Interval, drops and programs; the first skipped program; up to two
+/// noisy neighbours.
+fn header(r: &Report, interval: Duration) -> Paragraph<'static> {
     let mut lines = vec![Line::from(format!(
         "overhead — interval {:.1}s (refresh {:.1}s)  drops {}  programs {}/{}   q: quit",
         r.interval_s,
@@ -33,30 +40,26 @@ fn draw(f: &mut Frame, r: &Report, interval: Duration) {
         lines.push(Line::from(format!("note: {} skipped: {}", s.tracepoint, s.reason)).yellow());
     }
     for n in r.noisy.iter().take(2) {
-        let who: Vec<String> = n
-            .top_preempters
-            .iter()
-            .map(|p| p.path.clone().unwrap_or_else(|| p.cgroup_id.to_string()))
-            .collect();
         lines.push(
             Line::from(format!(
                 "NOISY: {} p99 wait {} us; preempted most by {}",
                 n.path.clone().unwrap_or_else(|| n.cgroup_id.to_string()),
                 us(n.rq_p99_ns),
-                if who.is_empty() {
-                    "-".into()
-                } else {
-                    who.join(", ")
-                }
+                noisy_culprits(n)
             ))
             .red()
             .bold(),
         );
     }
-    f.render_widget(Paragraph::new(lines), head);
+    Paragraph::new(lines)
+}
 
-    let bold = Style::default().add_modifier(Modifier::BOLD);
-    let vm_rows: Vec<Row> = r
+fn bold() -> Style {
+    Style::default().add_modifier(Modifier::BOLD)
+}
+
+fn vm_table(r: &Report) -> Table<'static> {
+    let rows: Vec<Row> = r
         .vms
         .iter()
         .flat_map(|vm| {
@@ -65,36 +68,24 @@ fn draw(f: &mut Frame, r: &Report, interval: Duration) {
                 .map(move |v| Row::new(report::vcpu_cells(vm, v)))
         })
         .collect();
-    let vm_table = Table::new(
-        vm_rows,
-        [
-            Constraint::Length(8),
-            Constraint::Length(8),
-            Constraint::Length(5),
-            Constraint::Length(16),
-            Constraint::Length(9),
-            Constraint::Length(10),
-            Constraint::Length(10),
-            Constraint::Fill(1),
-        ],
-    )
-    .header(
-        Row::new([
-            "PID",
-            "TID",
-            "VCPU",
-            "COMM",
-            "EXITS",
-            "EXIT_ms",
-            "RQDLY_ms",
-            "TOP EXITS",
-        ])
-        .style(bold),
-    )
-    .block(Block::bordered().title(" VMs / vCPUs (by exit time + run-queue delay) "));
-    f.render_widget(vm_table, vms);
+    let widths = [8, 8, 5, 16, 9, 10, 10].map(Constraint::Length);
+    let header = [
+        "PID",
+        "TID",
+        "VCPU",
+        "COMM",
+        "EXITS",
+        "EXIT_ms",
+        "RQDLY_ms",
+        "TOP EXITS",
+    ];
+    Table::new(rows, widths.into_iter().chain([Constraint::Fill(1)]))
+        .header(Row::new(header).style(bold()))
+        .block(Block::bordered().title(" VMs / vCPUs (by exit time + run-queue delay) "))
+}
 
-    let cg_rows: Vec<Row> = r
+fn cgroup_table(r: &Report) -> Table<'static> {
+    let rows: Vec<Row> = r
         .cgroups
         .iter()
         .map(|c| {
@@ -102,38 +93,25 @@ fn draw(f: &mut Frame, r: &Report, interval: Duration) {
             if c.noisy { row.red() } else { row }
         })
         .collect();
-    let cg_table = Table::new(
-        cg_rows,
-        [
-            Constraint::Percentage(25),
-            Constraint::Length(18),
-            Constraint::Length(9),
-            Constraint::Length(7),
-            Constraint::Length(9),
-            Constraint::Length(8),
-            Constraint::Length(9),
-            Constraint::Length(9),
-            Constraint::Length(6),
-            Constraint::Fill(1),
-        ],
-    )
-    .header(
-        Row::new([
-            "CGROUP",
-            "CONTAINER",
-            "CPU_ms",
-            "WAITS",
-            "RQ_ms",
-            "p50_us",
-            "p99_us",
-            "max_us",
-            "THRTL",
-            "WAITED BEHIND (ms)",
-        ])
-        .style(bold),
-    )
-    .block(Block::bordered().title(" Cgroups (by run-queue wait) "));
-    f.render_widget(cg_table, cgs);
+    let widths = [18, 9, 7, 9, 8, 9, 9, 6].map(Constraint::Length);
+    let header = [
+        "CGROUP",
+        "CONTAINER",
+        "CPU_ms",
+        "WAITS",
+        "RQ_ms",
+        "p50_us",
+        "p99_us",
+        "max_us",
+        "THRTL",
+        "WAITED BEHIND (ms)",
+    ];
+    let constraints = std::iter::once(Constraint::Percentage(25))
+        .chain(widths)
+        .chain([Constraint::Fill(1)]);
+    Table::new(rows, constraints)
+        .header(Row::new(header).style(bold()))
+        .block(Block::bordered().title(" Cgroups (by run-queue wait) "))
 }
 
 /// Run the live view until q/Esc/Ctrl-C, a stop signal, or `iterations`.

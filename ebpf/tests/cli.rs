@@ -65,6 +65,17 @@ fn record_json_has_the_documented_fields_and_counts_the_guest() {
         .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
         .collect();
     assert_eq!(lines.len(), 3, "one object per interval");
+    // Readers (the demo) use the library's record types: every line reads
+    // through them and writes back as the same JSON.
+    for (l, v) in text.lines().zip(&lines) {
+        let typed: livehost_ebpf::schema::Report =
+            serde_json::from_str(l).expect("each line reads as schema::Report");
+        assert_eq!(
+            &serde_json::to_value(&typed).unwrap(),
+            v,
+            "round trip of {l}"
+        );
+    }
     for r in &lines {
         for f in [
             "schema",

@@ -4,9 +4,10 @@
 
 mod util;
 
-use livehost_ebpf::cgroup::Resolver;
-use livehost_ebpf::observer::{Observer, ObserverOptions, RawSnapshot};
-use livehost_ebpf::report::{self, ReportOptions};
+use livehost_ebpf::cgroup::{self, Resolver};
+use livehost_ebpf::observer::{Observer, ObserverOptions};
+use livehost_ebpf::report::{CulpritClass, ReportOptions};
+use livehost_ebpf::snapshot::RawSnapshot;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -113,7 +114,7 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
     // Both must be spinning on CPU 0 inside their cgroups before we measure.
     let settled = util::wait_for(Duration::from_secs(5), || {
         let ok = [vpid, noisy.0.id()].iter().all(|p| cpus_allowed(*p) == "0")
-            && report::pid_cgroup_path(vpid).is_some_and(|p| p.ends_with("-victim"));
+            && cgroup::pid_cgroup_path(vpid).is_some_and(|p| p.ends_with("-victim"));
         ok.then_some(())
     });
     assert!(
@@ -175,18 +176,7 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
             .collect::<Vec<_>>()
     );
     // Every waited nanosecond is attributed to exactly one culprit.
-    let all_culprits: u64 = s1
-        .pairs
-        .iter()
-        .filter(|((v, _), _)| *v == victim_id)
-        .map(|((_, c), p)| {
-            p.wait_ns
-                - s0.pairs
-                    .get(&(victim_id, *c))
-                    .map(|x| x.wait_ns)
-                    .unwrap_or(0)
-        })
-        .sum();
+    let all_culprits: u64 = breakdown.iter().map(|(_, w)| w).sum();
     // (The maps are read one after the other while the hogs keep running,
     // so the two sums are a few switches apart.)
     assert!(
@@ -247,7 +237,7 @@ fn victim_wait_is_attributed_to_the_contending_cgroup() {
         .first()
         .expect("someone preempted the victim");
     assert_eq!(top.cgroup_id, noisy_id);
-    assert_eq!(top.class, "other");
+    assert_eq!(top.class, CulpritClass::Other);
     assert!(
         row.cpu_ns > 200_000_000,
         "the victim ran too: {} ns",

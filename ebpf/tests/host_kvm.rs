@@ -5,9 +5,11 @@
 
 mod util;
 
+use livehost_ebpf::intf::{ExitKind, KvmIsa};
 use livehost_ebpf::kvm_guest::{PORT, run_pio_guest};
-use livehost_ebpf::observer::{ExitKey, Observer, ObserverOptions};
+use livehost_ebpf::observer::{Observer, ObserverOptions};
 use livehost_ebpf::reasons::{KVM_EXIT_HLT, KVM_EXIT_IO};
+use livehost_ebpf::snapshot::ExitKey;
 
 #[test]
 fn counts_exactly_n_userspace_io_exits_for_the_vcpu_thread() {
@@ -31,16 +33,25 @@ fn counts_exactly_n_userspace_io_exits_for_the_vcpu_thread() {
         .expect("guest runs");
     assert_eq!(run.io_exits, N as u64, "the VMM itself saw N port writes");
     let snap = obs.snapshot().unwrap();
-    let key = |kind: u16, reason: u32| ExitKey {
+    let key = |kind: ExitKind, reason: u32| ExitKey {
         tgid: run.pid,
         tid: run.tid,
         kind,
-        isa: 0,
+        isa: KvmIsa::Unknown,
         reason,
     };
-    let io = snap.exits.get(&key(1, KVM_EXIT_IO)).map(|v| v.count);
-    let hlt = snap.exits.get(&key(1, KVM_EXIT_HLT)).map(|v| v.count);
-    let pio = snap.exits.get(&key(3, PORT as u32)).map(|v| v.count);
+    let io = snap
+        .exits
+        .get(&key(ExitKind::User, KVM_EXIT_IO))
+        .map(|v| v.count);
+    let hlt = snap
+        .exits
+        .get(&key(ExitKind::User, KVM_EXIT_HLT))
+        .map(|v| v.count);
+    let pio = snap
+        .exits
+        .get(&key(ExitKind::PioOut, PORT as u32))
+        .map(|v| v.count);
     assert_eq!(
         io,
         Some(N as u64),
@@ -56,9 +67,9 @@ fn counts_exactly_n_userspace_io_exits_for_the_vcpu_thread() {
         .filter(|(k, _)| {
             k.tid == run.tid
                 && ![
-                    key(1, KVM_EXIT_IO),
-                    key(1, KVM_EXIT_HLT),
-                    key(3, PORT as u32),
+                    key(ExitKind::User, KVM_EXIT_IO),
+                    key(ExitKind::User, KVM_EXIT_HLT),
+                    key(ExitKind::PioOut, PORT as u32),
                 ]
                 .contains(k)
         })

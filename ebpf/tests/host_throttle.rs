@@ -5,9 +5,9 @@
 
 mod util;
 
-use livehost_ebpf::cgroup::Resolver;
+use livehost_ebpf::cgroup::{self, CpuSource, Resolver};
 use livehost_ebpf::observer::{Observer, ObserverOptions};
-use livehost_ebpf::report::{self, ReportOptions};
+use livehost_ebpf::report::ReportOptions;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -102,7 +102,7 @@ fn quota_case(suffix: &str, v1_name: Option<String>) {
             .unwrap(),
     );
     let settled = util::wait_for(Duration::from_secs(5), || {
-        report::pid_cgroup_path(hog.0.id()).filter(|p| p.ends_with(&name))
+        cgroup::pid_cgroup_path(hog.0.id()).filter(|p| p.ends_with(&name))
     });
     assert!(settled.is_some(), "hog did not enter its cgroup");
     std::thread::sleep(Duration::from_millis(300));
@@ -124,7 +124,11 @@ fn quota_case(suffix: &str, v1_name: Option<String>) {
     );
     assert_eq!(
         row.cpu_files.source,
-        Some(if v2_has_cpu { "v2" } else { "v1" })
+        Some(if v2_has_cpu {
+            CpuSource::V2
+        } else {
+            CpuSource::V1
+        })
     );
     assert!(
         row.cpu_files.nr_throttled.unwrap_or(0) >= 5,

@@ -36,31 +36,11 @@ struct exit_start {
 	u32 isa;
 };
 
-/* The last SEGS stretches of CPU time on one CPU and whose they were: a
- * task's run-queue wait is split over the cgroups that actually ran during
- * it, not blamed wholesale on whoever ran last. */
-#define SEGS 16
+/* Each CPU keeps its last SEGS stretches of CPU time and whose they were
+ * (struct oncpu, intf.h): a task's run-queue wait is split over the cgroups
+ * that actually ran during it, not blamed wholesale on whoever ran last. At
+ * most CULPRITS cgroups are told apart per wait. */
 #define CULPRITS 4
-#define CULPRIT_UNKNOWN 0xffffffffffffffffULL
-
-struct seg {
-	u64 start;
-	u64 end;
-	u64 cgid;
-};
-
-struct oncpu {
-	u64 ts;
-	u64 cgid;
-	/* CPU time not yet added to cg_stats: flushed when the cgroup changes
-	 * or when its cg_val is at hand anyway; user space adds it when reading,
-	 * so totals stay exact while most switches skip a hash lookup. */
-	u64 pend_cg;
-	u64 pend_ns;
-	u32 pid;
-	u32 head;
-	struct seg segs[SEGS];
-};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -170,7 +150,7 @@ static __always_inline struct vcpu_val *vcpu_of(u32 tid, u32 tgid)
 	bpf_map_update_elem(&vcpus, &tid, &init, BPF_NOEXIST);
 	v = bpf_map_lookup_elem(&vcpus, &tid);
 	if (!v)
-		drop(DROP_VCPU);
+		drop(DROP_VCPUS);
 	return v;
 }
 
@@ -242,7 +222,7 @@ int handle_kvm_exit(u64 *ctx)
 		drop(DROP_EXIT_START);
 	struct exit_key k = {
 		.tgid = id >> 32, .tid = tid, .reason = s.reason,
-		.kind = KIND_HW_EXIT, .isa = isa,
+		.kind = KIND_HW, .isa = isa,
 	};
 	exit_add(&k, 1, 0, false);
 	struct vcpu_val *v = vcpu_of(tid, id >> 32);
@@ -264,7 +244,7 @@ int handle_kvm_entry(u64 *ctx)
 	u64 dur = bpf_ktime_get_ns() - s->ts;
 	struct exit_key k = {
 		.tgid = id >> 32, .tid = tid, .reason = s->reason,
-		.kind = KIND_HW_EXIT, .isa = s->isa,
+		.kind = KIND_HW, .isa = s->isa,
 	};
 	bpf_map_delete_elem(&exit_start, &tid);
 	exit_add(&k, 0, dur, true);
@@ -278,7 +258,7 @@ int handle_kvm_userspace_exit(u64 *ctx)
 	u64 id = bpf_get_current_pid_tgid();
 	struct exit_key k = {
 		.tgid = id >> 32, .tid = (u32)id, .reason = reason,
-		.kind = KIND_USER_EXIT,
+		.kind = KIND_USER,
 	};
 	vcpu_of((u32)id, id >> 32);
 	mark_vcpu((u32)id);
@@ -306,7 +286,7 @@ static __always_inline void record_wake(u32 pid, u64 now)
 	if (st)
 		*st = (*st & VCPU_FLAG) | now;
 	else if (pid)
-		drop(DROP_WAKE); /* pid beyond the array: pid_max raised after load */
+		drop(DROP_WAKEUPS); /* pid beyond the array: pid_max raised after load */
 }
 
 SEC("tp_btf/sched_wakeup")
@@ -334,7 +314,7 @@ static __always_inline struct cg_val *cg_of(u64 cgid)
 	bpf_map_update_elem(&cg_stats, &cgid, &zero, BPF_NOEXIST);
 	c = bpf_map_lookup_elem(&cg_stats, &cgid);
 	if (!c)
-		drop(DROP_CGROUP);
+		drop(DROP_CGROUPS);
 	return c;
 }
 
@@ -348,7 +328,7 @@ static __always_inline struct pair_val *pair_of(u64 victim, u64 culprit)
 	bpf_map_update_elem(&pairs, &k, &zero, BPF_NOEXIST);
 	p = bpf_map_lookup_elem(&pairs, &k);
 	if (!p)
-		drop(DROP_PAIR);
+		drop(DROP_PAIRS);
 	return p;
 }
 
@@ -362,9 +342,9 @@ int handle_sched_switch(u64 *ctx)
 	u32 zero = 0;
 	u32 prev_pid = prev->pid;
 	u32 next_pid = next->pid;
-	/* The idle task is nobody's cgroup: culprit 0 means "CPU was idle". */
-	u64 prev_cg = prev_pid ? task_cgid(prev) : 0;
-	u64 next_cg = next_pid ? task_cgid(next) : 0;
+	/* The idle task is nobody's cgroup: as a culprit it means "CPU was idle". */
+	u64 prev_cg = prev_pid ? task_cgid(prev) : CULPRIT_IDLE;
+	u64 next_cg = next_pid ? task_cgid(next) : CULPRIT_IDLE;
 
 	struct oncpu *o = bpf_map_lookup_elem(&oncpu, &zero);
 	if (!o)

@@ -81,8 +81,8 @@ pub fn loaded_prog_names() -> Vec<String> {
 /// The report of the interval between two snapshots of `obs`.
 pub fn interval_report(
     obs: &livehost_ebpf::observer::Observer,
-    prev: &livehost_ebpf::observer::RawSnapshot,
-    cur: &livehost_ebpf::observer::RawSnapshot,
+    prev: &livehost_ebpf::snapshot::RawSnapshot,
+    cur: &livehost_ebpf::snapshot::RawSnapshot,
     resolver: &mut livehost_ebpf::cgroup::Resolver,
     opts: &livehost_ebpf::report::ReportOptions,
 ) -> livehost_ebpf::report::Report {
