@@ -83,7 +83,7 @@ fn main() -> anyhow::Result<()> {
     println!("interruption bench: {n} load/unload cycles of hp_cmdline, one guest");
     println!(
         "environment: {label} ({:?}, kernel {})",
-        out.accel, out.kernel_version
+        out.accel, out.release
     );
     println!("{:<34} {:>10} {:>10} {:>10}", "", "p50", "p90", "max");
     for (name, v) in [

@@ -109,7 +109,7 @@ fn guest(script: &str, kernel_args: &[&str]) -> Steps {
     }
     if let Some(cfg) = &e.kernel.config {
         opts.files
-            .push((cfg.clone(), format!("/boot/config-{}", e.kernel.version)));
+            .push((cfg.clone(), format!("/boot/config-{}", e.kernel.release)));
     }
     let out = kernel_tests::run(&opts).expect("guest run");
     assert!(!out.oops, "kernel oops in guest:\n{}", out.console_tail(60));
@@ -651,7 +651,7 @@ fn inspect_reads_every_fixture() {
         c.vermagic
             .as_deref()
             .unwrap()
-            .starts_with(&e.kernel.version)
+            .starts_with(&e.kernel.release)
     );
     assert!(c.signature.is_none());
 

@@ -155,7 +155,7 @@ pub struct RunOutcome {
     /// How the kernel was started: `pvh` (its ELF at the PVH entry), or
     /// `bzimage` with the reason PVH was not possible.
     pub boot: String,
-    pub kernel_version: String,
+    pub release: String,
     pub timings: BootTimings,
 }
 
@@ -216,7 +216,7 @@ fn run_with(opts: &RunOptions, progress: &Progress) -> Result<RunOutcome> {
     let (qemu, boot) = qemu_config(opts, &p, progress);
     let mut cmd = qemu.command()?;
     let _slot = qemu_slot(progress)?;
-    progress.step(format!("booting {} under {}", p.kernel.version, p.accel));
+    progress.step(format!("booting {} under {}", p.kernel.release, p.accel));
     let launched = Instant::now();
     let child = cmd.spawn().context("cannot start QEMU")?;
     let watched = watch(ChildGuard(Some(child)), opts, &p, launched, progress)?;
@@ -475,7 +475,7 @@ fn outcome(p: Prepared, boot: String, w: Watched, launched: Instant) -> Result<R
         accel: p.accel,
         accel_reason: p.reason,
         boot,
-        kernel_version: p.kernel.version.clone(),
+        release: p.kernel.release.clone(),
         timings,
     })
 }

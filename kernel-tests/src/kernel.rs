@@ -119,7 +119,7 @@ impl FromStr for KernelSpec {
 #[derive(Debug, Clone)]
 pub struct GuestKernel {
     /// The kernel release, as `uname -r` prints it in the guest.
-    pub version: String,
+    pub release: String,
     /// The Debian package version, when the kernel came from Debian.
     pub package_version: Option<String>,
     pub bzimage: PathBuf,
@@ -157,7 +157,7 @@ impl GuestKernel {
         if self.config.is_none() {
             bail!(
                 "kernel {} has no known config, so {} cannot be checked: pass config=FILE with the kernel path",
-                self.version,
+                self.release,
                 names.join(", ")
             );
         }
@@ -169,7 +169,7 @@ impl GuestKernel {
         if !missing.is_empty() {
             bail!(
                 "kernel {} lacks {} (not set to y or m in its config {}): choose a kernel built with them",
-                self.version,
+                self.release,
                 missing.join(", "),
                 self.config.as_ref().unwrap().display()
             );
@@ -235,7 +235,7 @@ fn local_kernel(
         );
     }
     Ok(GuestKernel {
-        version,
+        release: version,
         package_version: None,
         bzimage: bzimage.to_path_buf(),
         modules_dir: modules.map(Path::to_path_buf),
@@ -486,7 +486,7 @@ fn fetch_debian(suite: DebianSuite, cache: &Path, progress: &Progress) -> Result
         if let Err(e) = apt.update() {
             // Offline with a kernel already cached: use it rather than fail.
             if let Some(k) = newest_cached(cache, suite) {
-                progress.note(format!("{e:#}\nusing the cached kernel {}", k.version));
+                progress.note(format!("{e:#}\nusing the cached kernel {}", k.release));
                 return Ok(k);
             }
             return Err(e);
@@ -600,7 +600,7 @@ fn fix_headers(root: &Path, abi: &str) -> Result<()> {
 fn debian_kernel(root: &Path, abi: &str, pkgver: &str) -> GuestKernel {
     let headers = root.join("usr/src").join(format!("linux-headers-{abi}"));
     GuestKernel {
-        version: abi.to_string(),
+        release: abi.to_string(),
         package_version: Some(pkgver.to_string()),
         bzimage: root.join("boot").join(format!("vmlinuz-{abi}")),
         modules_dir: Some(root.join("lib/modules").join(abi)),

@@ -132,13 +132,13 @@ fn real_main(cli: Cli) -> Result<i32> {
                 println!(
                     "{}",
                     serde_json::json!({
-                        "version": k.version, "package_version": k.package_version,
+                        "version": k.release, "package_version": k.package_version,
                         "bzimage": k.bzimage, "modules_dir": k.modules_dir,
                         "headers_dir": k.headers_dir, "config": k.config,
                     })
                 );
             } else {
-                println!("kernel  {}", k.version);
+                println!("kernel  {}", k.release);
                 println!("image   {}", k.bzimage.display());
                 if let Some(m) = &k.modules_dir {
                     println!("modules {}", m.display());
@@ -241,7 +241,7 @@ fn run(a: RunArgs) -> Result<i32> {
         let t = &out.timings;
         eprintln!(
             "[guest] {} on {} ({}), {} boot: {:?}; boot to command {:.0} ms (QEMU {:.0} + kernel {:.0} + init {:.0}), total {:.0} ms",
-            out.kernel_version,
+            out.release,
             out.accel,
             out.accel_reason,
             out.boot,
@@ -303,7 +303,7 @@ fn bench_boot(kernel: KernelSpec, accel: AccelChoice, runs: usize, json: bool) -
         );
     }
     let doc = serde_json::json!({
-        "kernel": last.kernel_version,
+        "release": last.release,
         "accel": last.accel,
         "accel_reason": last.accel_reason,
         "boot": last.boot,
@@ -316,7 +316,7 @@ fn bench_boot(kernel: KernelSpec, accel: AccelChoice, runs: usize, json: bool) -
         println!(
             "boot to command, {} runs, kernel {} under {}",
             phases.len(),
-            last.kernel_version,
+            last.release,
             last.accel
         );
         println!("{:<22} {:>9} {:>9} {:>9}", "phase", "median", "min", "max");

@@ -26,7 +26,7 @@ pub fn build_all(kernel: &GuestKernel, src: &Path) -> Result<Vec<PathBuf>> {
     let headers = kernel.headers_dir.as_ref().with_context(|| {
         format!(
             "kernel {} has no headers to build modules against (only Debian kernels bring them)",
-            kernel.version
+            kernel.release
         )
     })?;
     if !src.is_dir() {
@@ -43,7 +43,7 @@ pub fn build_all(kernel: &GuestKernel, src: &Path) -> Result<Vec<PathBuf>> {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
         h.update(src.to_string_lossy().as_bytes());
-        h.update(kernel.version.as_bytes());
+        h.update(kernel.release.as_bytes());
         h.finalize()
     });
     // Build in a private directory, then move each .ko into place with an
@@ -71,7 +71,7 @@ pub fn build_all(kernel: &GuestKernel, src: &Path) -> Result<Vec<PathBuf>> {
         bail!(
             "building {} against {} failed:\n{}{}",
             src.display(),
-            kernel.version,
+            kernel.release,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );

@@ -34,7 +34,7 @@ pub(crate) fn build(
     // A Debian host keeps its kernel's config in /boot; tools that read it
     // there (hotpatch compares vermagic flags with it) see the guest alike.
     if let Some(cfg) = &kernel.config {
-        ir.copy(cfg, &format!("/boot/config-{}", kernel.version))?;
+        ir.copy(cfg, &format!("/boot/config-{}", kernel.release))?;
     }
     for (host, guest) in &opts.files {
         if !host.exists() {
@@ -110,7 +110,7 @@ fn add_modules(ir: &mut Initramfs, kernel: &GuestKernel, modules: &[String]) -> 
             let plain = strip_compression(rel);
             let data = read_module(&mdir.join(rel))?;
             ir.file(
-                &format!("/lib/modules/{}/{}", kernel.version, plain),
+                &format!("/lib/modules/{}/{}", kernel.release, plain),
                 data,
                 0o644,
             )?;
@@ -200,7 +200,7 @@ pub fn module_order(kernel: &GuestKernel, wanted: &[String]) -> Result<Vec<Strin
     let mdir = kernel
         .modules_dir
         .as_ref()
-        .with_context(|| format!("kernel {} has no modules directory", kernel.version))?;
+        .with_context(|| format!("kernel {} has no modules directory", kernel.release))?;
     let dep_text = std::fs::read_to_string(mdir.join("modules.dep"))
         .with_context(|| format!("cannot read {}/modules.dep", mdir.display()))?;
     let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
@@ -226,7 +226,7 @@ pub fn module_order(kernel: &GuestKernel, wanted: &[String]) -> Result<Vec<Strin
         let Some((path, d)) = deps.get(&key) else {
             bail!(
                 "module {w:?} does not exist for kernel {} (not in {}/modules.dep)",
-                kernel.version,
+                kernel.release,
                 mdir.display()
             );
         };

@@ -29,10 +29,10 @@ fn uname_matches_the_fetched_kernel_and_status_comes_back() {
         out.console_tail(30)
     );
     let (first, rest) = out.stdout.split_once('\n').unwrap();
-    assert_eq!(first, k.version);
+    assert_eq!(first, k.release);
     assert!(rest.starts_with("tab\there\n\u{1}"), "{rest:?}");
     assert_eq!(out.stderr, "to-stderr\n");
-    assert_eq!(out.kernel_version, k.version);
+    assert_eq!(out.release, k.release);
     assert!(out.timings.kernel_boot_ms.unwrap() > 0.0);
     assert!(!out.accel_reason.is_empty());
     // Debian's kernels are built with CONFIG_PVH: booted at that entry.
@@ -180,12 +180,12 @@ fn the_second_suite_boots_through_the_private_apt_config() {
     // Debian 13's kernel: merged /usr and xz-compressed modules.
     let spec: KernelSpec = "debian:trixie-cloud".parse().unwrap();
     let k = kernel_tests::fetch(&spec).unwrap();
-    assert!(k.version.starts_with("6.12"), "{}", k.version);
+    assert!(k.release.starts_with("6.12"), "{}", k.release);
     let mut o = opts("uname -r; grep -c '^kvm ' /proc/modules");
     o.kernel = spec;
     o.modules = vec!["kvm".into()];
     let out = kernel_tests::run(&o).unwrap();
-    assert_eq!(out.success().unwrap(), format!("{}\n1\n", k.version));
+    assert_eq!(out.success().unwrap(), format!("{}\n1\n", k.release));
     // The host's apt sources were not touched.
     let sources = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
     assert!(!sources.contains("trixie"));
@@ -222,12 +222,12 @@ fn a_corrupt_cached_package_is_fetched_again() {
     for e in std::fs::read_dir(&shared).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if !name.contains(&k.version) && !name.contains(&format!("_{pkgver}_all")) {
+        if !name.contains(&k.release) && !name.contains(&format!("_{pkgver}_all")) {
             continue;
         }
         let dst = debs.join(&name);
         std::fs::copy(&p, &dst).unwrap();
-        if name.starts_with(&format!("linux-headers-{}_", k.version)) {
+        if name.starts_with(&format!("linux-headers-{}_", k.release)) {
             corrupt = Some(dst);
         }
     }
@@ -251,9 +251,9 @@ fn a_corrupt_cached_package_is_fetched_again() {
     // And it was unpacked: the headers tree the module builds use is there.
     let makefile = cache
         .path()
-        .join(format!("{}_{pkgver}", k.version))
+        .join(format!("{}_{pkgver}", k.release))
         .join("root/usr/src")
-        .join(format!("linux-headers-{}", k.version))
+        .join(format!("linux-headers-{}", k.release))
         .join("Makefile");
     assert!(makefile.is_file(), "{} missing", makefile.display());
 }
@@ -285,7 +285,7 @@ fn without_the_network_a_cached_kernel_is_used_and_none_is_a_clear_error() {
 
     // A cache holding only this kernel (linked, not copied).
     let warm = tempfile::tempdir().unwrap();
-    let name = format!("{}_{}", k.version, k.package_version.clone().unwrap());
+    let name = format!("{}_{}", k.release, k.package_version.clone().unwrap());
     std::os::unix::fs::symlink(
         kernel_tests::kernel::cache_dir().join(&name),
         warm.path().join(&name),
@@ -294,9 +294,9 @@ fn without_the_network_a_cached_kernel_is_used_and_none_is_a_clear_error() {
     let out = offline(warm.path(), &["run", "--", "uname", "-r"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), k.version);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), k.release);
     assert!(
-        err.contains(&format!("using the cached kernel {}", k.version)),
+        err.contains(&format!("using the cached kernel {}", k.release)),
         "{err}"
     );
 }

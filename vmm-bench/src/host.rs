@@ -6,8 +6,8 @@ use serde::Serialize;
 pub struct HostInfo {
     pub cpu_model: String,
     pub cpus: usize,
-    /// The kernel release (the report's JSON keeps the name `kernel`).
-    pub kernel: String,
+    /// The kernel release (`uname -r`).
+    pub release: String,
     pub host_is_guest: bool,
 }
 
@@ -17,7 +17,7 @@ pub fn host_info() -> HostInfo {
     HostInfo {
         cpu_model: h.cpu_model,
         cpus: h.cpus,
-        kernel: h.release,
+        release: h.release,
         host_is_guest: h.hypervisor_flag,
     }
 }

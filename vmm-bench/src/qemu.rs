@@ -240,7 +240,7 @@ pub fn linux_image() -> Result<LinuxImage> {
         .context("cannot fetch the Debian kernel (kernel-tests); the QEMU-Linux row needs it")?;
     let bzimage_bytes = std::fs::metadata(&k.bzimage)?.len();
     Ok(LinuxImage {
-        release: k.version,
+        release: k.release,
         bzimage: k.bzimage,
         bzimage_bytes,
         initramfs_bytes: initramfs(crate::LINUX_INIT).len() as u64,

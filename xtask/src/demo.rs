@@ -132,10 +132,10 @@ fn guest_part(progress: &Progress, out: &Path) -> GuestPart {
             .collect::<Result<Vec<_>>>()?;
         progress.step("fetching the guest kernel (debian:bookworm-cloud)");
         let kernel = kernel_tests::kernel::fetch_with(&KernelSpec::default(), progress)?;
-        part.kernel = Some(kernel.version.clone());
+        part.kernel = Some(kernel.release.clone());
         progress.step(format!(
             "building the sample livepatch against {}",
-            kernel.version
+            kernel.release
         ));
         let fix_src = repo_root().join("hotpatch/fixtures/cmdline");
         let fix = kernel_tests::module::build(&kernel, &fix_src)?;
@@ -273,7 +273,7 @@ pub fn run(out_root: &Path, with_bench: bool, json_out: Option<std::fs::File>) -
     // 4. The report.
     let guest = match &part.outcome {
         Some(g) => json!({
-            "kernel": g.kernel_version,
+            "kernel": g.release,
             "accel": g.accel,
             "accel_reason": g.accel_reason,
             "boot": g.boot,

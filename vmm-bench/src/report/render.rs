@@ -162,7 +162,7 @@ fn header(s: &mut String, r: &Report) {
             ""
         }
     );
-    let _ = writeln!(s, "- Host kernel: {}", r.host.kernel);
+    let _ = writeln!(s, "- Host kernel: {}", r.host.release);
     let _ = writeln!(
         s,
         "- KVM: {}",
