@@ -41,6 +41,7 @@ fn main() {
         "unikernel/main.rs",
         "unikernel/link.ld",
         "linux-init/main.rs",
+        "freestanding/libc.rs",
     ] {
         println!("cargo:rerun-if-changed={}", p(f));
     }
