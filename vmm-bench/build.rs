@@ -29,6 +29,68 @@ fn rustc(args: &[&str], what: &str) {
     }
 }
 
+/// Flags every image gets: no unwinding, static code, and plain scalar
+/// instructions (a nested host's KVM may emulate every guest instruction,
+/// and its emulator knows few vector instructions, so vectorising passes
+/// and SSE itself are off). Dropping SSE draws a "required by the ABI"
+/// warning: our freestanding code passes no floats, so it does not arise.
+const COMMON: &[&str] = &[
+    "--edition",
+    "2024",
+    "-C",
+    "panic=abort",
+    "-C",
+    "opt-level=2",
+    "-C",
+    "relocation-model=static",
+    "-C",
+    "debuginfo=0",
+    "-C",
+    "no-vectorize-loops",
+    "-C",
+    "no-vectorize-slp",
+    "-C",
+    "target-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2",
+    "-A",
+    "warnings",
+];
+
+/// Static, no-libc, no start files: the images bring their own entry.
+const LINK_STATIC: &[&str] = &[
+    "-C",
+    "target-feature=+crt-static",
+    "-C",
+    "link-arg=-nostdlib",
+    "-C",
+    "link-arg=-nostartfiles",
+    "-C",
+    "link-arg=-Wl,--build-id=none",
+    "-C",
+    "strip=symbols",
+];
+
+/// One freestanding binary linked against the workload rlib in `dir`.
+fn image(name: &str, src: &str, extra: &[&str], dir: &str, out: &str, what: &str) {
+    let rlib = format!("vmm_bench_workload={dir}/libvmm_bench_workload.rlib");
+    let mut a: Vec<&str> = COMMON.to_vec();
+    a.extend(LINK_STATIC);
+    a.extend(extra);
+    a.extend([
+        "--crate-type",
+        "bin",
+        "--crate-name",
+        name,
+        "--extern",
+        &rlib,
+        "-L",
+        dir,
+        src,
+        "-o",
+        out,
+    ]);
+    rustc(&a, what);
+}
+
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
@@ -46,35 +108,9 @@ fn main() {
         println!("cargo:rerun-if-changed={}", p(f));
     }
 
-    let common = [
-        "--edition",
-        "2024",
-        "-C",
-        "panic=abort",
-        "-C",
-        "opt-level=2",
-        "-C",
-        "relocation-model=static",
-        "-C",
-        "debuginfo=0",
-        // Plain scalar code: a nested host's KVM may emulate every guest
-        // instruction, and its emulator knows few vector instructions.
-        // Vectorising passes and SSE itself are off, so the compiler emits no
-        // vector instructions an emulating KVM could not execute.
-        "-C",
-        "no-vectorize-loops",
-        "-C",
-        "no-vectorize-slp",
-        "-C",
-        "target-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2",
-        // Dropping SSE draws a "required by the ABI" warning: our freestanding
-        // code passes no floats, so the ABI question does not arise.
-        "-A",
-        "warnings",
-    ];
-    let mut a: Vec<&str> = common.to_vec();
-    let wl_src = p("workload/src/lib.rs");
     let img_dir = img.to_string_lossy().into_owned();
+    let wl_src = p("workload/src/lib.rs");
+    let mut a: Vec<&str> = COMMON.to_vec();
     a.extend([
         "--crate-type",
         "rlib",
@@ -86,59 +122,27 @@ fn main() {
     ]);
     rustc(&a, "workload rlib");
 
-    let rlib = format!("vmm_bench_workload={}", o("libvmm_bench_workload.rlib"));
-    let link_static = [
-        "-C",
-        "target-feature=+crt-static",
-        "-C",
-        "link-arg=-nostdlib",
-        "-C",
-        "link-arg=-nostartfiles",
-        "-C",
-        "link-arg=-Wl,--build-id=none",
-        "-C",
-        "strip=symbols",
-    ];
     let script = format!("link-arg=-Wl,-T,{}", p("unikernel/link.ld"));
-    let uk_src = p("unikernel/main.rs");
     let uk_out = o("unikernel.elf");
-    let mut a: Vec<&str> = common.to_vec();
-    a.extend(link_static);
-    a.extend([
-        "-C",
-        &script,
-        "--crate-type",
-        "bin",
-        "--crate-name",
+    let uk_src = p("unikernel/main.rs");
+    image(
         "unikernel",
-        "--extern",
-        &rlib,
-        "-L",
-        &img_dir,
         &uk_src,
-        "-o",
-        &uk_out,
-    ]);
-    rustc(&a, "unikernel");
-
-    let li_src = p("linux-init/main.rs");
-    let li_out = o("linux-init");
-    let mut a: Vec<&str> = common.to_vec();
-    a.extend(link_static);
-    a.extend([
-        "--crate-type",
-        "bin",
-        "--crate-name",
-        "linux_init",
-        "--extern",
-        &rlib,
-        "-L",
+        &["-C", &script],
         &img_dir,
+        &uk_out,
+        "unikernel",
+    );
+    let li_out = o("linux-init");
+    let li_src = p("linux-init/main.rs");
+    image(
+        "linux_init",
         &li_src,
-        "-o",
+        &[],
+        &img_dir,
         &li_out,
-    ]);
-    rustc(&a, "static Linux init");
+        "static Linux init",
+    );
 
     println!("cargo:rustc-env=VMM_BENCH_UNIKERNEL={}", uk_out);
     println!("cargo:rustc-env=VMM_BENCH_LINUX_INIT={}", li_out);
