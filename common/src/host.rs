@@ -190,6 +190,27 @@ pub enum Accel {
 }
 
 impl Accel {
+    /// Every accelerator, for reading one back from its [`label`](Accel::label).
+    pub const ALL: [Accel; 5] = [
+        Accel::HardwareKvm,
+        Accel::NestedKvm,
+        Accel::NestedEmulatingKvm,
+        Accel::Tcg,
+        Accel::Native,
+    ];
+
+    /// The accelerator a [`label`](Accel::label) names (reports that carry
+    /// the label, like vmm-bench's rows, are read back through this).
+    ///
+    /// ```
+    /// use livehost_common::host::Accel;
+    /// assert_eq!(Accel::from_label("QEMU TCG (emulated)"), Some(Accel::Tcg));
+    /// assert_eq!(Accel::from_label("tcg"), None);
+    /// ```
+    pub fn from_label(label: &str) -> Option<Accel> {
+        Accel::ALL.into_iter().find(|a| a.label() == label)
+    }
+
     /// The KVM class of a host from its hypervisor flag and whether the KVM
     /// speed probe saw guest code run at hardware speed.
     ///
@@ -249,6 +270,13 @@ mod tests {
             serde_json::to_string(&Accel::HardwareKvm).unwrap(),
             r#""HardwareKvm""#
         );
+    }
+
+    #[test]
+    fn every_accel_reads_back_from_its_label() {
+        for a in Accel::ALL {
+            assert_eq!(Accel::from_label(a.label()), Some(a));
+        }
     }
 
     #[test]

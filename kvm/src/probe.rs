@@ -13,7 +13,7 @@ use crate::{Kvm, Mode, RawRun, RunEnd, Vm, Watchdog, code, layout, run_raw};
 use anyhow::{Result, bail};
 use kvm_ioctls::VcpuExit;
 use livehost_common::host::{Accel, Host};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// Real-mode loop iterations per chunk; each chunk ends in a port-I/O exit.
@@ -116,7 +116,7 @@ fn judge(ns: Option<f64>, elapsed: Duration) -> Speed {
 }
 
 /// Everything the probe found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Probe {
     pub kvm_available: bool,
     pub error: Option<String>,

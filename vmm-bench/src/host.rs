@@ -1,8 +1,8 @@
 //! Facts about the host every report records, and process memory figures.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostInfo {
     pub cpu_model: String,
     pub cpus: usize,

@@ -21,7 +21,7 @@ use crate::vm::boot;
 use crate::vm::probe::{self, Accel, Probe};
 use anyhow::Result;
 use livehost_common::progress::Progress;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -35,27 +35,27 @@ pub struct ReportOpts {
     pub no_linux: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Skipped {
     pub path: String,
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     pub path: String,
     pub checksum: Option<String>,
     pub ok: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claim {
     pub claim: String,
     pub measured: String,
     pub verdict: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub host: HostInfo,
     pub probe: Probe,

@@ -1,10 +1,10 @@
 //! One figure of the report and the typed builder the paths fill in.
 
 use crate::vm::probe::Accel;
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Which table (and chart) a row belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Group {
     Start,
@@ -40,7 +40,7 @@ impl Group {
 }
 
 /// Which clock measured a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Clock {
     /// Guest-reported (the guest's TSC or its own CLOCK_MONOTONIC).
@@ -59,7 +59,7 @@ impl Clock {
 }
 
 /// The unit of a row's value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Unit {
     #[serde(rename = "us")]
     Us,
@@ -91,14 +91,21 @@ fn accel_label<S: Serializer>(a: &Accel, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(a.label())
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// The reverse of `accel_label`, for readers of report.json (the demo).
+fn accel_from_label<'de, D: Deserializer<'de>>(d: D) -> Result<Accel, D::Error> {
+    let label = String::deserialize(d)?;
+    Accel::from_label(&label)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown accelerator {label:?}")))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub group: Group,
     pub path: String,
     pub metric: String,
     pub value: f64,
     pub unit: Unit,
-    #[serde(serialize_with = "accel_label")]
+    #[serde(serialize_with = "accel_label", deserialize_with = "accel_from_label")]
     pub accel: Accel,
     pub clock: Clock,
     pub runs: usize,

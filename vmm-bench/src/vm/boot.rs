@@ -4,7 +4,7 @@
 use super::{Kvm, Mode, Observed, Phases, RunEnd, RunError, Vm, Watchdog, elf, layout};
 use anyhow::{Context, Result, bail};
 use livehost_kvm::us;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// The unikernel image built by build.rs.
@@ -152,7 +152,7 @@ pub use livehost_kvm::code;
 /// The exit round trip through our VMM's full exit loop versus a bare
 /// `KVM_RUN` loop that does nothing but re-enter, measured alternately in
 /// one run on the same kind of guest.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExitCompare {
     pub exits_per_sample: u32,
     pub samples: usize,
