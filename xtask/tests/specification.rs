@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-/// The `path.rs::…::name` references of one line, in order; `…::name`
-/// continues the last full path on the same line.
+/// The `path.rs::…::name` references of one line, in order; `…::name` (or
+/// `::name`) continues the last full path on the same line.
 fn references(line: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut last: Option<String> = None;
@@ -14,8 +14,9 @@ fn references(line: &str) -> Vec<(String, String)> {
         if i % 2 == 0 || code.contains('<') {
             continue; // outside backticks, or a placeholder like <crate>
         }
-        if let Some(name) = code.strip_prefix("…::") {
+        if let Some(name) = code.strip_prefix("…::").or_else(|| code.strip_prefix("::")) {
             if let Some(path) = &last {
+                let name = name.rsplit("::").next().unwrap_or(name);
                 out.push((path.clone(), name.to_string()));
             }
         } else if let Some((path, rest)) = code.split_once(".rs::") {
@@ -52,7 +53,10 @@ fn every_test_the_specification_names_exists() {
             }
         }
     }
-    assert!(count > 100, "only {count} test references found: did the format change?");
+    assert!(
+        count > 100,
+        "only {count} test references found: did the format change?"
+    );
     assert!(missing.is_empty(), "not found:\n{}", missing.join("\n"));
 }
 
