@@ -21,6 +21,7 @@
 //! QEMU boots directly (faster under TCG).
 
 pub mod accel;
+pub mod commands;
 mod frame;
 pub mod guest;
 pub mod initramfs;
