@@ -4,8 +4,10 @@
 use crate::cgroup::{Leaf, cgroup2_root};
 use crate::cleanup::stop_signals;
 use crate::launch::Program;
-use crate::namespaces::{self, Exec, Extra, Isolation};
+use crate::namespaces::{self, Exec, Extra, Isolation, Mode};
+use crate::pipe::pipe;
 use crate::reap::{Reaper, exit_code};
+use crate::settings::Settings;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::os::fd::AsRawFd;
@@ -24,6 +26,10 @@ pub struct CommandOpts {
     pub net: bool,
     /// None: run until the command exits or we get SIGTERM/SIGINT/SIGHUP.
     pub timeout: Option<Duration>,
+    /// A real container (the command is looked up in its root, which holds
+    /// busybox as /bin/busybox and /bin/sh) or a namespaced process on the
+    /// host's file system (looked up on our PATH, our environment kept).
+    pub mode: Mode,
 }
 
 /// How a command container ended.
@@ -36,6 +42,8 @@ pub struct CommandEnd {
     /// The signal we received and answered by killing the container.
     pub stopped_by: Option<i32>,
     pub timed_out: bool,
+    /// The isolation it had.
+    pub settings: Settings,
 }
 
 fn resolve(cmd: &str) -> Result<PathBuf> {
@@ -107,31 +115,71 @@ impl Drop for BlockedStops {
     }
 }
 
-/// Run `argv` in new pid, mount, uts, ipc (opt. net) namespaces and a named
-/// cgroup leaf, with a private /proc and our environment. SIGTERM, SIGINT
-/// and SIGHUP to this process kill the container; either way the init is
-/// reaped and the leaf removed (if we created it) before returning.
-pub fn run_command(opts: &CommandOpts) -> Result<CommandEnd> {
-    crate::need_root()?;
-    let Some(prog) = opts.argv.first() else {
+/// The program and environment for `argv` in `mode`: inside a real
+/// container a bare name is `/bin/NAME` of the container's root and the
+/// environment is minimal; a namespaced process searches our PATH and
+/// keeps our environment.
+fn program_and_env(argv: &[String], mode: Mode) -> Result<(PathBuf, Vec<String>)> {
+    let Some(prog) = argv.first() else {
         bail!("no command given: vmm-bench container [OPTIONS] -- COMMAND [ARGS...]");
     };
-    let exe = resolve(prog)?;
+    Ok(match mode {
+        Mode::Container => {
+            if !Path::new(namespaces::BUSYBOX).is_file() {
+                bail!(
+                    "the container's root needs {} (Debian package busybox-static); or use --mode namespaced-process",
+                    namespaces::BUSYBOX
+                );
+            }
+            let exe = match prog.contains('/') {
+                true => PathBuf::from(prog),
+                false => Path::new("/bin").join(prog),
+            };
+            (exe, vec!["PATH=/bin".into(), "HOME=/".into()])
+        }
+        Mode::NamespacedProcess => {
+            let env = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+            (resolve(prog)?, env)
+        }
+    })
+}
+
+/// Run `argv` in new pid, mount, uts, ipc (opt. net) namespaces and a named
+/// cgroup leaf, as a real container or a namespaced process (`opts.mode`).
+/// SIGTERM, SIGINT and SIGHUP to this process kill the container; either
+/// way the init is reaped and the leaf removed (if we created it) before
+/// returning.
+pub fn run_command(opts: &CommandOpts) -> Result<CommandEnd> {
+    crate::need_root()?;
+    let (exe, env) = program_and_env(&opts.argv, opts.mode)?;
     let (leaf_path, leaf) = open_leaf(&opts.cgroup)?;
+    // Limits only on a leaf we made: an existing cgroup is someone else's.
+    let limits = match (&leaf, opts.mode) {
+        (Some(_), Mode::Container) => crate::limits::apply(&leaf_path),
+        (None, Mode::Container) => Err("none: the cgroup existed already".into()),
+        (_, Mode::NamespacedProcess) => Err("none".into()),
+    };
     let cg_fd = std::fs::File::open(&leaf_path)
         .with_context(|| format!("cannot open cgroup {}", leaf_path.display()))?;
-    let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
     let exec = Exec::new(&Program::Path(&exe), &opts.argv, &env)?;
-    let iso = Isolation::new(&opts.hostname)?;
+    let iso = Isolation::new(&opts.hostname, opts.mode)?;
+    let (sync_r, sync_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (sr, sw, ew) = (sync_r.as_raw_fd(), sync_w.as_raw_fd(), err_w.as_raw_fd());
     let stops = BlockedStops::new();
     let child = move || -> isize {
         // SAFETY (whole closure): system calls on values prepared before
         // clone; any failure ends the child with a distinct status.
         unsafe {
-            if let Err(s) = iso.unblock_signals().and_then(|()| iso.apply()) {
-                return s;
+            let ready = iso
+                .unblock_signals()
+                .and_then(|()| iso.wait_for_parent(sr, sw))
+                .and_then(|()| iso.apply())
+                .and_then(|()| iso.lock_down());
+            if let Err(s) = ready {
+                return namespaces::failed(ew, s);
             }
-            exec.exec()
+            namespaces::failed(ew, exec.exec())
         }
     };
     let flags = namespaces::clone_flags(Extra {
@@ -144,12 +192,21 @@ pub fn run_command(opts: &CommandOpts) -> Result<CommandEnd> {
         std::fs::write(leaf_path.join("cgroup.procs"), pid.to_string())
             .with_context(|| format!("cannot move the container into {}", leaf_path.display()))?;
     }
+    // SAFETY: one byte on our pipe releases the child.
+    if unsafe { libc::write(sw, [1u8].as_ptr().cast(), 1) } != 1 {
+        bail!("cannot release the container process");
+    }
+    drop((sync_r, sync_w, err_w));
+    // Past a failed set-up the child has exited: reap it through the
+    // reaper's drop, then report the step.
+    namespaces::exec_outcome(&err_r, Instant::now() + Duration::from_secs(10))?;
     let mut end = CommandEnd {
         pid: reaper.release(),
         cgroup: Some(leaf_path.display().to_string()),
         exit_code: 0,
         stopped_by: None,
         timed_out: false,
+        settings: Settings::ours(opts.mode, &limits),
     };
     wait_or_stop(&mut end, &stops, opts.timeout);
     drop(cg_fd);

@@ -2,10 +2,11 @@
 //! down: what a benchmark needs (timed, output captured, nothing left).
 
 use crate::cgroup::{Leaf, cgroup2_root};
-use crate::namespaces::{self, Exec, Extra, Isolation, status};
+use crate::namespaces::{self, Exec, Extra, Isolation, Mode};
 use crate::pipe::{pipe, read_until};
 use crate::reap::Reaper;
 use crate::sealed::SealedFile;
+use crate::settings::Settings;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -43,6 +44,8 @@ pub struct Launch<'a> {
     /// The cgroup leaf is `PREFIX-PID-SEQ` under the v2 root (see
     /// [`crate::remove_stale_leaves`]).
     pub leaf_prefix: &'a str,
+    /// A real container, or a namespaced process on the host's file system.
+    pub mode: Mode,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,20 +54,41 @@ pub struct ContainerRun {
     pub pid: i32,
     pub stdout: String,
     pub exit_code: i32,
-    /// Host wall clock: namespaces + cgroup set up, workload exec'd.
+    /// Host clock: namespaces + cgroup set up and the child released (its
+    /// own set-up, the mounts, and exec still ahead).
     pub setup_us: f64,
+    /// CLOCK_MONOTONIC at launch, in ns: a workload that prints its own
+    /// start time on that clock gives the true launch-to-exec time.
+    pub launch_mono_ns: u64,
     /// Launch to the workload's exit (output collected), host clock.
     pub total_us: f64,
     pub cgroup: Option<String>,
     pub max_rss_bytes: u64,
+    /// The isolation this run had.
+    pub settings: Settings,
+}
+
+/// CLOCK_MONOTONIC now, in ns (the clock `Instant` uses on Linux).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Run the program in new pid, mount, uts and ipc namespaces (optionally
-/// net and user), inside its own cgroup leaf, with a private /proc and no
-/// environment. Everything is torn down before returning, also on timeout
-/// (the error is then [`crate::TimedOut`]).
+/// net and user) inside its own cgroup leaf, with no environment, as a real
+/// container or a namespaced process (`l.mode`). Everything is torn down
+/// before returning, also on timeout (the error is then [`crate::TimedOut`]).
 pub fn run(l: &Launch) -> Result<ContainerRun> {
     crate::need_root()?;
+    if l.mode == Mode::Container && l.extra.user {
+        bail!("a user namespace is only offered in the namespaced-process mode");
+    }
+    let launch_mono_ns = monotonic_ns();
     let launch = Instant::now();
     let cg = match cgroup2_root() {
         Some(root) => Some(
@@ -73,31 +97,38 @@ pub fn run(l: &Launch) -> Result<ContainerRun> {
         ),
         None => None,
     };
+    let limits = match (&cg, l.mode) {
+        (Some(c), Mode::Container) => crate::limits::apply(c.path()),
+        (None, _) => Err("none: no cgroup v2 hierarchy".into()),
+        (Some(_), Mode::NamespacedProcess) => Err("none".into()),
+    };
     let mut argv = vec![l.program.argv0()];
     argv.extend(l.args.iter().cloned());
     let exec = Exec::new(&l.program, &argv, &[])?;
-    let iso = Isolation::new(&l.hostname)?;
+    let iso = Isolation::new(&l.hostname, l.mode)?;
     let (sync_r, sync_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
-    let (sr, ow) = (sync_r.as_raw_fd(), out_w.as_raw_fd());
+    let (err_r, err_w) = pipe()?;
+    let (sr, sw, ow) = (sync_r.as_raw_fd(), sync_w.as_raw_fd(), out_w.as_raw_fd());
+    let ew = err_w.as_raw_fd();
     let child = move || -> isize {
         // SAFETY (whole closure): plain system calls on descriptors and
         // strings prepared before clone; any failure ends the child.
         unsafe {
-            if let Err(s) = iso.unblock_signals() {
-                return s;
+            let ready = iso
+                .unblock_signals()
+                .and_then(|()| iso.wait_for_parent(sr, sw))
+                .and_then(|()| iso.apply());
+            let ready = ready
+                .and_then(|()| match libc::dup2(ow, 1) {
+                    r if r < 0 => Err(namespaces::status::STDOUT),
+                    _ => Ok(()),
+                })
+                .and_then(|()| iso.lock_down());
+            if let Err(s) = ready {
+                return namespaces::failed(ew, s);
             }
-            let mut b = 0u8;
-            if libc::read(sr, (&mut b as *mut u8).cast(), 1) != 1 {
-                return status::SYNC;
-            }
-            if let Err(s) = iso.apply() {
-                return s;
-            }
-            if libc::dup2(ow, 1) < 0 {
-                return status::STDOUT;
-            }
-            exec.exec()
+            namespaces::failed(ew, exec.exec())
         }
     };
     let cg_fd = match &cg {
@@ -110,13 +141,15 @@ pub fn run(l: &Launch) -> Result<ContainerRun> {
     let flags = namespaces::clone_flags(l.extra);
     let (pid, placed) =
         namespaces::spawn_child(flags, cg_fd.as_ref().map(|f| f.as_raw_fd()), child)?;
-    drop(out_w);
+    drop((out_w, err_w));
     // From here on the child must be reaped whatever happens.
     let reaper = Reaper::new(pid);
     let leaf = cg.as_ref().filter(|_| !placed).map(|c| c.path());
     release(pid, l.extra.user, leaf, sync_w)?;
+    drop(sync_r);
     let setup_us = launch.elapsed().as_secs_f64() * 1e6;
     let deadline = crate::deadline(launch, l.timeout);
+    namespaces::exec_outcome(&err_r, deadline)?;
     let stdout = read_until(out_r, deadline);
     let (code, rss) = reaper.wait(deadline)?;
     let total_us = launch.elapsed().as_secs_f64() * 1e6;
@@ -125,9 +158,11 @@ pub fn run(l: &Launch) -> Result<ContainerRun> {
         stdout: stdout?,
         exit_code: code,
         setup_us,
+        launch_mono_ns,
         total_us,
         cgroup: cg.as_ref().map(|c| c.path().display().to_string()),
         max_rss_bytes: rss,
+        settings: Settings::ours(l.mode, &limits),
     })
 }
 

@@ -1,6 +1,9 @@
-//! livehost's container path: run a program in new pid, mount, uts and ipc
-//! (optionally net and user) namespaces inside a cgroup v2 leaf with a
-//! private /proc, or run an OCI bundle through `runc`.
+//! livehost's container path: run a program as a real container (new pid,
+//! mount, uts, ipc and cgroup namespaces, its own read-only root entered by
+//! pivot_root, its own /dev, masked /proc, read-only /sys, limits in its
+//! cgroup v2 leaf, a reduced capability set, no_new_privs, seccomp), or as
+//! a namespaced process sharing the host's file system
+//! ([`Mode::NamespacedProcess`]), or run an OCI bundle through `runc`.
 //!
 //! - [`launch`]: start a program as a container and collect its output
 //!   (what a benchmark wants: timed, output captured, torn down after).
@@ -20,19 +23,25 @@ pub mod cgroup;
 pub mod cleanup;
 pub mod command;
 pub mod launch;
+pub mod limits;
 pub mod namespaces;
 pub mod pipe;
+pub mod privileges;
 pub mod reap;
+pub mod rootfs;
 pub mod runc;
 pub mod sealed;
+pub mod settings;
 
 pub use cgroup::{cgroup2_root, remove_stale_leaves};
 pub use cleanup::clean_up_on_stop_signals;
 pub use command::{CommandEnd, CommandOpts, run_command};
 pub use launch::{ContainerRun, Launch, Program};
+pub use namespaces::Mode;
 pub use reap::{Reaper, TimedOut};
 pub use runc::{Bundle, RuncRun, find_runc, run_runc};
 pub use sealed::SealedFile;
+pub use settings::Settings;
 
 use std::time::{Duration, Instant};
 

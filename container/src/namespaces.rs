@@ -4,10 +4,17 @@
 //! have held the allocator's lock at that moment.
 
 use crate::launch::Program;
+use crate::privileges::Privileges;
+use crate::rootfs::Rootfs;
 use crate::{cleanup, cstr};
 use anyhow::{Context, Result};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+
+/// The userland a real container gets: the host's static busybox, bound
+/// read-only as /bin/busybox and /bin/sh (runc's bundle copies the same file).
+pub const BUSYBOX: &str = "/bin/busybox";
 
 /// Exit statuses of a container child that failed before its program ran,
 /// one per step, so a failed set-up says where it failed.
@@ -26,6 +33,65 @@ pub mod status {
     pub const STDOUT: isize = 124;
     /// execve failed.
     pub const EXEC: isize = livehost_common::exit::EXEC_FAILED as isize;
+    /// PR_SET_PDEATHSIG failed.
+    pub const DEATHSIG: isize = 112;
+    /// Installing the seccomp filter failed.
+    pub const SECCOMP: isize = 113;
+    /// unshare(CLONE_NEWCGROUP) failed.
+    pub const CGROUP_NS: isize = 114;
+    /// Building the root file system (a mount, a device node) failed.
+    pub const ROOTFS: isize = 115;
+    /// pivot_root into the new root failed.
+    pub const PIVOT: isize = 116;
+    /// Dropping capabilities failed.
+    pub const CAPABILITIES: isize = 117;
+    /// PR_SET_NO_NEW_PRIVS failed.
+    pub const NO_NEW_PRIVS: isize = 118;
+
+    /// What a set-up status means, for error messages; None for statuses
+    /// a program may return itself.
+    pub fn meaning(code: i32) -> Option<&'static str> {
+        Some(match code as isize {
+            SIGMASK => "restoring the signal mask failed",
+            SYNC => "the parent never released the container",
+            HOSTNAME => "sethostname failed",
+            PRIVATE_MOUNTS => "making the mounts private failed",
+            PROC => "mounting /proc failed",
+            DEATHSIG => "PR_SET_PDEATHSIG failed",
+            SECCOMP => "installing the seccomp filter failed",
+            CGROUP_NS => "unshare(CLONE_NEWCGROUP) failed",
+            ROOTFS => "building the container's root file system failed",
+            PIVOT => "pivot_root into the container's root failed",
+            CAPABILITIES => "dropping capabilities failed",
+            NO_NEW_PRIVS => "setting no_new_privs failed",
+            EXEC => "execve failed (no such program in the container's root?)",
+            _ => return None,
+        })
+    }
+}
+
+/// How much isolation a container gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// A real container: its own read-only root (pivot_root), /dev, masked
+    /// /proc, read-only /sys, a cgroup namespace, limits where the
+    /// controllers exist, a reduced capability set, no_new_privs, seccomp.
+    #[default]
+    Container,
+    /// Namespaces and a cgroup leaf only: the host's file system, /sys and
+    /// /dev, full root capabilities, no seccomp. Fast, and no isolation
+    /// worth the name.
+    NamespacedProcess,
+}
+
+impl Mode {
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Container => "container (own read-only root, reduced privileges)",
+            Mode::NamespacedProcess => "namespaced process, shared host filesystem",
+        }
+    }
 }
 
 /// Which namespaces a container gets beyond pid, mount, uts and ipc.
@@ -56,17 +122,65 @@ pub(crate) struct Isolation {
     proc_s: CString,
     proc_t: CString,
     mask: libc::sigset_t,
+    /// The real container's root and privileges; None for a namespaced
+    /// process.
+    real: Option<(Rootfs, Privileges)>,
 }
 
 impl Isolation {
-    pub(crate) fn new(hostname: &str) -> Result<Isolation> {
+    pub(crate) fn new(hostname: &str, mode: Mode) -> Result<Isolation> {
+        let real = match mode {
+            Mode::Container => {
+                let bb = Path::new(BUSYBOX).is_file().then_some(BUSYBOX);
+                let cg2 = crate::cgroup2_root().is_some();
+                Some((Rootfs::new(bb, cg2)?, Privileges::new()?))
+            }
+            Mode::NamespacedProcess => None,
+        };
         Ok(Isolation {
             host: hostname.as_bytes().to_vec(),
             root: cstr("/")?,
             proc_s: cstr("proc")?,
             proc_t: cstr("/proc")?,
             mask: cleanup::no_signals(),
+            real,
         })
+    }
+
+    /// In the child, right after the clone: be killed when the thread that
+    /// cloned us dies (so a SIGKILLed launcher orphans nothing), then wait
+    /// for the parent's byte on `sync_r` (closing our copy of `sync_w`
+    /// first, so a parent that died already reads as EOF).
+    ///
+    /// # Safety
+    /// Call only in a child between clone and exec.
+    pub(crate) unsafe fn wait_for_parent(&self, sync_r: RawFd, sync_w: RawFd) -> Result<(), isize> {
+        // SAFETY: prctl, close and read on values we own.
+        unsafe {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(status::DEATHSIG);
+            }
+            libc::close(sync_w);
+            let mut b = 0u8;
+            if libc::read(sync_r, (&mut b as *mut u8).cast(), 1) != 1 {
+                return Err(status::SYNC);
+            }
+            libc::close(sync_r);
+        }
+        Ok(())
+    }
+
+    /// Last step before exec: drop capabilities, no_new_privs, seccomp
+    /// (a real container only).
+    ///
+    /// # Safety
+    /// Call only in a child between clone and exec.
+    pub(crate) unsafe fn lock_down(&self) -> Result<(), isize> {
+        match &self.real {
+            // SAFETY: as for this function.
+            Some((_, p)) => unsafe { p.apply() },
+            None => Ok(()),
+        }
     }
 
     /// First thing in a freshly cloned child: clear the signal mask (it
@@ -90,6 +204,12 @@ impl Isolation {
     pub(crate) unsafe fn apply(&self) -> Result<(), isize> {
         // SAFETY: plain system calls on NUL-terminated strings we own.
         unsafe {
+            // The cgroup namespace is made here, after the parent placed us
+            // in our leaf, so its root is the leaf (clone3's
+            // CLONE_NEWCGROUP would root it at the parent's cgroup).
+            if self.real.is_some() && libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+                return Err(status::CGROUP_NS);
+            }
             if libc::sethostname(self.host.as_ptr().cast(), self.host.len()) != 0 {
                 return Err(status::HOSTNAME);
             }
@@ -104,6 +224,9 @@ impl Isolation {
             ) != 0
             {
                 return Err(status::PRIVATE_MOUNTS);
+            }
+            if let Some((rootfs, _)) = &self.real {
+                return rootfs.build();
             }
             if libc::mount(
                 self.proc_s.as_ptr(),
@@ -264,4 +387,46 @@ pub(crate) fn spawn_child(
     }
     .context("clone with new namespaces failed (kernel without user/pid namespaces, or a seccomp policy?)")?;
     Ok((pid.as_raw(), false))
+}
+
+/// In the child: tell the parent which step failed, over the close-on-exec
+/// error pipe (a successful exec closes it with nothing written), and
+/// return that status as the child's exit status.
+///
+/// # Safety
+/// Call only in a child between clone and exec.
+pub(crate) unsafe fn failed(err_w: RawFd, status: isize) -> isize {
+    let b = status as u8;
+    // SAFETY: one byte to a pipe we own.
+    unsafe { libc::write(err_w, (&b as *const u8).cast(), 1) };
+    status
+}
+
+/// In the parent, after releasing the child: wait until it has exec'd (the
+/// error pipe closes empty) or reported a failed step, at most until
+/// `deadline`. The write end must be closed in the parent already.
+pub(crate) fn exec_outcome(
+    err_r: &std::os::fd::OwnedFd,
+    deadline: std::time::Instant,
+) -> Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: err_r.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let ms = left.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: poll on one descriptor we own.
+    if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+        anyhow::bail!("the container did not reach exec in time");
+    }
+    let mut b = 0u8;
+    // SAFETY: reading one byte into a local.
+    match unsafe { libc::read(err_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1) } {
+        1 => {
+            let why = status::meaning(b as i32).unwrap_or("unknown step");
+            anyhow::bail!("the container's set-up failed (status {b}): {why}")
+        }
+        _ => Ok(()),
+    }
 }

@@ -71,10 +71,15 @@ fn write_executable(p: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The bundle's config.json.
+/// The bundle's config.json: the same isolation our container gets
+/// (see [`crate::Settings::runc`]): capabilities, masked and read-only
+/// paths, namespaces, the seccomp deny list, limits.
 fn config(args: &[String]) -> serde_json::Value {
+    use crate::privileges::{DENIED_SYSCALLS, KEPT_CAPS};
     let mut argv = vec!["/init".to_string()];
     argv.extend(args.iter().cloned());
+    let caps: Vec<&str> = KEPT_CAPS.iter().map(|&(n, _)| n).collect();
+    let denied: Vec<&str> = DENIED_SYSCALLS.iter().map(|&(n, _)| n).collect();
     serde_json::json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -83,17 +88,32 @@ fn config(args: &[String]) -> serde_json::Value {
             "args": argv,
             "env": ["PATH=/bin"],
             "cwd": "/",
-            "noNewPrivileges": true
+            "noNewPrivileges": true,
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps}
         },
         "root": {"path": "rootfs", "readonly": true},
         "hostname": "livehost-runc",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
         ],
         "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}],
-            "maskedPaths": [], "readonlyPaths": []
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}, {"type": "cgroup"}],
+            "resources": {"pids": {"limit": crate::limits::PIDS_MAX}},
+            "maskedPaths": crate::rootfs::MASKED_PATHS,
+            "readonlyPaths": crate::rootfs::READONLY_PATHS,
+            "seccomp": {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [
+                    {"names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM},
+                    {"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM,
+                     "args": [{"index": 0, "value": libc::CLONE_NEWUSER, "valueTwo": libc::CLONE_NEWUSER, "op": "SCMP_CMP_MASKED_EQ"}]},
+                    {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS}
+                ]
+            }
         }
     })
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 pub use livehost_container::pipe::{drain, read_until};
 pub use livehost_container::{
-    Bundle, CommandEnd, CommandOpts, ContainerRun, Reaper, RuncRun, cgroup2_root, find_runc,
-    run_command, run_runc,
+    Bundle, CommandEnd, CommandOpts, ContainerRun, Mode, Reaper, RuncRun, Settings, cgroup2_root,
+    find_runc, run_command, run_runc,
 };
 
 /// Options for one container run of the workload.
@@ -23,9 +23,12 @@ pub struct ContainerOpts {
     pub hostname: String,
     /// Also unshare the network namespace (costs a few ms more).
     pub net: bool,
-    /// Also unshare a user namespace, mapping root to root.
+    /// Also unshare a user namespace, mapping root to root (namespaced
+    /// process only).
     pub user: bool,
     pub timeout: Duration,
+    /// A real container (default) or a namespaced process.
+    pub mode: Mode,
 }
 
 impl Default for ContainerOpts {
@@ -36,6 +39,7 @@ impl Default for ContainerOpts {
             net: false,
             user: false,
             timeout: Duration::from_secs(10),
+            mode: Mode::Container,
         }
     }
 }
@@ -72,7 +76,8 @@ pub fn clean_up_on_stop_signals() -> Result<()> {
 }
 
 /// Run the workload in new pid, mount, uts and ipc namespaces (optionally
-/// net and user), inside its own cgroup leaf, with a private /proc.
+/// net and user), inside its own cgroup leaf, as a real container or a
+/// namespaced process (`opts.mode`).
 /// Everything is torn down before returning, also on timeout.
 pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
     static STALE: std::sync::Once = std::sync::Once::new();
@@ -89,6 +94,7 @@ pub fn run(opts: &ContainerOpts) -> Result<ContainerRun> {
         },
         timeout: opts.timeout,
         leaf_prefix: LEAF_PREFIX,
+        mode: opts.mode,
     })
 }
 

@@ -51,10 +51,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run a command as a container: new pid, mount, uts, ipc (opt. net)
-    /// namespaces, a named cgroup v2 leaf, private /proc. SIGTERM/SIGINT
-    /// kill it; the leaf is removed afterwards if this created it.
+    /// Run a command as a container: new pid, mount, uts, ipc, cgroup (opt.
+    /// net) namespaces, a named cgroup v2 leaf with limits, its own
+    /// read-only root holding busybox (/bin/sh), own /dev, masked /proc,
+    /// read-only /sys, reduced capabilities, no_new_privs, seccomp.
+    /// SIGTERM/SIGINT kill it; the leaf is removed afterwards if this
+    /// created it.
     Container {
+        /// `container` (default), or `namespaced-process`: namespaces and a
+        /// leaf only, on the host's file system with full root privileges.
+        #[arg(long, value_enum, default_value = "container")]
+        mode: ModeArg,
         /// Hostname inside the container.
         #[arg(long, default_value = "livehost-ctr")]
         name: String,
@@ -114,6 +121,24 @@ enum Cmd {
     },
 }
 
+/// `container --mode`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    /// A real container.
+    Container,
+    /// Namespaced process, shared host filesystem.
+    NamespacedProcess,
+}
+
+impl From<ModeArg> for container::Mode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Container => container::Mode::Container,
+            ModeArg::NamespacedProcess => container::Mode::NamespacedProcess,
+        }
+    }
+}
+
 /// `--kib`: every path accepts 1..=MAX_KIB (1 GiB); anything else is a
 /// usage error (exit 2) before anything is allocated or booted.
 fn kib_parser() -> clap::builder::RangedU64ValueParser {
@@ -156,6 +181,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             json,
         }),
         Cmd::Container {
+            mode,
             name,
             cgroup,
             net,
@@ -170,6 +196,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 hostname: name,
                 net,
                 timeout: timeout.map(Duration::from_secs),
+                mode: mode.into(),
             };
             commands::container(&opts, quiet, json)
         }

@@ -54,6 +54,11 @@ fn gone(pid: i32) -> bool {
 
 #[test]
 fn container_is_isolated_and_cleaned_up() {
+    isolated_and_cleaned_up(container::Mode::Container);
+    isolated_and_cleaned_up(container::Mode::NamespacedProcess);
+}
+
+fn isolated_and_cleaned_up(mode: container::Mode) {
     root();
     let before = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
@@ -62,6 +67,7 @@ fn container_is_isolated_and_cleaned_up() {
     let r = container::run(&ContainerOpts {
         args: args(&["--info"]),
         hostname: "vmmb-test".into(),
+        mode,
         ..Default::default()
     })
     .unwrap();
@@ -93,8 +99,13 @@ fn container_is_isolated_and_cleaned_up() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
+    // A real container has its own cgroup namespace rooted at its leaf.
+    let seen = match mode {
+        container::Mode::Container => "0::/;".to_string(),
+        container::Mode::NamespacedProcess => format!("0::/{leaf}"),
+    };
     assert!(
-        field(l, "cgroup").is_some_and(|c| c.contains(&format!("0::/{leaf}"))),
+        field(l, "cgroup").is_some_and(|c| c.contains(&seen)),
         "in its v2 cgroup {leaf}: {l}"
     );
     // Nothing left behind: cgroup removed, child reaped, host mounts unchanged.
@@ -120,6 +131,7 @@ fn container_with_net_and_user_namespaces() {
         args: args(&["--info"]),
         net: true,
         user: true,
+        mode: container::Mode::NamespacedProcess,
         ..Default::default()
     })
     .unwrap();
