@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -147,6 +148,8 @@ pub struct RuncRun {
     pub stdout: String,
     pub exit_code: i32,
     pub total_us: f64,
+    /// CLOCK_MONOTONIC at `runc run`, ns.
+    pub launch_mono_ns: u64,
     pub max_rss_bytes: u64,
 }
 
@@ -166,8 +169,17 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
         id: id.clone(),
         bundle: bundle.dir.path().to_path_buf(),
     };
+    let launch_mono_ns = crate::launch::monotonic_ns();
     let launch = Instant::now();
-    let mut child = std::process::Command::new(runc)
+    let mut cmd = std::process::Command::new(runc);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
+    }
+    let mut child = cmd
         .arg("--root")
         .arg(&state)
         .args(["run", "--bundle"])
@@ -206,6 +218,7 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
         stdout: stdout?,
         exit_code: code,
         total_us,
+        launch_mono_ns,
         max_rss_bytes: rss,
     })
 }

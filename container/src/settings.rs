@@ -4,9 +4,9 @@
 
 use crate::namespaces::Mode;
 use crate::privileges::{DENIED_SYSCALLS, KEPT_CAPS, kept_mask};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settings {
     pub mode: String,
     pub rootfs: String,

@@ -6,7 +6,9 @@
 //! Arguments (all optional): `kib=N` (workload size, default 4096), `loops=N`, `seed=N`, `--info` (print
 //! pid, hostname, namespace ids and cgroup, for the isolation tests) and
 //! `--reboot` (as a guest's init: end the VM instead of exiting).
-//! Output: one `LIVEHOST-LX ...` line on stdout; exit status 0.
+//! Output: one `LIVEHOST-LX ...` line on stdout (with `mono_start_ns`, its
+//! first instruction's CLOCK_MONOTONIC, and `vmhwm_kib`, its own peak RSS);
+//! exit status 0.
 #![no_std]
 #![no_main]
 
@@ -143,6 +145,34 @@ fn print_file(out: &mut Out, path: &[u8]) {
     sys(SYS_CLOSE, &[fd as usize]);
 }
 
+/// The `KEY: N kB` figure of /proc/self/status (VmHWM: this process's own
+/// peak RSS), or 0 when /proc is not there.
+fn status_kib(key: &[u8]) -> u64 {
+    let fd = sys(SYS_OPEN, &[b"/proc/self/status\0".as_ptr() as usize, 0]);
+    if fd < 0 {
+        return 0;
+    }
+    let mut b = [0u8; 4096];
+    let mut n = 0;
+    while n < b.len() {
+        let r = sys(SYS_READ, &[fd as usize, b[n..].as_mut_ptr() as usize, b.len() - n]);
+        if r <= 0 {
+            break;
+        }
+        n += r as usize;
+    }
+    sys(SYS_CLOSE, &[fd as usize]);
+    b[..n]
+        .split(|&c| c == b'\n')
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| {
+            let digits: &[u8] = rest.trim_ascii_start();
+            let end = digits.iter().position(|c| !c.is_ascii_digit()).unwrap_or(digits.len());
+            parse_u64(&digits[..end])
+        })
+        .unwrap_or(0)
+}
+
 fn print_link(out: &mut Out, path: &[u8]) {
     let mut b = [0u8; 128];
     let r = sys(
@@ -219,8 +249,9 @@ extern "C" fn lx_main(sp: *const usize) -> ! {
     let pid = sys(SYS_GETPID, &[]);
     let _ = write!(
         out,
-        "LIVEHOST-LX pid={} mono_start_ns={} boottime_start_ns={} checksum={:#018x} len={} workload_ns={} loop_n={} syscall_loop_ns={}",
+        "LIVEHOST-LX pid={} vmhwm_kib={} mono_start_ns={} boottime_start_ns={} checksum={:#018x} len={} workload_ns={} loop_n={} syscall_loop_ns={}",
         pid,
+        status_kib(b"VmHWM:"),
         mono_start,
         boot_start,
         sum,

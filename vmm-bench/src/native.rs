@@ -4,6 +4,7 @@ use crate::container::{Reaper, read_until, workload};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Serialize)]
@@ -12,6 +13,8 @@ pub struct NativeRun {
     pub exit_code: i32,
     /// spawn to exit, host clock.
     pub total_us: f64,
+    /// CLOCK_MONOTONIC at spawn, ns (the workload prints its own start on it).
+    pub launch_mono_ns: u64,
     pub max_rss_bytes: u64,
 }
 
@@ -20,8 +23,18 @@ pub struct NativeRun {
 /// another user could reach.
 pub fn run(args: &[String], timeout: Duration) -> Result<NativeRun> {
     let exe = workload()?.exec_path();
+    let launch_mono_ns = livehost_container::launch::monotonic_ns();
     let launch = Instant::now();
-    let mut child = std::process::Command::new(&exe)
+    let mut cmd = std::process::Command::new(&exe);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        // Killed with us: a SIGKILLed vmm-bench leaves no workload behind.
+        cmd.pre_exec(|| match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
+    }
+    let mut child = cmd
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -36,6 +49,7 @@ pub fn run(args: &[String], timeout: Duration) -> Result<NativeRun> {
         stdout: stdout?,
         exit_code: code,
         total_us: launch.elapsed().as_secs_f64() * 1e6,
+        launch_mono_ns,
         max_rss_bytes: rss,
     })
 }

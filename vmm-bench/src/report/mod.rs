@@ -41,11 +41,23 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Every run's checksum of one path: `ok` only when all of them match.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     pub path: String,
+    /// The first wrong checksum, or the (common) right one.
     pub checksum: Option<String>,
     pub ok: bool,
+    /// Runs checked, and how many of them matched.
+    pub runs: usize,
+    pub matched: usize,
+}
+
+/// The isolation one container path had.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathSettings {
+    pub path: String,
+    pub settings: crate::container::Settings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +79,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     pub skipped: Vec<Skipped>,
     pub claims: Vec<Claim>,
+    /// Which isolation settings each container path ran with.
+    pub container_settings: Vec<PathSettings>,
     pub exit_compare: Option<boot::ExitCompare>,
     pub elapsed_s: f64,
 }
@@ -76,13 +90,14 @@ struct Findings {
     rows: Vec<Row>,
     skipped: Vec<Skipped>,
     checks: Vec<Check>,
+    settings: Vec<PathSettings>,
     expected: u64,
 }
 
 impl Findings {
-    /// Rows for `path` under `accel` over `runs` runs.
-    fn path(&mut self, path: &str, accel: Accel, runs: usize) -> PathRows<'_> {
-        PathRows::new(&mut self.rows, path, accel, runs)
+    /// Rows for `path` under `accel`.
+    fn path(&mut self, path: &str, accel: Accel) -> PathRows<'_> {
+        PathRows::new(&mut self.rows, path, accel)
     }
 
     fn skip(&mut self, path: &str, reason: impl std::fmt::Display) {
@@ -92,12 +107,23 @@ impl Findings {
         });
     }
 
-    fn check(&mut self, path: &str, sum: Option<u64>) -> bool {
-        let ok = sum == Some(self.expected);
+    /// Check every run's checksum of `path` (None: a run printed none).
+    fn check(&mut self, path: &str, sums: impl IntoIterator<Item = Option<u64>>) -> bool {
+        let sums: Vec<Option<u64>> = sums.into_iter().collect();
+        let matched = sums.iter().filter(|&&s| s == Some(self.expected)).count();
+        let shown = sums
+            .iter()
+            .find(|&&s| s != Some(self.expected))
+            .or(sums.first())
+            .copied()
+            .flatten();
+        let ok = matched == sums.len() && !sums.is_empty();
         self.checks.push(Check {
             path: path.into(),
-            checksum: sum.map(|s| format!("{s:#018x}")),
+            checksum: shown.map(|s| format!("{s:#018x}")),
             ok,
+            runs: sums.len(),
+            matched,
         });
         ok
     }
@@ -119,6 +145,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
         rows: vec![],
         skipped: vec![],
         checks: vec![],
+        settings: vec![],
         expected,
     };
     pr.step("probing /dev/kvm");
@@ -150,6 +177,7 @@ pub fn run(opts: &ReportOpts) -> Result<Report> {
         loops: opts.loops,
         expected_checksum: format!("{expected:#018x}"),
         checks: f.checks,
+        container_settings: f.settings,
         rows: f.rows,
         skipped: f.skipped,
         claims,

@@ -3,14 +3,14 @@
 //! namespace), runc, the unikernel on our VMM, QEMU booting the unikernel
 //! and the Debian kernel, and the density and size figures.
 
-use super::row::{Clock, Group, PathRows, Row, Unit, median};
+use super::row::{Clock, Group, Row, Unit, median};
 use super::{Findings, ReportOpts};
 use crate::container::{self, ContainerOpts};
 use crate::qemu::{self, LinuxImage, field_u64};
 use crate::vm::boot::{self, UNIKERNEL, UnikernelReport, UnikernelRun};
 use crate::vm::probe::{Accel, Probe};
 use crate::{native, vm};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use livehost_common::progress::Progress;
 use std::time::{Duration, Instant};
 
@@ -47,16 +47,8 @@ impl Ctx<'_> {
 /// Every path in the report's order; returns the VMM-vs-bare comparison
 /// when it ran.
 pub(super) fn run_all(c: &Ctx, f: &mut Findings) -> Option<boot::ExitCompare> {
-    c.pr.step("native process");
-    let native_workload_ns = native_process(c, f);
-    c.pr.step("container (own launcher)");
-    if !livehost_common::is_root() {
-        f.skip("container", "needs root");
-    } else {
-        our_container(c, f);
-    }
-    c.pr.step("runc");
-    let rootfs_bytes = runc(c, f);
+    c.pr.step("process paths, round-robin: native, containers, runc");
+    let (native_workload_ns, rootfs_bytes) = process_paths(c, f);
     c.pr.step("unikernel on our KVM VMM");
     let exit_compare = our_vmm(c, f);
     if livehost_common::is_root() {
@@ -72,159 +64,216 @@ pub(super) fn run_all(c: &Ctx, f: &mut Findings) -> Option<boot::ExitCompare> {
     exit_compare
 }
 
-/// `n` runs of `run`, or the first error.
+/// `n` runs of `run` after one discarded warm-up run, or the first error.
 fn repeat<T>(n: usize, mut run: impl FnMut() -> Result<T>) -> Result<Vec<T>> {
+    run()?;
     (0..n).map(|_| run()).collect()
 }
 
-/// The median of a figure the workload printed (`key=N` on its result
-/// line), scaled by `scale`.
-fn printed(lines: &[&str], key: &str, scale: impl Fn(f64) -> f64) -> f64 {
-    median(
-        lines
-            .iter()
-            .filter_map(|l| field_u64(l, key))
-            .map(|v| scale(v as f64))
-            .collect(),
-    )
+/// A figure the workload printed (`key=N` on its result line) in every
+/// run, scaled by `scale`; NaN where a run did not print it.
+fn printed(lines: &[&str], key: &str, scale: impl Fn(f64) -> f64) -> Vec<f64> {
+    lines
+        .iter()
+        .map(|l| field_u64(l, key).map_or(f64::NAN, |v| scale(v as f64)))
+        .collect()
 }
 
-/// The rows every process path shares, after its start-up rows: the
-/// workload's own timings from its result lines, and the first run's peak
-/// RSS.
-fn workload_rows(rows: &mut PathRows, c: &Ctx, out: &[&str], peak_rss_bytes: u64) {
+/// One run of a process path, as the report reads it.
+struct ProcRun {
+    stdout: String,
+    /// CLOCK_MONOTONIC when the launch began (the workload prints its own
+    /// first instruction's time on the same clock).
+    launch_mono_ns: u64,
+    total_us: f64,
+    settings: Option<container::Settings>,
+}
+
+/// A process path: its name, the name of its start-to-exit row, how many
+/// runs it gets, and how to run it once.
+struct ProcPath<'a> {
+    name: &'static str,
+    exit_metric: &'static str,
+    max_runs: usize,
+    /// Rows beyond start-up (compute, round trip, memory).
+    full: bool,
+    run: Box<dyn FnMut() -> Result<ProcRun> + 'a>,
+    runs: Vec<ProcRun>,
+    error: Option<anyhow::Error>,
+}
+
+impl<'a> ProcPath<'a> {
+    fn new(
+        name: &'static str,
+        exit_metric: &'static str,
+        max_runs: usize,
+        run: impl FnMut() -> Result<ProcRun> + 'a,
+    ) -> ProcPath<'a> {
+        ProcPath {
+            name,
+            exit_metric,
+            max_runs,
+            full: true,
+            run: Box::new(run),
+            runs: vec![],
+            error: None,
+        }
+    }
+}
+
+fn container_path<'a>(name: &'static str, opts: ContainerOpts) -> ProcPath<'a> {
+    ProcPath::new(name, "launch to exit", usize::MAX, move || {
+        let r = container::run(&opts)?;
+        Ok(ProcRun {
+            stdout: r.stdout,
+            launch_mono_ns: r.launch_mono_ns,
+            total_us: r.total_us,
+            settings: Some(r.settings),
+        })
+    })
+}
+
+/// The process paths this host can run: native; our container, the
+/// namespaced process and the container with a network namespace (root);
+/// runc (root, installed). Returns runc's bundle size too.
+fn process_path_list<'a>(c: &'a Ctx, f: &mut Findings, bundle: &'a mut Option<container::Bundle>) -> Vec<ProcPath<'a>> {
+    let mut paths = vec![ProcPath::new("native process", "spawn to exit", usize::MAX, || {
+        let r = native::run(&c.args, Duration::from_secs(30))?;
+        Ok(ProcRun {
+            stdout: r.stdout,
+            launch_mono_ns: r.launch_mono_ns,
+            total_us: r.total_us,
+            settings: None,
+        })
+    })];
+    if !livehost_common::is_root() {
+        f.skip("container", "needs root");
+        f.skip("runc", "needs root");
+        return paths;
+    }
+    let copts = ContainerOpts {
+        args: c.args.clone(),
+        ..Default::default()
+    };
+    paths.push(container_path("container", copts.clone()));
+    paths.push(container_path(
+        "namespaced process (shared host filesystem)",
+        ContainerOpts {
+            mode: container::Mode::NamespacedProcess,
+            ..copts.clone()
+        },
+    ));
+    let mut netns = container_path("container + netns", ContainerOpts { net: true, ..copts });
+    netns.full = false;
+    paths.push(netns);
+    let Some(runc) = container::find_runc() else {
+        f.skip("runc", "runc is not installed (Debian: apt-get install runc)");
+        return paths;
+    };
+    match container::make_bundle(&c.args) {
+        Ok(b) => *bundle = Some(b),
+        Err(e) => {
+            f.skip("runc", e);
+            return paths;
+        }
+    }
+    let b = bundle.as_ref();
+    paths.push(ProcPath::new("runc", "runc run to exit", c.n.min(10), move || {
+        let b = b.context("no bundle")?;
+        let r = container::run_runc(&runc, b, Duration::from_secs(20))?;
+        Ok(ProcRun {
+            stdout: r.stdout,
+            launch_mono_ns: r.launch_mono_ns,
+            total_us: r.total_us,
+            settings: Some(container::Settings::runc()),
+        })
+    }));
+    paths
+}
+
+/// Run every process path round-robin (one run of each in turn, so drift
+/// on a shared host falls on all alike), the first round a discarded
+/// warm-up; then their rows. Returns native's median workload time (ns)
+/// and runc's rootfs size.
+fn process_paths(c: &Ctx, f: &mut Findings) -> (Option<f64>, Option<u64>) {
+    let mut bundle = None;
+    let mut paths = process_path_list(c, f, &mut bundle);
+    for round in 0..=c.n {
+        for p in paths.iter_mut() {
+            if p.error.is_some() || p.runs.len() >= p.max_runs {
+                continue;
+            }
+            match (p.run)() {
+                Ok(r) if round > 0 => p.runs.push(r),
+                Ok(_) => {}
+                Err(e) => p.error = Some(e),
+            }
+        }
+    }
+    let mut native_ns = None;
+    for p in paths {
+        if let Some(e) = p.error {
+            f.skip(p.name, e);
+            continue;
+        }
+        let w = proc_rows(c, f, &p);
+        if p.name == "native process" {
+            native_ns = Some(median(w));
+        }
+    }
+    (native_ns, bundle.map(|b| b.rootfs_bytes))
+}
+
+/// A process path's rows; returns its workload times (ns).
+fn proc_rows(c: &Ctx, f: &mut Findings, p: &ProcPath) -> Vec<f64> {
+    let out: Vec<&str> = p.runs.iter().map(|r| r.stdout.as_str()).collect();
+    f.check(p.name, out.iter().map(|l| field_u64(l, "checksum")));
+    if let Some(s) = p.runs.first().and_then(|r| r.settings.clone()) {
+        f.settings.push(super::PathSettings {
+            path: p.name.into(),
+            settings: s,
+        });
+    }
+    let exec: Vec<f64> = p
+        .runs
+        .iter()
+        .map(|r| match field_u64(&r.stdout, "mono_start_ns") {
+            Some(t) if t >= r.launch_mono_ns => (t - r.launch_mono_ns) as f64 / 1e3,
+            _ => f64::NAN,
+        })
+        .collect();
+    let total: Vec<f64> = p.runs.iter().map(|r| r.total_us).collect();
+    let mut rows = f.path(p.name, Accel::Native);
+    rows.host(
+        Group::Start,
+        "launch to exec (the workload's first instruction)",
+        &exec,
+        Unit::Us,
+    )
+    .host(Group::Start, p.exit_metric, &total, Unit::Us);
+    if !p.full {
+        return vec![];
+    }
+    let w = printed(&out, "workload_ns", |v| v);
     rows.host(
         Group::Compute,
         "workload time",
-        printed(out, "workload_ns", |v| v / 1e3),
+        &w.iter().map(|v| v / 1e3).collect::<Vec<_>>(),
         Unit::Us,
     )
     .host(
         Group::Roundtrip,
         "null syscall (getppid)",
-        printed(out, "syscall_loop_ns", |v| c.per_loop(v)),
+        &printed(&out, "syscall_loop_ns", |v| c.per_loop(v)),
         Unit::Ns,
     )
-    .runs(1)
     .host(
         Group::Memory,
-        "peak RSS",
-        peak_rss_bytes as f64 / 1024.0,
+        "peak RSS (the workload's own VmHWM)",
+        &printed(&out, "vmhwm_kib", |v| v),
         Unit::KiB,
     );
-}
-
-/// The native baseline; returns its median workload time (ns).
-fn native_process(c: &Ctx, f: &mut Findings) -> Option<f64> {
-    let p = "native process";
-    match repeat(c.n, || native::run(&c.args, Duration::from_secs(30))) {
-        Ok(runs) => {
-            f.check(p, field_u64(&runs[0].stdout, "checksum"));
-            let out: Vec<&str> = runs.iter().map(|r| r.stdout.as_str()).collect();
-            let w = printed(&out, "workload_ns", |v| v);
-            let mut rows = f.path(p, Accel::Native, c.n);
-            rows.host(
-                Group::Start,
-                "spawn to exit",
-                median(runs.iter().map(|r| r.total_us).collect()),
-                Unit::Us,
-            );
-            workload_rows(&mut rows, c, &out, runs[0].max_rss_bytes);
-            Some(w)
-        }
-        Err(e) => {
-            f.skip(p, e);
-            None
-        }
-    }
-}
-
-/// Our launcher, then again with a network namespace.
-fn our_container(c: &Ctx, f: &mut Findings) {
-    let copts = ContainerOpts {
-        args: c.args.clone(),
-        ..Default::default()
-    };
-    match repeat(c.n, || container::run(&copts)) {
-        Ok(runs) => {
-            f.check("container", field_u64(&runs[0].stdout, "checksum"));
-            let out: Vec<&str> = runs.iter().map(|r| r.stdout.as_str()).collect();
-            let med = |g: fn(&container::ContainerRun) -> f64| median(runs.iter().map(g).collect());
-            let mut rows = f.path("container", Accel::Native, c.n);
-            rows.host(
-                Group::Start,
-                "launch to exec (ns + cgroup set up)",
-                med(|r| r.setup_us),
-                Unit::Us,
-            )
-            .host(
-                Group::Start,
-                "launch to exit",
-                med(|r| r.total_us),
-                Unit::Us,
-            );
-            workload_rows(&mut rows, c, &out, runs[0].max_rss_bytes);
-        }
-        Err(e) => f.skip("container", e),
-    }
-    let net = ContainerOpts { net: true, ..copts };
-    match repeat(c.n, || container::run(&net)) {
-        Ok(runs) => {
-            f.path("container + netns", Accel::Native, c.n).host(
-                Group::Start,
-                "launch to exit",
-                median(runs.iter().map(|r| r.total_us).collect()),
-                Unit::Us,
-            );
-        }
-        Err(e) => f.skip("container + netns", e),
-    }
-}
-
-/// runc with the generated bundle; returns the bundle's rootfs size.
-fn runc(c: &Ctx, f: &mut Findings) -> Option<u64> {
-    let runc = match container::find_runc() {
-        None => {
-            f.skip(
-                "runc",
-                "runc is not installed (Debian: apt-get install runc)",
-            );
-            return None;
-        }
-        Some(_) if !livehost_common::is_root() => {
-            f.skip("runc", "needs root");
-            return None;
-        }
-        Some(r) => r,
-    };
-    let mut rootfs_bytes = None;
-    let runs = container::make_bundle(&c.args).and_then(|bundle| {
-        rootfs_bytes = Some(bundle.rootfs_bytes);
-        repeat(c.n.min(10), || {
-            container::run_runc(&runc, &bundle, Duration::from_secs(20))
-        })
-    });
-    match runs {
-        Ok(runs) => {
-            f.check("runc", field_u64(&runs[0].stdout, "checksum"));
-            f.path("runc", Accel::Native, runs.len())
-                .host(
-                    Group::Start,
-                    "runc run to exit",
-                    median(runs.iter().map(|r| r.total_us).collect()),
-                    Unit::Us,
-                )
-                .runs(1)
-                .host(
-                    Group::Memory,
-                    "peak RSS (runc + container)",
-                    runs[0].max_rss_bytes as f64 / 1024.0,
-                    Unit::KiB,
-                );
-        }
-        Err(e) => f.skip("runc", e),
-    }
-    rootfs_bytes
+    w
 }
 
 /// The unikernel on our VMM, the exit-loop comparison and VM density,
@@ -257,10 +306,10 @@ fn our_vmm(c: &Ctx, f: &mut Findings) -> Option<boot::ExitCompare> {
     });
     match d {
         Ok(v) => {
-            f.path("VM on our VMM (hello guest)", accel, 1).host(
+            f.path("VM on our VMM (hello guest)", accel).host(
                 Group::Density,
                 "instances/s, all cores",
-                v,
+                &[v],
                 Unit::PerSecond,
             );
         }
@@ -289,12 +338,21 @@ const UNIKERNEL_FIGURES: [Figure; 12] = [
     (Group::Start, "create to first exit", |r| Some(r.first_exit_us), Clock::Host, Unit::Us),
     (Group::Start, "launch to boot timer", |r| Some(r.boot_timer_us), Clock::Host, Unit::Us),
     (Group::Start, "guest boot (entry to boot timer)", |r| r.guest_boot_us, Clock::Guest, Unit::Us),
-    (Group::Start, "launch to exit", |r| Some(r.total_us), Clock::Host, Unit::Us),
+    // Mostly the workload under this accelerator: compute, not start-up.
+    (Group::Compute, "launch to exit (boot + workload + loops)", |r| Some(r.total_us), Clock::Host, Unit::Us),
     (Group::Compute, "workload time", |r| r.guest_workload_us, Clock::Guest, Unit::Us),
     (Group::Roundtrip, "port-I/O exit to our VMM", |r| r.guest_port_exit_ns, Clock::Guest, Unit::Ns),
     (Group::Roundtrip, "cpuid (exit handled in KVM)", |r| r.guest_cpuid_ns, Clock::Guest, Unit::Ns),
     (Group::Roundtrip, "in-ring-0 call", |r| r.guest_call_ns, Clock::Guest, Unit::Ns),
 ];
+
+/// Guest-timed round trips are left out under an emulating KVM: there
+/// every guest instruction goes through the emulator, so the guest's loops
+/// time the emulator (its in-ring-0 call loop is slower than its port-I/O
+/// exit loop), not exits. The host-side exit-loop rows still measure them.
+fn emulated_guest_loop(accel: Accel, group: Group, clock: Clock) -> bool {
+    accel == Accel::NestedEmulatingKvm && group == Group::Roundtrip && clock == Clock::Guest
+}
 
 fn unikernel_on_vmm(c: &Ctx, f: &mut Findings, kvm: &vm::Kvm, accel: Accel) {
     let p = "unikernel on our VMM";
@@ -308,33 +366,37 @@ fn unikernel_on_vmm(c: &Ctx, f: &mut Findings, kvm: &vm::Kvm, accel: Accel) {
         Ok(runs) => runs,
         Err(e) => return f.skip(p, e),
     };
-    f.check(p, Some(runs[0].checksum));
-    let mut rows = f.path(p, accel, c.n);
-    for (group, metric, figure, clock, unit) in UNIKERNEL_FIGURES {
-        rows.add(
-            group,
-            metric,
-            median(runs.iter().filter_map(figure).collect()),
-            unit,
-            clock,
+    f.check(p, runs.iter().map(|r| Some(r.checksum)));
+    if accel == Accel::NestedEmulatingKvm {
+        f.skip(
+            "unikernel on our VMM: guest-timed round trips",
+            "under an emulating KVM the guest's loops time the emulator, not exits (its in-ring-0 call loop is slower than its port-I/O exit loop); see the host-side exit-loop rows",
         );
     }
+    let mut rows = f.path(p, accel);
+    for (group, metric, figure, clock, unit) in UNIKERNEL_FIGURES {
+        if emulated_guest_loop(accel, group, clock) {
+            continue;
+        }
+        let v: Vec<f64> = runs.iter().map(|r| figure(r).unwrap_or(f64::NAN)).collect();
+        rows.add(group, metric, &v, unit, clock);
+    }
     if let Some(kib) = fresh_vmm_overhead_kib(c.opts.kib) {
-        rows.runs(1).host(
+        rows.host(
             Group::Memory,
             "VMM process RSS beyond resident guest RAM (fresh `vmm-bench run vm`)",
-            kib,
+            &[kib],
             Unit::KiB,
         );
     }
-    rows.runs(c.n).host(
+    let v: Vec<f64> = runs
+        .iter()
+        .map(|r| r.vmm_overhead_bytes.map_or(f64::NAN, |b| b as f64 / 1024.0))
+        .collect();
+    rows.host(
         Group::Memory,
         "vmm-bench process RSS beyond resident guest RAM (includes the report's own heap: an upper bound)",
-        median(
-            runs.iter()
-                .filter_map(|r| Some(r.vmm_overhead_bytes? as f64 / 1024.0))
-                .collect(),
-        ),
+        &v,
         Unit::KiB,
     );
 }
@@ -344,16 +406,16 @@ fn exit_loops(c: &Ctx, f: &mut Findings, kvm: &vm::Kvm, accel: Accel) -> Option<
     let (exits, samples) = if c.opts.quick { (1000, 9) } else { (3000, 21) };
     match boot::compare_exit_loops(kvm, exits, samples) {
         Ok(x) => {
-            f.path("our VMM (host side)", accel, x.samples).host(
+            f.path("our VMM (host side)", accel).host(
                 Group::Roundtrip,
                 "port-I/O exit, full exit loop",
-                x.vmm_ns,
+                &x.vmm_samples,
                 Unit::Ns,
             );
-            f.path("bare KVM_RUN loop", accel, x.samples).host(
+            f.path("bare KVM_RUN loop", accel).host(
                 Group::Roundtrip,
                 "port-I/O exit, bare loop",
-                x.bare_ns,
+                &x.bare_samples,
                 Unit::Ns,
             );
             Some(x)
@@ -374,10 +436,10 @@ fn container_density(c: &Ctx, f: &mut Findings) {
         container::run(&quiet).map(|_| ())
     }) {
         Ok(v) => {
-            f.path("container", Accel::Native, 1).host(
+            f.path("container", Accel::Native).host(
                 Group::Density,
                 "instances/s, all cores",
-                v,
+                &[v],
                 Unit::PerSecond,
             );
         }
@@ -388,10 +450,10 @@ fn container_density(c: &Ctx, f: &mut Findings) {
 fn linux_image_size(f: &mut Findings) -> Result<LinuxImage> {
     match qemu::linux_image() {
         Ok(img) => {
-            f.path("Linux VM image", Accel::Native, 1).host(
+            f.path("Linux VM image", Accel::Native).host(
                 Group::Size,
                 "kernel + initramfs",
-                (img.bzimage_bytes + img.initramfs_bytes) as f64 / 1024.0,
+                &[(img.bzimage_bytes + img.initramfs_bytes) as f64 / 1024.0],
                 Unit::KiB,
             );
             Ok(img)
@@ -420,16 +482,23 @@ fn qemu_paths(c: &Ctx, f: &mut Findings, linux_img: Result<LinuxImage>) {
         return;
     }
     c.pr.step("Debian kernel under QEMU with the workload as init");
+    // Each boot is a fresh QEMU: no warm-up to discard; 1 boot in quick
+    // mode (3 s each under TCG), 3 otherwise.
+    let boots = if c.opts.quick { 1 } else { 3 };
     let run = linux_img
         .map_err(|e| anyhow::anyhow!("{e:#}"))
         .and_then(|img| {
-            qemu::run_linux(
-                &img,
-                c.opts.kib,
-                c.opts.loops,
-                Duration::from_secs(120),
-                qaccel,
-            )
+            (0..boots)
+                .map(|_| {
+                    qemu::run_linux(
+                        &img,
+                        c.opts.kib,
+                        c.opts.loops,
+                        Duration::from_secs(120),
+                        qaccel,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()
         });
     match run {
         Ok(r) => qemu_linux_rows(c, f, &r, qaccel),
@@ -447,47 +516,47 @@ fn qemu_unikernel(c: &Ctx, f: &mut Findings, qaccel: Accel) {
         Ok(runs) => runs,
         Err(e) => return f.skip(p, e),
     };
-    f.check(p, field_u64(&runs[0].line, "checksum"));
+    f.check(p, runs.iter().map(|r| field_u64(&r.line, "checksum")));
     // Guest cycles to us: QEMU's guest TSC follows the host's.
     let cyc = |l: &str, k: &str| field_u64(l, k).map(|v| v as f64 / c.tsc_khz * 1e3);
-    let m =
-        |g: &dyn Fn(&str) -> Option<f64>| median(runs.iter().filter_map(|r| g(&r.line)).collect());
-    f.path(p, qaccel, qn)
+    let m = |g: &dyn Fn(&str) -> Option<f64>| -> Vec<f64> {
+        runs.iter().map(|r| g(&r.line).unwrap_or(f64::NAN)).collect()
+    };
+    f.path(p, qaccel)
         .host(
             Group::Start,
             "launch to result line",
-            median(runs.iter().map(|r| r.to_result_us).collect()),
+            &runs.iter().map(|r| r.to_result_us).collect::<Vec<_>>(),
             Unit::Us,
         )
         .guest(
             Group::Start,
             "guest boot (entry to boot timer)",
-            m(&|l| Some(cyc(l, "ready_tsc")? - cyc(l, "entry_tsc")?)),
+            &m(&|l| Some(cyc(l, "ready_tsc")? - cyc(l, "entry_tsc")?)),
             Unit::Us,
         )
         .guest(
             Group::Compute,
             "workload time",
-            m(&|l| cyc(l, "workload_cyc")),
+            &m(&|l| cyc(l, "workload_cyc")),
             Unit::Us,
         )
         .guest(
             Group::Roundtrip,
             "port-I/O exit (QEMU device)",
-            m(&|l| cyc(l, "port_cyc").map(|us| us * 1e3 / o.loops as f64)),
+            &m(&|l| cyc(l, "port_cyc").map(|us| us * 1e3 / o.loops as f64)),
             Unit::Ns,
         )
         .guest(
             Group::Roundtrip,
             "in-ring-0 call",
-            m(&|l| cyc(l, "call_cyc").map(|us| us * 1e3 / o.loops as f64)),
+            &m(&|l| cyc(l, "call_cyc").map(|us| us * 1e3 / o.loops as f64)),
             Unit::Ns,
         )
-        .runs(1)
         .host(
             Group::Memory,
             &qemu_rss_metric(runs[0].guest_ram_bytes),
-            runs[0].max_rss_bytes as f64 / 1024.0,
+            &runs.iter().map(|r| r.max_rss_bytes as f64 / 1024.0).collect::<Vec<_>>(),
             Unit::KiB,
         );
 }
@@ -499,56 +568,60 @@ fn qemu_rss_metric(guest_ram_bytes: u64) -> String {
     )
 }
 
-fn qemu_linux_rows(c: &Ctx, f: &mut Findings, r: &qemu::QemuRun, qaccel: Accel) {
+fn qemu_linux_rows(c: &Ctx, f: &mut Findings, runs: &[qemu::QemuRun], qaccel: Accel) {
     let p = "Linux under QEMU";
-    f.check(p, field_u64(&r.line, "checksum"));
-    let field = |k| field_u64(&r.line, k).map_or(f64::NAN, |v| v as f64);
-    f.path(p, qaccel, 1)
+    f.check(p, runs.iter().map(|r| field_u64(&r.line, "checksum")));
+    let field = |k, scale: &dyn Fn(f64) -> f64| -> Vec<f64> {
+        runs.iter()
+            .map(|r| field_u64(&r.line, k).map_or(f64::NAN, |v| scale(v as f64)))
+            .collect()
+    };
+    f.path(p, qaccel)
         .host(
             Group::Start,
             "launch to result line",
-            r.to_result_us,
+            &runs.iter().map(|r| r.to_result_us).collect::<Vec<_>>(),
             Unit::Us,
         )
         .guest(
             Group::Start,
             "guest boot (kernel start to init)",
-            field("boottime_start_ns") / 1e3,
+            &field("boottime_start_ns", &|v| v / 1e3),
             Unit::Us,
         )
         .guest(
             Group::Compute,
             "workload time",
-            field("workload_ns") / 1e3,
+            &field("workload_ns", &|v| v / 1e3),
             Unit::Us,
         )
         .guest(
             Group::Roundtrip,
             "null syscall (getppid)",
-            c.per_loop(field("syscall_loop_ns")),
+            &field("syscall_loop_ns", &|v| c.per_loop(v)),
             Unit::Ns,
         )
         .host(
             Group::Memory,
-            &qemu_rss_metric(r.guest_ram_bytes),
-            r.max_rss_bytes as f64 / 1024.0,
+            &qemu_rss_metric(runs[0].guest_ram_bytes),
+            &runs.iter().map(|r| r.max_rss_bytes as f64 / 1024.0).collect::<Vec<_>>(),
             Unit::KiB,
         );
 }
 
 /// Image sizes, and each compute row's throughput relative to native.
 fn sizes_and_ratios(f: &mut Findings, rootfs_bytes: Option<u64>, native_workload_ns: Option<f64>) {
-    f.path("unikernel", Accel::Native, 1).host(
+    f.path("unikernel", Accel::Native).host(
         Group::Size,
         "image (ELF)",
-        UNIKERNEL.len() as f64 / 1024.0,
+        &[UNIKERNEL.len() as f64 / 1024.0],
         Unit::KiB,
     );
     if let Some(r) = rootfs_bytes {
-        f.path("runc bundle", Accel::Native, 1).host(
+        f.path("runc bundle", Accel::Native).host(
             Group::Size,
             "rootfs (busybox + workload)",
-            r as f64 / 1024.0,
+            &[r as f64 / 1024.0],
             Unit::KiB,
         );
     }
@@ -556,16 +629,14 @@ fn sizes_and_ratios(f: &mut Findings, rootfs_bytes: Option<u64>, native_workload
         let comp: Vec<Row> = f
             .rows
             .iter()
-            .filter(|r| r.group == Group::Compute && r.path != "native process")
+            .filter(|r| {
+                r.group == Group::Compute && r.metric == "workload time" && r.path != "native process"
+            })
             .cloned()
             .collect();
         for r in comp {
-            f.rows.push(Row {
-                metric: "throughput relative to native".into(),
-                value: nw / 1e3 / r.value,
-                unit: Unit::Times,
-                ..r
-            });
+            // Per run: native's median over this run's time.
+            f.rows.push(r.map("throughput relative to native", Unit::Times, |v| nw / 1e3 / v));
         }
     }
 }

@@ -119,18 +119,21 @@ pub fn markdown(r: &Report) -> String {
     header(&mut s, r);
     let _ = writeln!(
         s,
-        "## Checksums (expected {})\n\n| path | checksum | ok |\n|---|---|---|",
+        "## Checksums (expected {}; every run checked)\n\n| path | checksum | runs matching | ok |\n|---|---|---:|---|",
         r.expected_checksum
     );
     for c in &r.checks {
         let _ = writeln!(
             s,
-            "| {} | {} | {} |",
+            "| {} | {} | {}/{} | {} |",
             c.path,
             c.checksum.as_deref().unwrap_or("-"),
+            c.matched,
+            c.runs,
             if c.ok { "yes" } else { "**NO**" }
         );
     }
+    settings_table(&mut s, r);
     tables(&mut s, r);
     let _ = writeln!(
         s,
@@ -187,20 +190,52 @@ fn header(s: &mut String, r: &Report) {
     }
 }
 
+/// Which isolation each container path had, one column per path.
+fn settings_table(s: &mut String, r: &Report) {
+    if r.container_settings.is_empty() {
+        return;
+    }
+    let paths: Vec<&str> = r.container_settings.iter().map(|p| p.path.as_str()).collect();
+    let _ = writeln!(
+        s,
+        "\n## Container settings\n\n| setting | {} |\n|---|{}",
+        paths.join(" | "),
+        "---|".repeat(paths.len())
+    );
+    let rows: [(&str, fn(&crate::container::Settings) -> String); 10] = [
+        ("mode", |x| x.mode.clone()),
+        ("root file system", |x| x.rootfs.clone()),
+        ("/dev", |x| x.dev.clone()),
+        ("/proc", |x| x.proc.clone()),
+        ("/sys", |x| x.sys.clone()),
+        ("cgroup namespace", |x| x.cgroup_namespace.to_string()),
+        ("limits", |x| x.limits.clone()),
+        ("capabilities", |x| x.capabilities.clone()),
+        ("no_new_privs", |x| x.no_new_privs.to_string()),
+        ("seccomp", |x| x.seccomp.clone()),
+    ];
+    for (name, get) in rows {
+        let cells: Vec<String> = r.container_settings.iter().map(|p| get(&p.settings)).collect();
+        let _ = writeln!(s, "| {name} | {} |", cells.join(" | "));
+    }
+}
+
 fn tables(s: &mut String, r: &Report) {
     for (g, t) in Group::TABLES {
         let _ = writeln!(
             s,
-            "\n## {t}\n\n| path | metric | value | accelerator | clock | runs |\n|---|---|---:|---|---|---:|"
+            "\n## {t}\n\n| path | metric | median | min | max | accelerator | clock | n |\n|---|---|---:|---:|---:|---|---|---:|"
         );
         for x in r.rows.iter().filter(|x| x.group == g) {
+            let u = x.unit.name();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} {} | {} | {} | {} |",
+                "| {} | {} | {} {u} | {} | {} | {} | {} | {} |",
                 x.path,
                 x.metric,
                 fmt_num(x.value),
-                x.unit.name(),
+                fmt_num(x.min),
+                fmt_num(x.max),
                 x.accel.label(),
                 x.clock.name(),
                 x.runs
@@ -209,4 +244,4 @@ fn tables(s: &mut String, r: &Report) {
     }
 }
 
-const METHOD: &str = "Medians over the runs shown. *guest* clock: the guest's TSC (our VMM converts with KVM_GET_TSC_KHZ; under QEMU with the host TSC rate calibrated against CLOCK_MONOTONIC) or CLOCK_MONOTONIC/CLOCK_BOOTTIME inside a Linux guest. *host* clock: CLOCK_MONOTONIC around the launch in this process. Start of our VMM is split into KVM_CREATE_VM, memory, image load, vCPU set-up, first exit, and the guest's boot-timer write (Firecracker's method: port 0x440, byte 123). Round trips: the guest loops over the operation and divides. The VMM-vs-bare comparison alternates both loops on fresh VMs in one run. Memory: our VMM's RSS minus the guest RAM pages that are resident (mincore); QEMU's and runc's peak RSS from wait4. Density: one launcher thread per CPU for a fixed span.";
+const METHOD: &str = "Median, min and max over the n runs shown (report.json keeps every sample). The process paths (native, container, namespaced process, container + netns, runc) run round-robin, one run of each in turn, after one discarded warm-up round; the unikernel paths discard one warm-up run; each QEMU Linux boot is a fresh QEMU. Nothing is pinned (2 shared CPUs here). Every run's checksum is checked. Process start-up: *launch to exec* ends at the workload's first instruction, which prints its own CLOCK_MONOTONIC; peak RSS is the workload's own VmHWM. Under an emulating KVM the guest-timed round trips are left out (the guest's loops time the emulator), and the VM's launch-to-exit is compute, not start-up. The VMM-vs-bare exit comparison times both loops from before their watchdog is made. *guest* clock: the guest's TSC (our VMM converts with KVM_GET_TSC_KHZ; under QEMU with the host TSC rate calibrated against CLOCK_MONOTONIC) or CLOCK_MONOTONIC/CLOCK_BOOTTIME inside a Linux guest. *host* clock: CLOCK_MONOTONIC around the launch in this process. Start of our VMM is split into KVM_CREATE_VM, memory, image load, vCPU set-up, first exit, and the guest's boot-timer write (Firecracker's method: port 0x440, byte 123). Round trips: the guest loops over the operation and divides. The VMM-vs-bare comparison alternates both loops on fresh VMs in one run. Memory: our VMM's RSS minus the guest RAM pages that are resident (mincore); QEMU's peak RSS from wait4. Density: one launcher thread per CPU for a fixed span.";

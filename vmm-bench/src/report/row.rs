@@ -98,53 +98,79 @@ fn accel_from_label<'de, D: Deserializer<'de>>(d: D) -> Result<Accel, D::Error> 
         .ok_or_else(|| serde::de::Error::custom(format!("unknown accelerator {label:?}")))
 }
 
+/// One figure: the median of its samples, their spread and count, and
+/// the samples themselves (report.json keeps every run's value).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub group: Group,
     pub path: String,
     pub metric: String,
+    /// The median of `samples`.
     pub value: f64,
+    pub min: f64,
+    pub max: f64,
     pub unit: Unit,
     #[serde(serialize_with = "accel_label", deserialize_with = "accel_from_label")]
     pub accel: Accel,
     pub clock: Clock,
+    /// How many samples (n).
     pub runs: usize,
+    pub samples: Vec<f64>,
+}
+
+impl Row {
+    /// This row with every sample (and so its statistics) mapped by `f`.
+    pub fn map(&self, metric: &str, unit: Unit, f: impl Fn(f64) -> f64) -> Row {
+        let samples: Vec<f64> = self.samples.iter().map(|&v| f(v)).collect();
+        let (value, min, max) = stats(&samples);
+        Row {
+            metric: metric.into(),
+            unit,
+            value,
+            min,
+            max,
+            samples,
+            ..self.clone()
+        }
+    }
+}
+
+/// Median (upper middle for an even count), min and max; NaN for none.
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match (s.first(), s.last()) {
+        (Some(&lo), Some(&hi)) => (s[s.len() / 2], lo, hi),
+        _ => (f64::NAN, f64::NAN, f64::NAN),
+    }
 }
 
 /// Adds rows for one path under one accelerator: the parts every row of
-/// the path shares are given once. Non-finite values (a figure no run
-/// produced) are left out.
+/// the path shares are given once. Non-finite samples (a figure a run did
+/// not produce) are left out, and a row with no sample at all.
 pub struct PathRows<'a> {
     rows: &'a mut Vec<Row>,
     path: String,
     accel: Accel,
-    runs: usize,
 }
 
 impl<'a> PathRows<'a> {
-    pub fn new(rows: &'a mut Vec<Row>, path: &str, accel: Accel, runs: usize) -> PathRows<'a> {
+    pub fn new(rows: &'a mut Vec<Row>, path: &str, accel: Accel) -> PathRows<'a> {
         PathRows {
             rows,
             path: path.into(),
             accel,
-            runs,
         }
     }
 
-    /// Rows after this one are over `runs` runs.
-    pub fn runs(&mut self, runs: usize) -> &mut Self {
-        self.runs = runs;
-        self
+    /// A figure the host's clock or counters measured, one sample per run.
+    pub fn host(&mut self, group: Group, metric: &str, samples: &[f64], unit: Unit) -> &mut Self {
+        self.add(group, metric, samples, unit, Clock::Host)
     }
 
-    /// A figure the host's clock or counters measured.
-    pub fn host(&mut self, group: Group, metric: &str, value: f64, unit: Unit) -> &mut Self {
-        self.add(group, metric, value, unit, Clock::Host)
-    }
-
-    /// A figure the guest measured and reported.
-    pub fn guest(&mut self, group: Group, metric: &str, value: f64, unit: Unit) -> &mut Self {
-        self.add(group, metric, value, unit, Clock::Guest)
+    /// A figure the guest measured and reported, one sample per run.
+    pub fn guest(&mut self, group: Group, metric: &str, samples: &[f64], unit: Unit) -> &mut Self {
+        self.add(group, metric, samples, unit, Clock::Guest)
     }
 
     /// A figure measured by `clock`.
@@ -152,20 +178,25 @@ impl<'a> PathRows<'a> {
         &mut self,
         group: Group,
         metric: &str,
-        value: f64,
+        samples: &[f64],
         unit: Unit,
         clock: Clock,
     ) -> &mut Self {
-        if value.is_finite() {
+        let samples: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
+        if !samples.is_empty() {
+            let (value, min, max) = stats(&samples);
             self.rows.push(Row {
                 group,
                 path: self.path.clone(),
                 metric: metric.into(),
                 value,
+                min,
+                max,
                 unit,
                 accel: self.accel,
                 clock,
-                runs: self.runs,
+                runs: samples.len(),
+                samples,
             });
         }
         self
@@ -190,17 +221,20 @@ mod tests {
     #[test]
     fn rows_serialize_to_the_old_strings() {
         let mut rows = vec![];
-        PathRows::new(&mut rows, "p", Accel::Tcg, 3)
-            .guest(Group::Roundtrip, "m", 1.0, Unit::Ns)
-            .host(Group::Density, "d", f64::NAN, Unit::PerSecond)
-            .runs(1)
-            .host(Group::Density, "d", 2.0, Unit::PerSecond);
+        PathRows::new(&mut rows, "p", Accel::Tcg)
+            .guest(Group::Roundtrip, "m", &[3.0, 1.0, 2.0], Unit::Ns)
+            .host(Group::Density, "d", &[f64::NAN], Unit::PerSecond)
+            .host(Group::Density, "d", &[2.0], Unit::PerSecond);
         let j = serde_json::to_value(&rows).unwrap();
         assert_eq!(j[0]["group"], "roundtrip");
         assert_eq!(j[0]["clock"], "guest");
         assert_eq!(j[0]["unit"], "ns");
         assert_eq!(j[0]["accel"], Accel::Tcg.label());
         assert_eq!(j[0]["runs"], 3);
+        assert_eq!(j[0]["value"], 2.0);
+        assert_eq!(j[0]["min"], 1.0);
+        assert_eq!(j[0]["max"], 3.0);
+        assert_eq!(j[0]["samples"], serde_json::json!([3.0, 1.0, 2.0]));
         assert_eq!(j[1]["unit"], "1/s");
         assert_eq!(j[1]["runs"], 1);
         assert_eq!(rows.len(), 2, "the NaN row is left out");
