@@ -125,6 +125,8 @@ pub(crate) struct Isolation {
     /// The real container's root and privileges; None for a namespaced
     /// process.
     real: Option<(Rootfs, Privileges)>,
+    /// A pidfd of this process (None on kernels before 5.3).
+    parent: Option<std::os::fd::OwnedFd>,
 }
 
 impl Isolation {
@@ -144,6 +146,7 @@ impl Isolation {
             proc_t: cstr("/proc")?,
             mask: cleanup::no_signals(),
             real,
+            parent: own_pidfd(),
         })
     }
 
@@ -155,10 +158,23 @@ impl Isolation {
     /// # Safety
     /// Call only in a child between clone and exec.
     pub(crate) unsafe fn wait_for_parent(&self, sync_r: RawFd, sync_w: RawFd) -> Result<(), isize> {
-        // SAFETY: prctl, close and read on values we own.
+        // SAFETY: prctl, poll, close and read on values we own.
         unsafe {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(status::DEATHSIG);
+            }
+            // A parent that died before the prctl sent no signal: its
+            // pidfd (readable once it has exited) says so. (getppid is no
+            // help: in a new pid namespace it is 0 either way.)
+            if let Some(fd) = &self.parent {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                if libc::poll(&mut p, 1, 0) != 0 {
+                    return Err(status::SYNC);
+                }
             }
             libc::close(sync_w);
             let mut b = 0u8;
@@ -241,6 +257,15 @@ impl Isolation {
         }
         Ok(())
     }
+}
+
+/// A pidfd of this process (close-on-exec, as pidfd_open makes them).
+fn own_pidfd() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open on our own pid; the descriptor is fresh and ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    // SAFETY: as above.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// What the child executes, prepared before the clone: a path, or a sealed

@@ -27,6 +27,27 @@ impl std::fmt::Display for TimedOut {
 
 impl std::error::Error for TimedOut {}
 
+/// Make `cmd`'s child die with this process: PR_SET_PDEATHSIG (SIGKILL)
+/// between fork and exec, and no exec at all if we died before that
+/// (then no signal would come). A SIGKILLed launcher leaves nothing behind.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the launcher died before exec"));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The exit status a shell would show for a `wait` status: the exit code,
 /// or 128 + the signal that killed it.
 pub(crate) fn exit_code(status: libc::c_int) -> i32 {

@@ -8,7 +8,6 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -172,13 +171,7 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
     let launch_mono_ns = crate::launch::monotonic_ns();
     let launch = Instant::now();
     let mut cmd = std::process::Command::new(runc);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) {
-            0 => Ok(()),
-            _ => Err(std::io::Error::last_os_error()),
-        });
-    }
+    crate::reap::die_with_parent(&mut cmd);
     let mut child = cmd
         .arg("--root")
         .arg(&state)

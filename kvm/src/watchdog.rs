@@ -36,6 +36,17 @@ fn kick_signal() -> libc::c_int {
     sig
 }
 
+/// Tells the watcher thread that the guarded call is over.
+struct Finished<'a>(&'a (Mutex<bool>, Condvar));
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        let (lock, cv) = self.0;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+}
+
 impl Watchdog {
     /// A watchdog for `fd`; clears `kvm_run.immediate_exit` (set by a
     /// previous kick) so the next `KVM_RUN` enters the guest.
@@ -80,11 +91,10 @@ impl Watchdog {
         std::thread::scope(|s| {
             let d = done.clone();
             s.spawn(move || self.watch(&d, crate::deadline(Instant::now(), limit), me, sig));
-            let r = f();
-            let (lock, cv) = &*done;
-            *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
-            cv.notify_all();
-            r
+            // Dropped when `f` returns or unwinds: a panicking `f` must
+            // still stop the watcher, or the scope would wait for it forever.
+            let _finished = Finished(&done);
+            f()
         })
     }
 

@@ -4,7 +4,6 @@ use crate::container::{Reaper, read_until, workload};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Serialize)]
@@ -26,14 +25,8 @@ pub fn run(args: &[String], timeout: Duration) -> Result<NativeRun> {
     let launch_mono_ns = livehost_container::launch::monotonic_ns();
     let launch = Instant::now();
     let mut cmd = std::process::Command::new(&exe);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        // Killed with us: a SIGKILLed vmm-bench leaves no workload behind.
-        cmd.pre_exec(|| match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) {
-            0 => Ok(()),
-            _ => Err(std::io::Error::last_os_error()),
-        });
-    }
+    // Killed with us: a SIGKILLed vmm-bench leaves no workload behind.
+    livehost_container::reap::die_with_parent(&mut cmd);
     let mut child = cmd
         .args(args)
         .stdin(std::process::Stdio::null())

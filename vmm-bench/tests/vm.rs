@@ -353,3 +353,29 @@ fn exit_loop_comparison_measures_both_loops() {
     assert!(c.vmm_ns > 0.0 && c.bare_ns > 0.0);
     assert!(c.overhead_pct.is_finite());
 }
+
+/// A guarded call that panics stops its watchdog: the panic comes back to
+/// the caller at once instead of the watchdog thread waiting out (and then
+/// kicking past) its deadline while the scope waits for it forever.
+#[test]
+fn a_panicking_guarded_call_does_not_leave_the_watchdog_running() {
+    let kvm = kvm();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let vm = livehost_kvm::Vm::new(&kvm, 0x10000).unwrap();
+        let mut vcpu = vm
+            .vcpu(&kvm, Mode::Real, livehost_kvm::layout::REAL_CODE)
+            .unwrap();
+        let watchdog = livehost_kvm::Watchdog::new(vcpu.fd());
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            watchdog.guard(Duration::from_secs(3600), || -> () {
+                panic!("the guarded call panicked")
+            })
+        }));
+        let _ = tx.send(r.is_err());
+    });
+    let panicked = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("guard did not return within 10 s of its call panicking");
+    assert!(panicked, "the panic reaches the caller");
+}

@@ -136,16 +136,25 @@ fn container_path<'a>(name: &'static str, opts: ContainerOpts) -> ProcPath<'a> {
 /// The process paths this host can run: native; our container, the
 /// namespaced process and the container with a network namespace (root);
 /// runc (root, installed). Returns runc's bundle size too.
-fn process_path_list<'a>(c: &'a Ctx, f: &mut Findings, bundle: &'a mut Option<container::Bundle>) -> Vec<ProcPath<'a>> {
-    let mut paths = vec![ProcPath::new("native process", "spawn to exit", usize::MAX, || {
-        let r = native::run(&c.args, Duration::from_secs(30))?;
-        Ok(ProcRun {
-            stdout: r.stdout,
-            launch_mono_ns: r.launch_mono_ns,
-            total_us: r.total_us,
-            settings: None,
-        })
-    })];
+fn process_path_list<'a>(
+    c: &'a Ctx,
+    f: &mut Findings,
+    bundle: &'a mut Option<container::Bundle>,
+) -> Vec<ProcPath<'a>> {
+    let mut paths = vec![ProcPath::new(
+        "native process",
+        "spawn to exit",
+        usize::MAX,
+        || {
+            let r = native::run(&c.args, Duration::from_secs(30))?;
+            Ok(ProcRun {
+                stdout: r.stdout,
+                launch_mono_ns: r.launch_mono_ns,
+                total_us: r.total_us,
+                settings: None,
+            })
+        },
+    )];
     if !livehost_common::is_root() {
         f.skip("container", "needs root");
         f.skip("runc", "needs root");
@@ -167,7 +176,10 @@ fn process_path_list<'a>(c: &'a Ctx, f: &mut Findings, bundle: &'a mut Option<co
     netns.full = false;
     paths.push(netns);
     let Some(runc) = container::find_runc() else {
-        f.skip("runc", "runc is not installed (Debian: apt-get install runc)");
+        f.skip(
+            "runc",
+            "runc is not installed (Debian: apt-get install runc)",
+        );
         return paths;
     };
     match container::make_bundle(&c.args) {
@@ -178,16 +190,21 @@ fn process_path_list<'a>(c: &'a Ctx, f: &mut Findings, bundle: &'a mut Option<co
         }
     }
     let b = bundle.as_ref();
-    paths.push(ProcPath::new("runc", "runc run to exit", c.n.min(10), move || {
-        let b = b.context("no bundle")?;
-        let r = container::run_runc(&runc, b, Duration::from_secs(20))?;
-        Ok(ProcRun {
-            stdout: r.stdout,
-            launch_mono_ns: r.launch_mono_ns,
-            total_us: r.total_us,
-            settings: Some(container::Settings::runc()),
-        })
-    }));
+    paths.push(ProcPath::new(
+        "runc",
+        "runc run to exit",
+        c.n.min(10),
+        move || {
+            let b = b.context("no bundle")?;
+            let r = container::run_runc(&runc, b, Duration::from_secs(20))?;
+            Ok(ProcRun {
+                stdout: r.stdout,
+                launch_mono_ns: r.launch_mono_ns,
+                total_us: r.total_us,
+                settings: Some(container::Settings::runc()),
+            })
+        },
+    ));
     paths
 }
 
@@ -520,7 +537,9 @@ fn qemu_unikernel(c: &Ctx, f: &mut Findings, qaccel: Accel) {
     // Guest cycles to us: QEMU's guest TSC follows the host's.
     let cyc = |l: &str, k: &str| field_u64(l, k).map(|v| v as f64 / c.tsc_khz * 1e3);
     let m = |g: &dyn Fn(&str) -> Option<f64>| -> Vec<f64> {
-        runs.iter().map(|r| g(&r.line).unwrap_or(f64::NAN)).collect()
+        runs.iter()
+            .map(|r| g(&r.line).unwrap_or(f64::NAN))
+            .collect()
     };
     f.path(p, qaccel)
         .host(
@@ -556,7 +575,10 @@ fn qemu_unikernel(c: &Ctx, f: &mut Findings, qaccel: Accel) {
         .host(
             Group::Memory,
             &qemu_rss_metric(runs[0].guest_ram_bytes),
-            &runs.iter().map(|r| r.max_rss_bytes as f64 / 1024.0).collect::<Vec<_>>(),
+            &runs
+                .iter()
+                .map(|r| r.max_rss_bytes as f64 / 1024.0)
+                .collect::<Vec<_>>(),
             Unit::KiB,
         );
 }
@@ -604,7 +626,10 @@ fn qemu_linux_rows(c: &Ctx, f: &mut Findings, runs: &[qemu::QemuRun], qaccel: Ac
         .host(
             Group::Memory,
             &qemu_rss_metric(runs[0].guest_ram_bytes),
-            &runs.iter().map(|r| r.max_rss_bytes as f64 / 1024.0).collect::<Vec<_>>(),
+            &runs
+                .iter()
+                .map(|r| r.max_rss_bytes as f64 / 1024.0)
+                .collect::<Vec<_>>(),
             Unit::KiB,
         );
 }
@@ -630,13 +655,18 @@ fn sizes_and_ratios(f: &mut Findings, rootfs_bytes: Option<u64>, native_workload
             .rows
             .iter()
             .filter(|r| {
-                r.group == Group::Compute && r.metric == "workload time" && r.path != "native process"
+                r.group == Group::Compute
+                    && r.metric == "workload time"
+                    && r.path != "native process"
             })
             .cloned()
             .collect();
         for r in comp {
             // Per run: native's median over this run's time.
-            f.rows.push(r.map("throughput relative to native", Unit::Times, |v| nw / 1e3 / v));
+            f.rows
+                .push(r.map("throughput relative to native", Unit::Times, |v| {
+                    nw / 1e3 / v
+                }));
         }
     }
 }

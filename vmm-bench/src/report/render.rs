@@ -195,7 +195,11 @@ fn settings_table(s: &mut String, r: &Report) {
     if r.container_settings.is_empty() {
         return;
     }
-    let paths: Vec<&str> = r.container_settings.iter().map(|p| p.path.as_str()).collect();
+    let paths: Vec<&str> = r
+        .container_settings
+        .iter()
+        .map(|p| p.path.as_str())
+        .collect();
     let _ = writeln!(
         s,
         "\n## Container settings\n\n| setting | {} |\n|---|{}",
@@ -215,7 +219,11 @@ fn settings_table(s: &mut String, r: &Report) {
         ("seccomp", |x| x.seccomp.clone()),
     ];
     for (name, get) in rows {
-        let cells: Vec<String> = r.container_settings.iter().map(|p| get(&p.settings)).collect();
+        let cells: Vec<String> = r
+            .container_settings
+            .iter()
+            .map(|p| get(&p.settings))
+            .collect();
         let _ = writeln!(s, "| {name} | {} |", cells.join(" | "));
     }
 }
