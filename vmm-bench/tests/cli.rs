@@ -38,7 +38,49 @@ fn quick_report_writes_labelled_results() {
     for r in j["rows"].as_array().unwrap() {
         assert!(!r["accel"].as_str().unwrap().is_empty(), "{r}");
         assert!(r["clock"] == "guest" || r["clock"] == "host", "{r}");
+        // Spread and n on every row, and the raw samples behind them.
+        let n = r["runs"].as_u64().unwrap() as usize;
+        let samples: Vec<f64> = r["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert!(n >= 1 && samples.len() == n, "{r}");
+        let (lo, med, hi) = (
+            r["min"].as_f64().unwrap(),
+            r["value"].as_f64().unwrap(),
+            r["max"].as_f64().unwrap(),
+        );
+        assert!(lo <= med && med <= hi, "{r}");
+        assert!(samples.iter().all(|&v| lo <= v && v <= hi), "{r}");
     }
+    // Every run's checksum was checked, not just the first.
+    for c in checks {
+        let runs = c["runs"].as_u64().unwrap();
+        assert!(runs >= 1 && c["matched"] == runs, "{c}");
+    }
+    let native_runs = j["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["path"] == "native process")
+        .map(|c| c["runs"].as_u64().unwrap());
+    assert_eq!(native_runs, Some(5), "quick mode: 5 runs after the warm-up");
+    // Which isolation each container path had.
+    let settings = j["container_settings"].as_array().unwrap();
+    let of = |p: &str| settings.iter().find(|s| s["path"] == p).map(|s| &s["settings"]);
+    let ours = of("container").expect("our container's settings");
+    assert_eq!(ours["no_new_privs"], true, "{ours}");
+    assert_eq!(ours["cgroup_namespace"], true, "{ours}");
+    let ns = of("namespaced process (shared host filesystem)").expect("the namespaced process");
+    assert_eq!(ns["seccomp"], "none", "{ns}");
+    assert!(
+        std::fs::read_to_string(dir.path().join("report.md"))
+            .unwrap()
+            .contains("## Container settings"),
+        "report.md shows the settings"
+    );
     let skipped = j["skipped"].as_array().unwrap();
     assert!(
         skipped.iter().any(|k| k["path"] == "runc" && k["reason"].as_str().unwrap().contains("not installed")),

@@ -41,10 +41,17 @@ pub(super) fn claims(f: &Findings, ec: Option<&ExitCompare>, kvm: Option<Accel>)
     }
     out.extend(vmm_start(f, &v));
     out.extend(vmm_memory(f));
-    if let Some(x) = f.find("container", "launch to exit") {
+    // Start ends where the workload's first instruction runs (its own
+    // timestamp); the real container, not the namespaced process.
+    if let Some(x) = f.find("container", "launch to exec (the workload's first instruction)") {
+        let exit = f.find("container", "launch to exit").unwrap_or(f64::NAN);
         out.push(Claim {
-            claim: "container start without a network namespace <= 3 ms".into(),
-            measured: format!("{:.2} ms launch to exit", x / 1e3),
+            claim: "container (own read-only root, reduced privileges) starts without a network namespace in <= 3 ms".into(),
+            measured: format!(
+                "{:.2} ms launch to exec (median; {:.2} ms to exit)",
+                x / 1e3,
+                exit / 1e3
+            ),
             verdict: if x <= 3000.0 { "met" } else { "not met" }.into(),
         });
     }
