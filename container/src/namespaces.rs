@@ -135,7 +135,8 @@ impl Isolation {
             Mode::Container => {
                 let bb = Path::new(BUSYBOX).is_file().then_some(BUSYBOX);
                 let cg2 = crate::cgroup2_root().is_some();
-                Some((Rootfs::new(bb, cg2)?, Privileges::new()?))
+                let pivot = crate::rootfs::can_pivot();
+                Some((Rootfs::new(bb, cg2, pivot)?, Privileges::new(!pivot)?))
             }
             Mode::NamespacedProcess => None,
         };

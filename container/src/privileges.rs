@@ -31,6 +31,8 @@ pub const KEPT_CAPS: &[(&str, u32)] = &[
     ("CAP_SETFCAP", 31),
 ];
 
+const CAP_SYS_CHROOT: u32 = 18;
+
 /// [`KEPT_CAPS`] as a mask, the way /proc/PID/status prints `CapEff`.
 pub fn kept_mask() -> u64 {
     KEPT_CAPS.iter().fold(0, |m, &(_, c)| m | 1 << c)
@@ -91,16 +93,23 @@ pub(crate) struct Privileges {
 }
 
 impl Privileges {
-    pub(crate) fn new() -> Result<Privileges> {
+    /// `no_chroot`: also drop CAP_SYS_CHROOT and refuse chroot(2) (a root
+    /// entered by chroot instead of pivot_root must not be left by it).
+    pub(crate) fn new(no_chroot: bool) -> Result<Privileges> {
         let last_cap = livehost_common::sysfs::read_text("/proc/sys/kernel/cap_last_cap")
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(40)
             .min(63);
+        let chroot = 1u64 << CAP_SYS_CHROOT;
         Ok(Privileges {
-            keep: kept_mask(),
+            keep: if no_chroot {
+                kept_mask() & !chroot
+            } else {
+                kept_mask()
+            },
             last_cap,
-            filters: filters()?,
+            filters: filters(no_chroot)?,
         })
     }
 
@@ -181,13 +190,16 @@ struct CapData {
 /// namespace get EPERM; clone3 gets ENOSYS (its flags sit behind a pointer
 /// a filter cannot read, and ENOSYS is what makes C libraries fall back to
 /// clone, which the first filter checks), as Docker's profile does.
-fn filters() -> Result<Vec<BpfProgram>> {
+fn filters(no_chroot: bool) -> Result<Vec<BpfProgram>> {
     let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH)
         .context("no seccomp filter for this architecture")?;
     let mut denied: BTreeMap<i64, Vec<SeccompRule>> = DENIED_SYSCALLS
         .iter()
         .map(|&(_, nr)| (nr as i64, vec![]))
         .collect();
+    if no_chroot {
+        denied.insert(libc::SYS_chroot as i64, vec![]);
+    }
     let newuser = libc::CLONE_NEWUSER as u64;
     denied.insert(
         libc::SYS_clone as i64,
@@ -224,8 +236,9 @@ mod tests {
 
     #[test]
     fn filters_compile() {
-        let f = filters().unwrap();
+        let f = filters(false).unwrap();
         assert_eq!(f.len(), 2);
+        assert!(filters(true).unwrap()[0].len() > f[0].len());
         assert!(f.iter().all(|p| !p.is_empty()));
     }
 }

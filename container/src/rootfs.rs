@@ -3,8 +3,9 @@
 //! host's busybox (bound read-only, as `/bin/busybox` and `/bin/sh`, the
 //! same userland runc's bundle gets), its own /dev with six device nodes,
 //! /proc with runc's masked and read-only paths, /sys and the cgroup
-//! namespace's cgroup2 read-only, a tmpfs /tmp; entered by pivot_root and
-//! then made read-only itself.
+//! namespace's cgroup2 read-only, a tmpfs /tmp; entered by pivot_root (or,
+//! where the host's root is the initial ramfs and pivot_root is refused,
+//! by moving it over / and chroot) and then made read-only itself.
 
 use crate::cstr;
 use anyhow::Result;
@@ -66,6 +67,27 @@ enum Step {
     Mknod(CString, libc::dev_t),
     Symlink(CString, CString),
     Pivot(CString),
+    /// Where pivot_root is refused (the root is the initial ramfs): move
+    /// the new root over / and chroot into it.
+    MoveRoot(CString),
+}
+
+/// Whether pivot_root can leave this host's root: not when the root is
+/// the initial ramfs (an initramfs that never switched root, like
+/// kernel-tests' guests), where the kernel refuses it with EINVAL.
+pub fn can_pivot() -> bool {
+    let Ok(mi) = livehost_common::sysfs::read_text("/proc/self/mountinfo") else {
+        return true;
+    };
+    // The last mount on / is the one on top.
+    let fstype = mi
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (pre.split_whitespace().nth(4)? == "/").then(|| post.split_whitespace().next())?
+        })
+        .last();
+    fstype != Some("rootfs")
 }
 
 /// The prepared steps.
@@ -101,7 +123,7 @@ fn mount(
 impl Rootfs {
     /// The steps for a root holding `busybox` (a host path, when there is
     /// one), with cgroup2 mounted read-only at /sys/fs/cgroup when `cgroup2`.
-    pub(crate) fn new(busybox: Option<&str>, cgroup2: bool) -> Result<Rootfs> {
+    pub(crate) fn new(busybox: Option<&str>, cgroup2: bool, pivot: bool) -> Result<Rootfs> {
         let s = |p: &str| format!("{STAGE}{p}");
         let mut steps = vec![mount(
             Some("tmpfs"),
@@ -162,7 +184,10 @@ impl Rootfs {
             NOSUID | NODEV,
             Some("mode=1777,size=16m"),
         )?);
-        steps.push(Step::Pivot(cstr(STAGE)?));
+        steps.push(match pivot {
+            true => Step::Pivot(cstr(STAGE)?),
+            false => Step::MoveRoot(cstr(STAGE)?),
+        });
         // The root itself last: nothing above can be written any more.
         steps.push(mount(
             None,
@@ -254,6 +279,12 @@ impl Rootfs {
                         }
                         true
                     }
+                    Step::MoveRoot(root) => {
+                        if !self.move_root(root) {
+                            return Err(status::PIVOT);
+                        }
+                        true
+                    }
                 };
                 if !ok {
                     return Err(status::ROOTFS);
@@ -296,6 +327,28 @@ impl Rootfs {
             libc::chdir(root.as_ptr()) == 0
                 && libc::syscall(libc::SYS_pivot_root, self.dot.as_ptr(), self.dot.as_ptr()) == 0
                 && libc::umount2(self.dot.as_ptr(), libc::MNT_DETACH) == 0
+                && libc::chdir(self.slash.as_ptr()) == 0
+        }
+    }
+}
+
+impl Rootfs {
+    /// chdir into the new root, move it over / and chroot into it (runc's
+    /// no-pivot way). The old root stays below, reachable only through
+    /// chroot, which the container then may not call (no CAP_SYS_CHROOT,
+    /// and the seccomp filter refuses it).
+    unsafe fn move_root(&self, root: &CString) -> bool {
+        // SAFETY: system calls on our own strings.
+        unsafe {
+            libc::chdir(root.as_ptr()) == 0
+                && libc::mount(
+                    self.dot.as_ptr(),
+                    self.slash.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_MOVE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::chroot(self.dot.as_ptr()) == 0
                 && libc::chdir(self.slash.as_ptr()) == 0
         }
     }

@@ -43,7 +43,7 @@ impl Settings {
             Ok(l) => l.join(", "),
             Err(why) => why.clone(),
         };
-        match mode {
+        let s = match mode {
             Mode::Container => Settings {
                 mode: mode.label().into(),
                 rootfs: "read-only tmpfs with the host's busybox bound read-only, pivot_root"
@@ -69,7 +69,19 @@ impl Settings {
                 no_new_privs: false,
                 seccomp: "none".into(),
             },
+        };
+        if mode == Mode::Container && !crate::rootfs::can_pivot() {
+            return Settings {
+                rootfs: "read-only tmpfs with the host's busybox bound read-only, moved over / + chroot (the host's root is the initial ramfs, where pivot_root is refused)".into(),
+                capabilities: format!(
+                    "{:#010x} (Docker's default set less CAP_SYS_CHROOT)",
+                    kept_mask() & !(1 << 18)
+                ),
+                seccomp: format!("{}; chroot too", seccomp()),
+                ..s
+            };
         }
+        s
     }
 
     /// runc with the bundle [`crate::Bundle`] writes (the same settings

@@ -69,7 +69,12 @@ fn quick_report_writes_labelled_results() {
     assert_eq!(native_runs, Some(5), "quick mode: 5 runs after the warm-up");
     // Which isolation each container path had.
     let settings = j["container_settings"].as_array().unwrap();
-    let of = |p: &str| settings.iter().find(|s| s["path"] == p).map(|s| &s["settings"]);
+    let of = |p: &str| {
+        settings
+            .iter()
+            .find(|s| s["path"] == p)
+            .map(|s| &s["settings"])
+    };
     let ours = of("container").expect("our container's settings");
     assert_eq!(ours["no_new_privs"], true, "{ours}");
     assert_eq!(ours["cgroup_namespace"], true, "{ours}");

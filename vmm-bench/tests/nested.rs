@@ -15,7 +15,10 @@ fn unikernel_runs_on_nested_svm_kvm() {
     );
     let mut opts = RunOptions::new([
         "/usr/bin/vmm-bench probe --json; echo ===; /usr/bin/vmm-bench run vm --kib 4 --loops 20 --timeout 60 --json; \
-         echo ===; /usr/bin/vmm-bench container --name in-guest --quiet -- /bin/sh -c 'hostname; echo pid=$$; tail -n1 /proc/self/cgroup'; \
+         echo ===; /usr/bin/vmm-bench container --name in-guest --quiet -- /bin/sh -c 'hostname; echo pid=$$; tail -n1 /proc/self/cgroup; \
+         echo $$ > /sys/fs/cgroup/cgroup.procs 2>/dev/null && echo ESCAPED-cgroup; [ -e /proc/sysrq-trigger ] && echo sysrq-present; \
+         echo h > /proc/sysrq-trigger 2>/dev/null && echo ESCAPED-sysrq; echo pids.max=$(cat /sys/fs/cgroup/pids.max); \
+         echo memory.max=$(cat /sys/fs/cgroup/memory.max); grep NoNewPrivs /proc/self/status'; \
          test ! -e /sys/fs/cgroup/livehost-in-guest.scope && echo leaf-removed",
     ]);
     opts.with_kvm = true;
@@ -44,11 +47,28 @@ fn unikernel_runs_on_nested_svm_kvm() {
     assert_eq!(run["exits"]["hlt"].as_u64(), Some(1), "{diag}");
     // The container launcher as the demo uses it, on a pure cgroup v2 guest.
     let ctr = parts.next().unwrap_or("");
-    let leaf = format!(
-        "0::/{}",
-        livehost_common::container::cgroup_leaf("in-guest")
-    );
-    for want in ["in-guest", "pid=1", &leaf, "leaf-removed"] {
-        assert!(ctr.contains(want), "container output lacks {want}: {diag}");
+    // A real container: its own cgroup namespace, the issue's escapes
+    // (leave the cgroup, write sysrq-trigger: here with the harmless 'h')
+    // fail on a kernel that has sysrq, and the leaf has its limits.
+    let limits = [
+        format!("pids.max={}", livehost_container::limits::PIDS_MAX),
+        format!("memory.max={}", livehost_container::limits::MEMORY_MAX),
+    ];
+    for want in [
+        "in-guest",
+        "pid=1",
+        "\n0::/\n",
+        "sysrq-present",
+        "NoNewPrivs:\t1",
+        "leaf-removed",
+    ]
+    .into_iter()
+    .chain(limits.iter().map(String::as_str))
+    {
+        assert!(
+            ctr.contains(want),
+            "container output lacks {want:?}: {diag}"
+        );
     }
+    assert!(!ctr.contains("ESCAPED"), "{diag}");
 }

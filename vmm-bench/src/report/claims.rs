@@ -43,7 +43,10 @@ pub(super) fn claims(f: &Findings, ec: Option<&ExitCompare>, kvm: Option<Accel>)
     out.extend(vmm_memory(f));
     // Start ends where the workload's first instruction runs (its own
     // timestamp); the real container, not the namespaced process.
-    if let Some(x) = f.find("container", "launch to exec (the workload's first instruction)") {
+    if let Some(x) = f.find(
+        "container",
+        "launch to exec (the workload's first instruction)",
+    ) {
         let exit = f.find("container", "launch to exit").unwrap_or(f64::NAN);
         out.push(Claim {
             claim: "container (own read-only root, reduced privileges) starts without a network namespace in <= 3 ms".into(),
