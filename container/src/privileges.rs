@@ -195,14 +195,14 @@ fn filters(no_chroot: bool) -> Result<Vec<BpfProgram>> {
         .context("no seccomp filter for this architecture")?;
     let mut denied: BTreeMap<i64, Vec<SeccompRule>> = DENIED_SYSCALLS
         .iter()
-        .map(|&(_, nr)| (nr as i64, vec![]))
+        .map(|&(_, nr)| (nr, vec![]))
         .collect();
     if no_chroot {
-        denied.insert(libc::SYS_chroot as i64, vec![]);
+        denied.insert(libc::SYS_chroot, vec![]);
     }
     let newuser = libc::CLONE_NEWUSER as u64;
     denied.insert(
-        libc::SYS_clone as i64,
+        libc::SYS_clone,
         vec![SeccompRule::new(vec![SeccompCondition::new(
             0,
             SeccompCmpArgLen::Qword,
@@ -217,7 +217,7 @@ fn filters(no_chroot: bool) -> Result<Vec<BpfProgram>> {
         arch,
     )?;
     let clone3 = SeccompFilter::new(
-        [(libc::SYS_clone3 as i64, vec![])].into(),
+        [(libc::SYS_clone3, vec![])].into(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,

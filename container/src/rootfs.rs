@@ -80,13 +80,10 @@ pub fn can_pivot() -> bool {
         return true;
     };
     // The last mount on / is the one on top.
-    let fstype = mi
-        .lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            (pre.split_whitespace().nth(4)? == "/").then(|| post.split_whitespace().next())?
-        })
-        .last();
+    let fstype = mi.lines().rev().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (pre.split_whitespace().nth(4)? == "/").then(|| post.split_whitespace().next())?
+    });
     fstype != Some("rootfs")
 }
 

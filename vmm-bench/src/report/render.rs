@@ -190,6 +190,9 @@ fn header(s: &mut String, r: &Report) {
     }
 }
 
+/// One setting read from a path's settings.
+type SettingOf = fn(&crate::container::Settings) -> String;
+
 /// Which isolation each container path had, one column per path.
 fn settings_table(s: &mut String, r: &Report) {
     if r.container_settings.is_empty() {
@@ -206,7 +209,7 @@ fn settings_table(s: &mut String, r: &Report) {
         paths.join(" | "),
         "---|".repeat(paths.len())
     );
-    let rows: [(&str, fn(&crate::container::Settings) -> String); 10] = [
+    let rows: [(&str, SettingOf); 10] = [
         ("mode", |x| x.mode.clone()),
         ("root file system", |x| x.rootfs.clone()),
         ("/dev", |x| x.dev.clone()),
