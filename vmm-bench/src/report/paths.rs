@@ -291,8 +291,8 @@ fn proc_rows(c: &Ctx, f: &mut Findings, p: &ProcPath) -> Vec<f64> {
     w
 }
 
-/// The unikernel on our VMM, the exit-loop comparison and VM density,
-/// where the probe found a KVM that runs guests.
+/// The unikernel on our VMM and the exit-loop comparison, where the probe
+/// found a KVM that runs guests.
 fn our_vmm(c: &Ctx, f: &mut Findings) -> Option<boot::ExitCompare> {
     let p = "unikernel on our VMM";
     let (accel, kvm) = match (c.probe.accel, vm::Kvm::open()) {
@@ -308,8 +308,7 @@ fn our_vmm(c: &Ctx, f: &mut Findings) -> Option<boot::ExitCompare> {
     };
     unikernel_on_vmm(c, f, &kvm, accel);
     c.pr.step("exit round trip: our VMM vs bare KVM_RUN");
-    let exit_compare = exit_loops(c, f, &kvm, accel);
-    exit_compare
+    exit_loops(c, f, &kvm, accel)
 }
 
 /// One figure of a unikernel run: its row, and how to read it from a run.
