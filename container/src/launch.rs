@@ -68,17 +68,6 @@ pub struct ContainerRun {
     pub settings: Settings,
 }
 
-/// CLOCK_MONOTONIC now, in ns (the clock `Instant` uses on Linux).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the local timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Run the program in new pid, mount, uts and ipc namespaces (optionally
 /// net and user) inside its own cgroup leaf, with no environment, as a real
 /// container or a namespaced process (`l.mode`). Everything is torn down
@@ -88,7 +77,7 @@ pub fn run(l: &Launch) -> Result<ContainerRun> {
     if l.mode == Mode::Container && l.extra.user {
         bail!("a user namespace is only offered in the namespaced-process mode");
     }
-    let launch_mono_ns = monotonic_ns();
+    let launch_mono_ns = livehost_common::monotonic_ns();
     let launch = Instant::now();
     let cg = match cgroup2_root() {
         Some(root) => Some(

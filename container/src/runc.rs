@@ -168,7 +168,7 @@ pub fn run_runc(runc: &Path, bundle: &Bundle, timeout: Duration) -> Result<RuncR
         id: id.clone(),
         bundle: bundle.dir.path().to_path_buf(),
     };
-    let launch_mono_ns = crate::launch::monotonic_ns();
+    let launch_mono_ns = livehost_common::monotonic_ns();
     let launch = Instant::now();
     let mut cmd = std::process::Command::new(runc);
     crate::reap::die_with_parent(&mut cmd);

@@ -22,7 +22,7 @@ pub struct NativeRun {
 /// another user could reach.
 pub fn run(args: &[String], timeout: Duration) -> Result<NativeRun> {
     let exe = workload()?.exec_path();
-    let launch_mono_ns = livehost_container::launch::monotonic_ns();
+    let launch_mono_ns = livehost_common::monotonic_ns();
     let launch = Instant::now();
     let mut cmd = std::process::Command::new(&exe);
     // Killed with us: a SIGKILLed vmm-bench leaves no workload behind.
