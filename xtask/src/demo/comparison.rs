@@ -136,11 +136,12 @@ mod tests {
                 "host_loop_per_us": 1000.0, "speed": null, "accel": null, "elapsed_ms": 1.0
             },
             "quick": true, "kib": 64, "loops": 1, "expected_checksum": "0x1",
-            "checks": [{ "path": "native", "checksum": "0x1", "ok": true }],
+            "checks": [{ "path": "native", "checksum": "0x1", "ok": true, "runs": 3, "matched": 3 }],
             "rows": [{ "group": "compute", "path": "native", "metric": "workload", "value": 1.5,
-                       "unit": "us", "accel": "native", "clock": "host", "runs": 3 }],
+                       "min": 1.0, "max": 2.0, "unit": "us", "accel": "native", "clock": "host",
+                       "runs": 3, "samples": [1.0, 1.5, 2.0] }],
             "skipped": [{ "path": "VMM", "reason": "no /dev/kvm" }],
-            "claims": [], "exit_compare": null, "elapsed_s": 2.0
+            "claims": [], "container_settings": [], "exit_compare": null, "elapsed_s": 2.0
         })
         .to_string()
     }
