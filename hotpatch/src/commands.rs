@@ -24,6 +24,9 @@ pub struct ErrorReport {
     pub error: String,
 }
 
+/// How long each wait of a reconciliation may take.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a transition may take, and how often to look.
 #[derive(Debug, Clone, Copy)]
 pub struct Wait {
@@ -61,6 +64,32 @@ impl Commands {
             paths,
             json,
             progress,
+        }
+    }
+
+    /// Before any command: find changes an earlier run began and never
+    /// finished (it was killed), settle them and say what was found and
+    /// done, on stderr (stdout stays the command's own output). Skipped
+    /// while another run holds the lock: the change is that run's own.
+    pub fn reconcile_pending(&self) {
+        let Ok(j) = state::read_journal(&self.paths) else {
+            return;
+        };
+        let n = crate::reconcile::unfinished(&j).len();
+        if n == 0 {
+            return;
+        }
+        if !livehost_common::is_root() {
+            eprintln!(
+                "hotpatch: the journal has {n} change(s) an earlier run began and did not finish; run any hotpatch command as root to reconcile them"
+            );
+            return;
+        }
+        let Ok(_lock) = state::lock(&self.paths, Duration::ZERO) else {
+            return;
+        };
+        for r in crate::reconcile::reconcile(&self.paths, RECONCILE_TIMEOUT, &self.progress) {
+            eprintln!("{}", r.line());
         }
     }
 
@@ -104,6 +133,8 @@ impl Commands {
     pub fn load(&self, file: Option<PathBuf>, installed: bool, opts: &LoadOptions) -> Result<i32> {
         need_root("hotpatch load")?;
         let _lock = state::lock(&self.paths, state::LOCK_WAIT)?;
+        // From here a signal reverses what is in flight instead of killing us.
+        crate::signals::catch();
         if installed {
             return self.load_installed(opts);
         }
@@ -136,6 +167,8 @@ impl Commands {
     pub fn unload(&self, name: Option<String>, wait: Wait) -> Result<i32> {
         need_root("hotpatch unload")?;
         let _lock = state::lock(&self.paths, state::LOCK_WAIT)?;
+        // From here a signal reverses what is in flight instead of killing us.
+        crate::signals::catch();
         let all = name.is_none();
         let names = match name {
             Some(n) => vec![n],
@@ -165,6 +198,8 @@ impl Commands {
     pub fn enable(&self, name: &str, wait: Wait) -> Result<i32> {
         need_root("hotpatch enable")?;
         let _lock = state::lock(&self.paths, state::LOCK_WAIT)?;
+        // From here a signal reverses what is in flight instead of killing us.
+        crate::signals::catch();
         let r = self.change(name, wait).enable()?;
         self.changed(&r)
     }
@@ -172,6 +207,8 @@ impl Commands {
     pub fn disable(&self, name: &str, wait: Wait) -> Result<i32> {
         need_root("hotpatch disable")?;
         let _lock = state::lock(&self.paths, state::LOCK_WAIT)?;
+        // From here a signal reverses what is in flight instead of killing us.
+        crate::signals::catch();
         let r = self.change(name, wait).disable()?;
         self.changed(&r)
     }
@@ -243,5 +280,6 @@ fn print_installed(r: &InstalledResult) {
             println!("{module}: already loaded from the same file")
         }
         InstalledResult::Failed(e) => eprintln!("hotpatch: error: {}: {}", e.module, e.error),
+        InstalledResult::Skipped { module, skipped } => eprintln!("hotpatch: {module}: {skipped}"),
     }
 }

@@ -30,6 +30,7 @@ pub mod boot;
 pub mod change;
 pub mod check;
 pub mod commands;
+pub mod exitcode;
 pub mod host;
 pub mod install;
 pub mod kernel;
@@ -40,6 +41,8 @@ pub mod measure;
 pub mod module;
 pub mod output;
 pub mod paths;
+pub mod reconcile;
+pub mod signals;
 pub mod state;
 #[doc(hidden)]
 pub mod testelf;

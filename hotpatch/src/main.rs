@@ -28,10 +28,7 @@ hotpatch load fix.ko           check, load, wait for the transition\n  \
 hotpatch list                  what is patched, by which patch\n  \
 hotpatch unload fix            reverse and remove\n  \
 hotpatch install fix.ko        re-apply at every boot of this kernel",
-    after_help = "Exit codes: 0 success, 1 error, 2 usage (bad arguments or option values), \
-3 preflight refused (nothing changed), 4 transition stalled and rolled back \
-(kernel as before).\n\n\
-Every change is journalled to <state-dir>/journal.jsonl (see `hotpatch journal`)."
+    after_help = hotpatch::exitcode::HELP
 )]
 struct Cli {
     /// Print machine-readable JSON on stdout instead of text.
@@ -169,6 +166,7 @@ fn main() {
         state: cli.state_dir,
     };
     let commands = Commands::new(paths, cli.json);
+    commands.reconcile_pending();
     let code = run(&commands, cli.cmd).unwrap_or_else(|e| commands.fail(&e));
     std::process::exit(code);
 }

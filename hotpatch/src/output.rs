@@ -113,7 +113,7 @@ impl Display for Text<'_, LoadReport> {
                 }
             }
             Outcome::AlreadyLoaded => writeln!(f, "{name}: already loaded")?,
-            Outcome::RolledBack | Outcome::Stalled | Outcome::Forced => stalled(f, name, r)?,
+            _ => stalled(f, name, r)?,
         }
         if let Some(m) = &r.measure {
             write!(f, "{}", Text(m))?;
@@ -128,7 +128,23 @@ impl Display for Text<'_, LoadReport> {
 /// The tasks that held a stalled transition up, with their stacks.
 fn stalled(f: &mut Formatter<'_>, name: &str, r: &LoadReport) -> fmt::Result {
     writeln!(f, "{name}: transition stalled; tasks not switched:")?;
-    for t in &r.stalled_tasks {
+    tasks(f, &r.stalled_tasks)?;
+    if !r.reverse_stalled_tasks.is_empty() {
+        writeln!(
+            f,
+            "{name}: the reverse stalled too; tasks not switched back:"
+        )?;
+        tasks(f, &r.reverse_stalled_tasks)?;
+    }
+    if let Some(ms) = r.rollback_ms {
+        writeln!(f, "{name}: rolled back in {ms:.1} ms")?;
+    }
+    Ok(())
+}
+
+/// Each task with its kernel stack.
+pub(crate) fn tasks(f: &mut Formatter<'_>, tasks: &[crate::kernel::TaskState]) -> fmt::Result {
+    for t in tasks {
         writeln!(
             f,
             "  pid {} tid {} {} (patch_state {})",
@@ -137,9 +153,6 @@ fn stalled(f: &mut Formatter<'_>, name: &str, r: &LoadReport) -> fmt::Result {
         for frame in t.stack.iter().take(12) {
             writeln!(f, "      {frame}")?;
         }
-    }
-    if let Some(ms) = r.rollback_ms {
-        writeln!(f, "{name}: rolled back in {ms:.1} ms")?;
     }
     Ok(())
 }
@@ -174,6 +187,18 @@ impl Display for Text<'_, ChangeReport> {
             && l.outcome != Outcome::Loaded
         {
             write!(f, "{}", Text(l))?;
+        }
+        if !r.stalled_tasks.is_empty() {
+            writeln!(f, "{}: transition stalled; tasks not switched:", r.module)?;
+            tasks(f, &r.stalled_tasks)?;
+        }
+        if !r.reverse_stalled_tasks.is_empty() {
+            writeln!(
+                f,
+                "{}: the reverse stalled too; tasks not switched back:",
+                r.module
+            )?;
+            tasks(f, &r.reverse_stalled_tasks)?;
         }
         for m in &r.messages {
             writeln!(f, "{m}")?;

@@ -127,6 +127,22 @@ pub enum JournalResult {
     Stalled,
     /// Forced through (`--force`).
     Forced,
+    /// Stalled, and so did the reverse: half-applied, mid-transition.
+    ReverseStalled,
+    /// Reversed/disabled, but the kernel did not free the patch.
+    NotFreed,
+    /// Freed, but the module could not be removed.
+    NotRemoved,
+    /// `--force` write refused, or the forced transition timed out.
+    ForceFailed,
+    /// A signal arrived mid-transition; reversed, the kernel as before.
+    Interrupted,
+    /// Written just before the kernel is changed; the entry with the
+    /// outcome follows. One with no outcome after it is a run that died
+    /// mid-change (SIGKILL, power cut): the next run reconciles it.
+    Begin,
+    /// What the next run found and did about an unfinished `Begin`.
+    Reconciled,
 }
 
 impl JournalOp {
@@ -152,6 +168,13 @@ impl JournalResult {
             JournalResult::Error => "error",
             JournalResult::Stalled => "stalled",
             JournalResult::Forced => "forced",
+            JournalResult::ReverseStalled => "reverse-stalled",
+            JournalResult::NotFreed => "not-freed",
+            JournalResult::NotRemoved => "not-removed",
+            JournalResult::ForceFailed => "force-failed",
+            JournalResult::Interrupted => "interrupted",
+            JournalResult::Begin => "begin",
+            JournalResult::Reconciled => "reconciled",
         }
     }
 
@@ -204,7 +227,25 @@ pub fn journal(paths: &Paths, e: &JournalEntry) -> Result<()> {
     line.push('\n');
     // One write call per line so concurrent appenders never interleave a line.
     f.write_all(line.as_bytes())?;
+    // On disk before the kernel is changed: a "begin" that a power cut
+    // loses cannot be reconciled.
+    f.sync_data()?;
     Ok(())
+}
+
+/// Journal that `op` on `module` is about to change the kernel. The entry
+/// with its outcome follows; a `begin` with none after it is a run that
+/// died mid-change, which the next run reconciles.
+pub fn begin(paths: &Paths, op: JournalOp, module: &str, sha: Option<&str>) -> Vec<String> {
+    record(
+        paths,
+        op,
+        Some(module),
+        sha,
+        JournalResult::Begin,
+        None,
+        serde_json::json!({ "pid": std::process::id() }),
+    )
 }
 
 /// Journal one change, stamped with the time and who made it. Returns the

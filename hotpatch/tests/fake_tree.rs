@@ -448,7 +448,7 @@ fn transition_wait_has_a_deadline_and_sees_completion() {
         t0,
     ) {
         Wait::TimedOut(d) => assert!(d >= Duration::from_millis(120) && d < Duration::from_secs(2)),
-        Wait::Done(_) => panic!("hp_b is still in transition"),
+        _ => panic!("hp_b is still in transition"),
     }
     // Completion written by "the kernel" mid-wait is noticed within a poll or two.
     let flip = d.path().join("sys/kernel/livepatch/hp_b/transition");
@@ -545,6 +545,13 @@ fn load_installed_refuses_a_changed_file() {
     assert_eq!(r[1]["module"], "hp_a");
     assert_eq!(r[1]["outcome"], "already-loaded");
     assert_eq!(r[2]["module"], "hp_c");
+    // hp_c patches cmdline_proc_show, as the refused hp_t does: it would
+    // stack on a patch that is not there, so it is not loaded.
+    let why = r[2]["skipped"].as_str().unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        why.contains("stacks on") && why.contains("vmlinux:cmdline_proc_show"),
+        "{why}"
+    );
     // Read back through hotpatch's own types.
     use hotpatch::{InstalledResult, Outcome};
     let run: hotpatch::InstalledRun = serde_json::from_slice(&out.stdout).unwrap();

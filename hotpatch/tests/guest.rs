@@ -259,10 +259,13 @@ step journal $H --json journal
 
     // The journal recorded each change.
     let j = s.json("journal");
-    let ops: Vec<String> = j
-        .as_array()
-        .unwrap()
+    let all: Vec<&Value> = j.as_array().unwrap().iter().collect();
+    // Every kernel change was journalled as begun before it happened.
+    let begins = all.iter().filter(|e| e["result"] == "begin").count();
+    assert_eq!(begins, 7, "{j}");
+    let ops: Vec<String> = all
         .iter()
+        .filter(|e| e["result"] != "begin")
         .map(|e| {
             format!(
                 "{}:{}",
@@ -425,9 +428,24 @@ step status $H --json status
 step unload $H --json unload --timeout 10 hp_stall
 step ls2 ls /sys/kernel/livepatch
 step mods2 cat /proc/modules
+# SIGTERM mid-transition (systemd stopping the unit): rolled back.
+step term sh -c '/usr/bin/hotpatch --json load --timeout 60 /root/hp_stall.ko & p=$!; sleep 2; kill -TERM $p; wait $p'
+step ls3 ls /sys/kernel/livepatch
+step mods3 cat /proc/modules
+# SIGKILL mid-transition: nothing runs; the next command reconciles.
+step kill sh -c '/usr/bin/hotpatch load --timeout 60 /root/hp_stall.ko >/dev/null 2>&1 & p=$!; sleep 2; kill -KILL $p; wait $p'
+step killed cat /sys/kernel/livepatch/hp_stall/transition
+step recon $H list
+step ls4 ls /sys/kernel/livepatch
+step mods4 cat /proc/modules
 step force $H --json load --timeout 2 --force /root/hp_stall.ko
 step fstatus $H --json status
-step funload $H unload --timeout 3 hp_stall
+# A kthread started now runs the replacement: unpatching stalls on it, and
+# reversing stalls on hp_busy_kthread, still in the original.
+echo 1 > /sys/module/hp_busy/parameters/spawn
+sleep 0.3
+step funload $H --json unload --timeout 3 hp_stall
+step funload-state cat /sys/kernel/livepatch/hp_stall/transition
 step journal $H --json journal
 "#,
         &[],
@@ -476,8 +494,19 @@ step journal $H --json journal
         "{t}"
     );
 
-    // --no-rollback leaves it in transition, visible in status; unload reverses.
-    assert_eq!(s.rc("norb"), 1, "{}", s.raw);
+    // Halfway to the deadline the pending tasks were signalled.
+    assert!(
+        r["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m.as_str().unwrap().contains("signalled the")),
+        "{r}"
+    );
+
+    // --no-rollback leaves it in transition (its own exit code), visible in
+    // status; unload reverses.
+    assert_eq!(s.rc("norb"), 5, "{}", s.raw);
     assert_eq!(s.json("norb")["outcome"], "stalled");
     let st = s.json("status");
     assert_eq!(st["patches"][0]["name"], "hp_stall");
@@ -488,6 +517,26 @@ step journal $H --json journal
     );
     assert_eq!(s.rc("unload"), 0, "{}", s.raw);
     assert_nothing_left(&s, "ls2", "mods2");
+
+    // SIGTERM mid-transition: reversed and removed, its own outcome.
+    assert_eq!(s.rc("term"), 4, "{}", s.raw);
+    let t = s.json("term");
+    assert_eq!(t["outcome"], "interrupted", "{t}");
+    assert!(t["rollback_ms"].as_f64().is_some(), "{t}");
+    assert_nothing_left(&s, "ls3", "mods3");
+
+    // SIGKILL left it in transition; the next command (a plain `list`)
+    // found the unfinished begin, reversed and removed it, and said so.
+    assert_eq!(s.rc("kill"), 137, "{}", s.raw);
+    assert_eq!(s.out("killed"), "1", "{}", s.raw);
+    let recon = s.out("recon");
+    assert!(
+        recon.contains("did not finish")
+            && recon.contains("still in transition")
+            && recon.contains("removed the module"),
+        "{recon}"
+    );
+    assert_nothing_left(&s, "ls4", "mods4");
 
     // --force completes the transition. On this 6.1 kernel the forced
     // patch can still be disabled and its module removed (observed: refcount
@@ -511,7 +560,29 @@ step journal $H --json journal
     let fs = s.json("fstatus");
     assert_eq!(fs["patches"][0]["transition"], false, "{fs}");
     assert_eq!(fs["patches"][0]["enabled"], true, "{fs}");
-    assert_eq!(s.rc("funload"), 0, "{}", s.raw);
+    // The unload stalled on the new kthread, its reverse on the old one:
+    // half-applied, its own outcome and exit code, both task lists kept.
+    assert_eq!(s.rc("funload"), 6, "{}", s.raw);
+    let fu = s.json("funload");
+    let u = &fu[0];
+    assert_eq!(u["outcome"], "reverse-stalled", "{fu}");
+    assert_eq!(u["removed"], false, "{fu}");
+    let comms = |k: &str| -> Vec<String> {
+        u[k].as_array()
+            .unwrap_or_else(|| panic!("no {k}: {fu}"))
+            .iter()
+            .map(|t| t["comm"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        comms("stalled_tasks").contains(&"hp_busy_extra".to_string()),
+        "{fu}"
+    );
+    assert!(
+        comms("reverse_stalled_tasks").contains(&"hp_busy_kthread".to_string()),
+        "{fu}"
+    );
+    assert_eq!(s.out("funload-state"), "1", "still mid-transition");
 
     let j = s.json("journal");
     let results: Vec<&str> = j
@@ -523,14 +594,32 @@ step journal $H --json journal
     assert_eq!(
         results,
         [
+            "begin",
             "rolled-back",
+            "begin",
             "rolled-back",
+            "begin",
             "stalled",
+            "begin",
             "ok",
+            "begin",
+            "interrupted",
+            "begin",
+            "reconciled",
+            "begin",
             "forced",
-            "ok"
+            "begin",
+            "reverse-stalled"
         ],
         "{j}"
+    );
+    // The journal keeps the stalled tasks of the half-applied unload.
+    let last = &j.as_array().unwrap()[15];
+    assert!(
+        last["detail"]["reverse_stalled"]
+            .to_string()
+            .contains("hp_busy_kthread"),
+        "{last}"
     );
 }
 
@@ -560,6 +649,18 @@ step l1 $H load /root/hp_cmdline.ko
 step dup $H --json check /root/hp_cmdline.ko
 step notlp $H unload hp_nothere
 step badtimeout $H unload --all --timeout 0
+# No kthread in hp_busy_sleeper yet: hp_stall applies at once. A kthread
+# started after runs the replacement, so unpatching stalls on it; the
+# reverse (patching again) has nothing to wait for.
+insmod /root/hp_busy.ko start=0
+step sload $H --json load --timeout 20 /root/hp_stall.ko
+echo 1 > /sys/module/hp_busy/parameters/spawn
+sleep 0.3
+step sunload $H --json unload --timeout 2 hp_stall
+step sstate cat /sys/kernel/livepatch/hp_stall/enabled /sys/kernel/livepatch/hp_stall/transition
+step sdisable $H --json disable --timeout 2 hp_stall
+step sstate2 cat /sys/kernel/livepatch/hp_stall/enabled /sys/kernel/livepatch/hp_stall/transition
+step sjournal $H --json journal --tail 4
 "#,
         &["hotpatch.skip=1"],
     );
@@ -630,6 +731,45 @@ step badtimeout $H unload --all --timeout 0
         s.out("badtimeout")
     );
     assert_eq!(s.rc("badtimeout"), 2, "usage error");
+
+    // A stalled unload and a stalled disable are reversed: the patch stays
+    // applied as before, exit 4, the stalled kthread named.
+    assert_eq!(s.rc("sload"), 0, "{}", s.raw);
+    for (step, state) in [("sunload", "sstate"), ("sdisable", "sstate2")] {
+        assert_eq!(s.rc(step), 4, "{step}: {}", s.raw);
+        let v = s.json(step);
+        let r = if v.is_array() { &v[0] } else { &v };
+        assert_eq!(r["outcome"], "rolled-back", "{v}");
+        assert_eq!(r["removed"], false, "{v}");
+        assert!(
+            r["stalled_tasks"].to_string().contains("hp_busy_extra"),
+            "{v}"
+        );
+        assert_eq!(s.out(state), "1\n0", "{step}: patch applied, no transition");
+    }
+    let j = s.json("sjournal");
+    let got: Vec<String> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["op"].as_str().unwrap(),
+                e["result"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "unload:begin",
+            "unload:rolled-back",
+            "disable:begin",
+            "disable:rolled-back"
+        ],
+        "{j}"
+    );
 }
 
 #[test]
