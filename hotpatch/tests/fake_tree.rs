@@ -264,8 +264,13 @@ fn no_livepatch_support_is_named() {
     assert!(!list::status(&paths).livepatch_supported);
 }
 
+/// Run the CLI against the fake tree. `HOTPATCH_TEST_BIN` runs these
+/// tests against another build (an older hotpatch, to show a test failed
+/// before a fix).
 fn bin(paths: &Paths, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hotpatch"))
+    let exe = std::env::var("HOTPATCH_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_hotpatch").to_string());
+    Command::new(exe)
         .arg("--sysfs-root")
         .arg(&paths.sys)
         .arg("--proc-root")
@@ -838,4 +843,153 @@ fn enable_waits_or_says_what_to_run() {
     // Not loaded at all.
     let e = format!("{:#}", enable("hp_none", 1).unwrap_err());
     assert!(e.contains("hotpatch load FILE.ko"), "{e}");
+}
+
+/// A transition that keeps making progress is not a stall: while the
+/// pending count falls the deadline moves out, and halfway to it the
+/// pending tasks are signalled through the patch's `signal` attribute.
+#[test]
+fn wait_extends_while_pending_falls_and_signals() {
+    use hotpatch::transition::{Wait, Watch};
+    use livehost_common::progress::Progress;
+    use std::time::{Duration, Instant};
+    let (d, paths) = tree();
+    let r = d.path().to_path_buf();
+    for pid in 200..204 {
+        write(&r, &format!("proc/{pid}/task/{pid}/patch_state"), "0\n");
+    }
+    write(&r, "sys/kernel/livepatch/hp_b/signal", "");
+    // "The kernel" switches one task every 250 ms, then completes: 1.25 s,
+    // past the 1 s timeout.
+    let kr = r.clone();
+    let kernel = std::thread::spawn(move || {
+        for pid in [100, 200, 201, 202, 203] {
+            std::thread::sleep(Duration::from_millis(250));
+            write(&kr, &format!("proc/{pid}/task/{pid}/patch_state"), "1\n");
+        }
+        write(&kr, "sys/kernel/livepatch/hp_b/transition", "0\n");
+    });
+    let quiet = Progress::silent();
+    let w = Watch {
+        paths: &paths,
+        name: "hp_b",
+        timeout: Duration::from_secs(1),
+        poll: Duration::from_millis(5),
+        progress: &quiet,
+        interruptible: false,
+    };
+    let mut notes = Vec::new();
+    let got = w.wait(1, Instant::now(), &mut notes);
+    kernel.join().unwrap();
+    assert!(
+        matches!(got, Wait::Done(_)),
+        "progressing transition cut off; {notes:?}"
+    );
+    let sig = std::fs::read_to_string(r.join("sys/kernel/livepatch/hp_b/signal")).unwrap();
+    assert_eq!(sig, "1", "pending tasks not signalled");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("signalled the") && n.contains("pending task(s)")),
+        "{notes:?}"
+    );
+}
+
+/// `--force` racing completion: when the transition finished before the
+/// `force` write (the kernel refuses the write then), nothing was forced;
+/// a refused write while still in transition is a force failure.
+#[test]
+fn force_refused_after_completion_is_not_forced() {
+    use hotpatch::transition::{Forced, Watch, force_transition};
+    use livehost_common::progress::Progress;
+    use std::time::Duration;
+    let (d, paths) = tree();
+    // A directory: every write to `force` fails, as the kernel's EINVAL.
+    mkdir(d.path(), "sys/kernel/livepatch/hp_b/force");
+    let quiet = Progress::silent();
+    let w = Watch {
+        paths: &paths,
+        name: "hp_b",
+        timeout: Duration::from_millis(200),
+        poll: Duration::from_millis(5),
+        progress: &quiet,
+        interruptible: false,
+    };
+    let got = force_transition(&w, &mut Vec::new());
+    assert!(matches!(got, Forced::WriteFailed(_)), "{got:?}");
+    write(d.path(), "sys/kernel/livepatch/hp_b/transition", "0\n");
+    let got = force_transition(&w, &mut Vec::new());
+    assert!(matches!(got, Forced::CompletedFirst), "{got:?}");
+}
+
+/// An unload whose patch the kernel never frees is its own outcome (exit
+/// 7, `not-freed`, journalled), not a bare error; one whose disable and
+/// its reverse both stall is `reverse-stalled` (exit 6) with the tasks.
+#[test]
+fn unload_not_freed_and_reverse_stalled_have_their_own_outcomes() {
+    assert!(livehost_common::is_root(), "`hotpatch unload` needs root");
+    let (_d, paths) = tree();
+    // hp_a: disabling completes at once (transition 0), but its sysfs
+    // directory never goes away.
+    let out = bin(&paths, &["--json", "unload", "--timeout", "0.3", "hp_a"]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["outcome"], "not-freed", "{v}");
+    assert_eq!(v[0]["removed"], false, "{v}");
+    // hp_b stays in transition whatever is written: the disable stalls on
+    // task 100 and so does the reverse.
+    let out = bin(&paths, &["--json", "unload", "--timeout", "0.3", "hp_b"]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["outcome"], "reverse-stalled", "{v}");
+    assert!(v[0]["messages"].to_string().contains("half-applied"), "{v}");
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    let got: Vec<(String, JournalResult)> = j
+        .iter()
+        .map(|e| (e.module.clone().unwrap(), e.result))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("hp_a".to_string(), JournalResult::Begin),
+            ("hp_a".to_string(), JournalResult::NotFreed),
+            ("hp_b".to_string(), JournalResult::Begin),
+            ("hp_b".to_string(), JournalResult::ReverseStalled),
+        ]
+    );
+    // `unload --all` (both) ranks by severity: reverse-stalled beats
+    // not-freed.
+    let out = bin(&paths, &["--json", "unload", "--all", "--timeout", "0.3"]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+}
+
+/// A run killed mid-change leaves a "begin" with no outcome; the next run
+/// of any command (here `list`) looks at the kernel, settles it, says what
+/// it found and did, and journals it, once.
+#[test]
+fn next_run_reconciles_an_unfinished_begin() {
+    assert!(livehost_common::is_root(), "reconciling needs root");
+    let (_d, paths) = tree();
+    hotpatch::state::begin(&paths, JournalOp::Load, "hp_a", Some("abc"));
+    let out = bin(&paths, &["--json", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`load` of hp_a")
+            && err.contains("did not finish")
+            && err.contains("found applied, no transition running")
+            && err.contains("kept it"),
+        "{err}"
+    );
+    // stdout is still list's JSON.
+    let _: hotpatch::ListReport = serde_json::from_slice(&out.stdout).unwrap();
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    assert_eq!(j.last().unwrap().result, JournalResult::Reconciled);
+    assert_eq!(
+        j.last().unwrap().detail["found"],
+        "applied, no transition running"
+    );
+    // Reconciled once: the next run says nothing.
+    let out = bin(&paths, &["list"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("did not finish"));
 }
