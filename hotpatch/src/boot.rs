@@ -116,8 +116,8 @@ pub fn load_installed(
     // can be shown independent of it).
     let mut missing: Option<BTreeSet<String>> = Some(BTreeSet::new());
     for e in state::read_manifest(paths, &release)?.modules {
-        let file = paths.installed_dir(&release).join(&e.file);
-        let funcs = patched_functions(&file);
+        let file = state::installed_file(paths, &release, &e);
+        let funcs = file.as_deref().ok().and_then(patched_functions);
         let r = if let Some(r) = already_loaded(paths, &e) {
             r
         } else if let Some(why) = stacked_on_missing(&missing, &funcs) {
@@ -126,7 +126,10 @@ pub fn load_installed(
                 skipped: why,
             }
         } else {
-            load_one(paths, &release, &e, opts, progress)
+            match &file {
+                Ok(f) => load_one(paths, f, &e, opts, progress),
+                Err(err) => InstalledResult::Failed(ModuleError::new(&e.name, err)),
+            }
         };
         if !InstalledRun::applied(&r) {
             match (&mut missing, funcs) {
@@ -183,7 +186,7 @@ fn already_loaded(paths: &Paths, e: &Installed) -> Option<InstalledResult> {
 
 fn load_one(
     paths: &Paths,
-    release: &str,
+    file: &std::path::Path,
     e: &Installed,
     opts: &LoadOptions,
     progress: &Progress,
@@ -192,8 +195,7 @@ fn load_one(
         expected_sha256: Some(e.sha256.clone()),
         ..opts.clone()
     };
-    let file = paths.installed_dir(release).join(&e.file);
-    match load::load(paths, &file, &opts, progress) {
+    match load::load(paths, file, &opts, progress) {
         Ok(r) => InstalledResult::Load(Box::new(r)),
         Err(err) => InstalledResult::Failed(ModuleError::new(&e.name, &err)),
     }

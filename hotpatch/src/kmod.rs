@@ -8,7 +8,8 @@ use std::ffi::CString;
 use std::fs::File;
 use std::path::Path;
 
-/// `finit_module(2)` on an open file, no parameters, no vermagic override
+/// `finit_module(2)` on the file as opened and checked (`path` names it
+/// in messages), no parameters, no vermagic override
 /// (overriding it is how kernels get crashed; the preflight compares
 /// vermagic instead).
 ///
@@ -16,10 +17,9 @@ use std::path::Path;
 /// EKEYREJECTED/EBADMSG (signature), EPERM (no CAP_SYS_MODULE, module
 /// loading disabled, lockdown), EINVAL/ENODEV/EBUSY (the module's init, here
 /// `klp_enable_patch`, refused), ENOSYS (no module support).
-pub fn finit_module(path: &Path, name: &str) -> Result<()> {
-    let f = File::open(path).map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
+pub fn finit_module(f: &File, path: &Path, name: &str) -> Result<()> {
     let params = CString::default();
-    nix::kmod::finit_module(&f, &params, ModuleInitFlags::empty()).map_err(|e| {
+    nix::kmod::finit_module(f, &params, ModuleInitFlags::empty()).map_err(|e| {
         let why = match e {
             Errno::EEXIST => format!("a module named {name} is already loaded"),
             Errno::ENOEXEC => "the kernel says \"invalid module format\": built for another kernel or config (run `hotpatch check` for what differs; dmesg has the kernel's view)".to_string(),

@@ -140,23 +140,65 @@ impl ModuleInfo {
     }
 }
 
-/// Read and inspect a module file, bounding the read.
-pub fn inspect_file(path: &Path) -> Result<ModuleInfo> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+/// A module file opened once: the bytes that are hashed and inspected are
+/// read from this descriptor, and `finit_module` loads through the same
+/// one, so a file swapped after the check is never what gets loaded.
+pub struct OpenedModule {
+    pub file: std::fs::File,
+    pub bytes: Vec<u8>,
+}
+
+/// Open `path` without following a symbolic link (nor blocking on a FIFO),
+/// insist on a regular file of at most [`MAX_MODULE_SIZE`], and read it.
+pub fn open_module(path: &Path) -> Result<OpenedModule> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => anyhow::anyhow!(
+                "{} is a symbolic link; hotpatch opens module files without following links, so the file checked is the file loaded (name the file itself)",
+                path.display()
+            ),
+            _ => anyhow::anyhow!("cannot open {}: {e}", path.display()),
+        })?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is not a regular file", path.display());
     }
-    if meta.len() > MAX_MODULE_SIZE {
-        bail!(
-            "{} is {} bytes, more than the {} MiB any kernel module should be",
+    let too_big = |n: u64| {
+        anyhow::anyhow!(
+            "{} is {n} bytes, more than the {} MiB any kernel module should be",
             path.display(),
-            meta.len(),
             MAX_MODULE_SIZE >> 20
-        );
+        )
+    };
+    if meta.len() > MAX_MODULE_SIZE {
+        return Err(too_big(meta.len()));
     }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    inspect(&bytes).with_context(|| format!("{} is not a usable kernel module", path.display()))
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    (&file)
+        .take(MAX_MODULE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > MAX_MODULE_SIZE {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(OpenedModule { file, bytes })
+}
+
+/// Read and inspect a module file ([`open_module`]).
+pub fn inspect_file(path: &Path) -> Result<ModuleInfo> {
+    inspect_opened(path, &open_module(path)?)
+}
+
+/// Inspect the bytes of an opened module file.
+pub fn inspect_opened(path: &Path, m: &OpenedModule) -> Result<ModuleInfo> {
+    inspect(&m.bytes).with_context(|| format!("{} is not a usable kernel module", path.display()))
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {

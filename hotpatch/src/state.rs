@@ -328,17 +328,45 @@ pub fn check_release(release: &str) -> Result<()> {
     Ok(())
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+/// Replace `path` with `data` so that after a crash or power cut it holds
+/// either the old or the new content, never a torn or empty file: write a
+/// fresh temporary file (O_EXCL, O_NOFOLLOW: never through a planted link),
+/// fsync it, rename it over `path`, fsync the directory.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().context("path has no parent")?;
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, data).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
-    Ok(())
+    let base = path.file_name().and_then(|n| n.to_str()).unwrap_or("x");
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(".{base}.tmp{}.{nonce}", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot replace {}", path.display()));
+    }
+    sync_dir(dir)
+}
+
+/// fsync a directory, so a rename or unlink in it survives a power cut.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync directory {}", dir.display()))
 }
 
 pub fn loaded_record(paths: &Paths, name: &str) -> Option<LoadedRecord> {
@@ -419,26 +447,90 @@ pub fn install(
     file: &Path,
 ) -> Result<Installed> {
     check_name(name)?;
+    check_release(release)?;
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if crate::module::sha256_hex(&bytes) != sha256 {
+        bail!("{} changed while it was being installed", file.display());
+    }
+    install_bytes(paths, release, name, &bytes, file)
+}
+
+/// The file name an installed module is stored under: by content, so a
+/// reinstall never overwrites the file the current manifest names.
+pub fn stored_name(name: &str, sha256: &str) -> String {
+    format!("{name}-{sha256}.ko")
+}
+
+/// Store exactly `bytes` (the bytes that were hashed and inspected) for
+/// `release` and record them in the manifest. The module file is durable
+/// before the manifest names it, and the file it replaces is removed only
+/// once the manifest no longer does, so a power cut at any point leaves a
+/// manifest whose files are all there. A reinstall keeps the module's place
+/// in the boot order.
+pub fn install_bytes(
+    paths: &Paths,
+    release: &str,
+    name: &str,
+    bytes: &[u8],
+    source: &Path,
+) -> Result<Installed> {
+    check_name(name)?;
+    let sha256 = crate::module::sha256_hex(bytes);
     let mut m = read_manifest(paths, release)?;
     let dir = paths.installed_dir(release);
-    let fname = format!("{name}.ko");
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    write_atomic(&dir.join(&fname), &bytes)?;
+    let fname = stored_name(name, &sha256);
+    write_atomic(&dir.join(&fname), bytes)?;
     let entry = Installed {
         name: name.to_string(),
         file: fname,
-        sha256: sha256.to_string(),
+        sha256,
         installed_unix_ms: livehost_common::unix_ms(),
         installed_by: actor(),
-        source: std::fs::canonicalize(file)
-            .unwrap_or_else(|_| file.to_path_buf())
+        source: std::fs::canonicalize(source)
+            .unwrap_or_else(|_| source.to_path_buf())
             .display()
             .to_string(),
     };
-    m.modules.retain(|e| e.name != name);
-    m.modules.push(entry.clone());
+    let old = match m.modules.iter_mut().find(|e| e.name == name) {
+        Some(e) => Some(std::mem::replace(e, entry.clone())),
+        None => {
+            m.modules.push(entry.clone());
+            None
+        }
+    };
     write_manifest(paths, &m)?;
+    if let Some(old) = old
+        && old.file != entry.file
+        && plain_file_name(&old.file)
+    {
+        let _ = std::fs::remove_file(dir.join(&old.file));
+        let _ = sync_dir(&dir);
+    }
     Ok(entry)
+}
+
+/// A manifest's `file` is a bare file name in the release's directory:
+/// never a path, a hidden file or anything but a `.ko`.
+fn plain_file_name(f: &str) -> bool {
+    f.len() <= 200
+        && f.ends_with(".ko")
+        && !f.starts_with('.')
+        && f.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
+/// Where the installed module `e` is, once its manifest `file` field is
+/// checked to name a file inside the release's directory.
+pub fn installed_file(paths: &Paths, release: &str, e: &Installed) -> Result<PathBuf> {
+    if !plain_file_name(&e.file) {
+        bail!(
+            "the manifest for {release} gives {} the file {:?}, which is not a plain .ko file name in {}; refusing to use it (reinstall the module)",
+            e.name,
+            e.file,
+            paths.installed_dir(release).display()
+        );
+    }
+    Ok(paths.installed_dir(release).join(&e.file))
 }
 
 pub fn uninstall(paths: &Paths, release: &str, name: &str) -> Result<Installed> {
@@ -457,7 +549,10 @@ pub fn uninstall(paths: &Paths, release: &str, name: &str) -> Result<Installed> 
     };
     let e = m.modules.remove(pos);
     write_manifest(paths, &m)?;
-    let _ = std::fs::remove_file(paths.installed_dir(release).join(&e.file));
+    if let Ok(f) = installed_file(paths, release, &e) {
+        let _ = std::fs::remove_file(f);
+        let _ = sync_dir(&paths.installed_dir(release));
+    }
     Ok(e)
 }
 
@@ -509,29 +604,72 @@ mod tests {
         assert_eq!(j[1].op, JournalOp::Load);
     }
 
+    /// Files are stored by content; a reinstall keeps the module's place
+    /// in the boot order (install a, then b, both patching f: reinstalling
+    /// a must not move it on top of b), and removes the file it replaced
+    /// only after the manifest moved on.
     #[test]
-    fn install_replaces_same_name_and_uninstall_removes() {
+    fn install_keeps_order_stores_by_content_and_uninstall_removes() {
         let (d, p) = tmp_paths();
         let ko = d.path().join("a.ko");
+        let sha = |b: &[u8]| crate::module::sha256_hex(b);
         std::fs::write(&ko, b"one").unwrap();
-        install(&p, "6.1", "a", "h1", &ko).unwrap();
+        install(&p, "6.1", "a", &sha(b"one"), &ko).unwrap();
+        std::fs::write(&ko, b"bee").unwrap();
+        install(&p, "6.1", "b", &sha(b"bee"), &ko).unwrap();
         std::fs::write(&ko, b"two").unwrap();
-        install(&p, "6.1", "a", "h2", &ko).unwrap();
-        install(&p, "6.1", "b", "h3", &ko).unwrap();
+        install(&p, "6.1", "a", &sha(b"two"), &ko).unwrap();
         let m = read_manifest(&p, "6.1").unwrap();
-        assert_eq!(m.modules.len(), 2);
-        assert_eq!(m.modules[1].name, "b");
-        assert_eq!(m.modules[0].sha256, "h2");
-        assert_eq!(
-            std::fs::read(p.installed_dir("6.1").join("a.ko")).unwrap(),
-            b"two"
-        );
+        let order: Vec<&str> = m.modules.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(order, ["a", "b"], "reinstall moved a");
+        assert_eq!(m.modules[0].sha256, sha(b"two"));
+        assert_eq!(m.modules[0].file, format!("a-{}.ko", sha(b"two")));
+        let dir = p.installed_dir("6.1");
+        assert_eq!(std::fs::read(dir.join(&m.modules[0].file)).unwrap(), b"two");
+        assert!(!dir.join(format!("a-{}.ko", sha(b"one"))).exists());
+        assert_eq!(std::fs::read(dir.join(&m.modules[1].file)).unwrap(), b"bee");
+        // A file that changed since it was hashed is not stored.
+        assert!(install(&p, "6.1", "c", &sha(b"xyz"), &ko).is_err());
         uninstall(&p, "6.1", "a").unwrap();
-        assert!(!p.installed_dir("6.1").join("a.ko").exists());
+        assert!(!dir.join(format!("a-{}.ko", sha(b"two"))).exists());
         let err = uninstall(&p, "6.1", "zz").unwrap_err().to_string();
         assert!(err.contains("installed: b"), "{err}");
         // Other kernels are separate.
         assert!(read_manifest(&p, "6.2").unwrap().modules.is_empty());
+        // No temporary files are left behind.
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    }
+
+    /// A manifest `file` that is not a bare .ko name in the release's
+    /// directory is never used as a path.
+    #[test]
+    fn manifest_file_field_is_validated() {
+        let (_d, p) = tmp_paths();
+        let e = |f: &str| Installed {
+            name: "a".into(),
+            file: f.into(),
+            sha256: "h".into(),
+            installed_unix_ms: 0,
+            installed_by: "root".into(),
+            source: "/x".into(),
+        };
+        for bad in [
+            "../../etc/shadow",
+            "/etc/passwd",
+            "a/b.ko",
+            ".a.ko",
+            "a.sh",
+            "",
+        ] {
+            let err = installed_file(&p, "6.1", &e(bad)).unwrap_err().to_string();
+            assert!(err.contains("not a plain .ko file name"), "{bad}: {err}");
+        }
+        let ok = installed_file(&p, "6.1", &e("a-00ff.ko")).unwrap();
+        assert_eq!(ok, p.installed_dir("6.1").join("a-00ff.ko"));
     }
 
     /// A name or release that would leave the state dir is refused before

@@ -135,13 +135,17 @@ impl Watch<'_> {
 
     /// Write the patch's `signal` attribute (a fake signal to every task
     /// still pending, what kpatch does after 15 s); the note says what was
-    /// done, or `None` when the kernel has no such attribute.
+    /// done. Kernels from 5.13 have no such attribute: they send that
+    /// signal themselves 15 s into a transition, and the note says so.
     fn signal(&self, pending: usize, start: Instant) -> Option<String> {
         let p = self.paths.patch_dir(self.name).join("signal");
-        if !p.exists() {
-            return None;
-        }
         let at = start.elapsed().as_secs_f64();
+        if !p.exists() {
+            return Some(format!(
+                "{}: {pending} task(s) pending after {at:.1}s; this kernel has no `signal` attribute to signal them (it sends them a fake signal itself 15 s into a transition)",
+                self.name
+            ));
+        }
         Some(match std::fs::write(&p, "1") {
             Ok(()) => format!(
                 "{}: signalled the {pending} pending task(s) through {} after {at:.1}s",

@@ -197,7 +197,9 @@ fn load_watched(
     opts: &LoadOptions,
     progress: &Progress,
 ) -> Result<LoadReport> {
-    let info = module::inspect_file(file)?;
+    // Opened once: what is hashed and checked is what finit_module loads.
+    let opened = module::open_module(file)?;
+    let info = module::inspect_opened(file, &opened)?;
     let mut report = LoadReport::new(file, &info, vetted_preflight(paths, file, &info, opts));
     if !report.preflight.ok {
         let reasons: Vec<&str> = report
@@ -228,7 +230,7 @@ fn load_watched(
     let probe = opts
         .measure
         .then(|| measure::Probe::start(measure::spinners()));
-    let t0 = match l.insert(file, info.replace, &mut report) {
+    let t0 = match l.insert(file, &opened.file, info.replace, &mut report) {
         Ok(t0) => t0,
         Err(e) => {
             if let Some(p) = probe {
@@ -331,6 +333,7 @@ impl Loading<'_> {
     fn insert(
         &self,
         file: &Path,
+        fd: &std::fs::File,
         replace: Option<bool>,
         report: &mut LoadReport,
     ) -> Result<Instant> {
@@ -345,7 +348,7 @@ impl Loading<'_> {
             Some(&self.sha256),
         ));
         let t0 = Instant::now();
-        let loaded = kmod::finit_module(file, name);
+        let loaded = kmod::finit_module(fd, file, name);
         report.load_syscall_ms = Some(ms(t0.elapsed()));
         if let Err(e) = loaded {
             let detail = serde_json::json!({ "error": format!("{e:#}"), "file": report.file });
