@@ -320,7 +320,29 @@ fn cli_list_json_and_errors() {
     );
     let out = bin(&paths, &["inspect", "/nonexistent.ko"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot stat /nonexistent.ko"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open /nonexistent.ko"));
+    // A module path that is a symbolic link is refused, not followed: the
+    // file checked must be the file loaded. A FIFO is not read (nor waited
+    // on).
+    let real = d.path().join("real.ko");
+    std::fs::write(&real, hotpatch::testelf::ModuleSpec::simple("hp_l").build().bytes).unwrap();
+    let link = d.path().join("link.ko");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    for cmd in ["inspect", "check", "install"] {
+        let out = bin(&paths, &[cmd, link.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is a symbolic link"), "{cmd}: {err}");
+    }
+    let fifo = d.path().join("fifo.ko");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = bin(&paths, &["inspect", fifo.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a regular file"),
+        "{out:?}"
+    );
 
     // Usage errors are clap's exit 2.
     assert_eq!(bin(&paths, &["unload"]).status.code(), Some(2));
@@ -525,7 +547,10 @@ fn load_installed_refuses_a_changed_file() {
     )
     .unwrap();
     // Someone changes the installed hp_t after install.
-    let tampered = paths.installed_dir(REL).join("hp_t.ko");
+    let sha_t = hotpatch::state::read_manifest(&paths, REL).unwrap().modules[0].sha256.clone();
+    let tampered = paths
+        .installed_dir(REL)
+        .join(hotpatch::state::stored_name("hp_t", &sha_t));
     let mut b = std::fs::read(&tampered).unwrap();
     let n = b.len();
     b[n - 1] ^= 0xff;
@@ -628,7 +653,16 @@ fn install_files_under_the_modules_own_release() {
     );
     let m = hotpatch::state::read_manifest(&paths, next).unwrap();
     assert_eq!(m.modules[0].name, "hp_next");
-    assert!(paths.installed_dir(next).join("hp_next.ko").is_file());
+    // Stored by content, exactly the bytes that were hashed.
+    let stored = paths.installed_dir(next).join(&m.modules[0].file);
+    assert_eq!(
+        m.modules[0].file,
+        hotpatch::state::stored_name("hp_next", &m.modules[0].sha256)
+    );
+    assert_eq!(
+        hotpatch::module::sha256_hex(&std::fs::read(&stored).unwrap()),
+        m.modules[0].sha256
+    );
     assert!(
         hotpatch::state::read_manifest(&paths, REL)
             .unwrap()
