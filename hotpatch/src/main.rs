@@ -42,6 +42,16 @@ struct Cli {
         default_value = "/var/lib/hotpatch"
     )]
     state_dir: PathBuf,
+    /// Runtime directory: the host-wide lock (lock/hotpatch.lock) and the
+    /// records of what is loaded (for tests against a fake tree).
+    #[arg(
+        long,
+        global = true,
+        env = "HOTPATCH_RUN_DIR",
+        default_value = "/run",
+        hide = true
+    )]
+    run_dir: PathBuf,
     /// sysfs mount point (for tests against a fake tree).
     #[arg(long, global = true, default_value = "/sys", hide = true)]
     sysfs_root: PathBuf,
@@ -164,6 +174,7 @@ fn main() {
         proc: cli.proc_root,
         boot: cli.boot_dir,
         state: cli.state_dir,
+        run: cli.run_dir,
     };
     let commands = Commands::new(paths, cli.json);
     commands.reconcile_pending();

@@ -12,8 +12,12 @@ pub struct Paths {
     pub proc: PathBuf,
     /// Where `/boot/config-<release>` lives (for the expected vermagic).
     pub boot: PathBuf,
-    /// Installed modules, manifest, journal, lock.
+    /// Installed modules, manifests, the journal.
     pub state: PathBuf,
+    /// Runtime state that must not outlive a boot: the host-wide lock
+    /// (`lock/hotpatch.lock`) and the records of what is loaded
+    /// (`hotpatch/loaded/`). `/run` is a tmpfs: emptied at every boot.
+    pub run: PathBuf,
 }
 
 impl Default for Paths {
@@ -23,6 +27,7 @@ impl Default for Paths {
             proc: "/proc".into(),
             boot: "/boot".into(),
             state: "/var/lib/hotpatch".into(),
+            run: "/run".into(),
         }
     }
 }
@@ -40,13 +45,20 @@ impl Paths {
     pub fn journal(&self) -> PathBuf {
         self.state.join("journal.jsonl")
     }
+    /// One lock for the whole host, whatever `--state-dir` says: the
+    /// kernel allows one transition at a time, for every state dir.
     pub fn lock(&self) -> PathBuf {
-        self.state.join("lock")
+        self.run.join("lock/hotpatch.lock")
     }
     /// Records of modules hotpatch itself loaded (name -> file hash), so
     /// `list` and `check` can tell whether a loaded patch is a given file.
+    /// Under /run: a record never survives the boot it describes.
     pub fn loaded_dir(&self) -> PathBuf {
-        self.state.join("loaded")
+        self.run.join("hotpatch/loaded")
+    }
+    /// This boot's id (`/proc/sys/kernel/random/boot_id`).
+    pub fn boot_id(&self) -> Option<String> {
+        livehost_common::sysfs::read_attr(self.proc.join("sys/kernel/random/boot_id")).ok()
     }
     pub fn installed_dir(&self, release: &str) -> PathBuf {
         self.state.join("installed").join(release)

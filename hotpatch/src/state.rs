@@ -19,18 +19,26 @@ pub struct Lock {
     _flock: Flock<File>,
 }
 
-/// Take the state directory's lock, waiting up to `wait` for another run to
+/// Take the host-wide lock, waiting up to `wait` for another run to
 /// finish; the error names the holder so the user knows whom to wait for.
+/// The state directory is checked first: hotpatch loads modules from it.
 pub fn lock(paths: &Paths, wait: Duration) -> Result<Lock> {
-    std::fs::create_dir_all(&paths.state)
-        .with_context(|| format!("cannot create state directory {}", paths.state.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    check_state_dir(&paths.state)?;
     let path = paths.lock();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let deadline = Instant::now() + wait;
+    // O_NOFOLLOW: a link planted at the lock's path is never followed (nor
+    // the file it points at truncated).
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
         .with_context(|| format!("cannot open lock file {}", path.display()))?;
     loop {
@@ -60,6 +68,55 @@ pub fn lock(paths: &Paths, wait: Duration) -> Result<Lock> {
             Err((_, e)) => bail!("cannot lock {}: {e}", path.display()),
         }
     }
+}
+
+/// Create the state directory (0755) or insist that the one there is a
+/// real directory, owned by us (root), not writable by group or others:
+/// modules are loaded from it, so anyone who can write there can run code
+/// in the kernel.
+pub fn check_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let refuse = |why: String| {
+        anyhow::anyhow!(
+            "refusing state directory {}: {why}; hotpatch loads kernel modules from it",
+            dir.display()
+        )
+    };
+    let m = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .with_context(|| format!("cannot create state directory {}", dir.display()));
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot stat {}", dir.display())),
+    };
+    if m.file_type().is_symlink() {
+        return Err(refuse(
+            "it is a symbolic link (name the directory itself)".into(),
+        ));
+    }
+    if !m.is_dir() {
+        return Err(refuse("it is not a directory".into()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Err(refuse(format!(
+            "it is owned by uid {}, not by uid {me} (root)",
+            m.uid()
+        )));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "it is group- or world-writable (mode {:o}): `chmod go-w {}`",
+            m.mode() & 0o7777,
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Timestamps are integer milliseconds since the epoch (`*_unix_ms`).
@@ -218,9 +275,12 @@ pub struct JournalEntry {
 /// not undo the operation it records (that already happened in the kernel).
 pub fn journal(paths: &Paths, e: &JournalEntry) -> Result<()> {
     std::fs::create_dir_all(&paths.state)?;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = OpenOptions::new()
         .append(true)
         .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(paths.journal())
         .with_context(|| format!("cannot open journal {}", paths.journal().display()))?;
     let mut line = serde_json::to_string(e)?;
@@ -302,6 +362,10 @@ pub struct LoadedRecord {
     /// forever, so it can never be removed.
     #[serde(default)]
     pub forced: bool,
+    /// The boot it was loaded in: a record from another boot describes a
+    /// module that is gone, whatever now has its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// Refuse a module name that is not one: names become file names under the
@@ -372,7 +436,11 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 pub fn loaded_record(paths: &Paths, name: &str) -> Option<LoadedRecord> {
     check_name(name).ok()?;
     let t = std::fs::read_to_string(paths.loaded_dir().join(format!("{name}.json"))).ok()?;
-    serde_json::from_str(&t).ok()
+    let r: LoadedRecord = serde_json::from_str(&t).ok()?;
+    match (&r.boot_id, paths.boot_id()) {
+        (Some(then), Some(now)) if *then != now => None,
+        _ => Some(r),
+    }
 }
 
 pub fn save_loaded(paths: &Paths, r: &LoadedRecord) -> Result<()> {
@@ -564,9 +632,79 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = Paths {
             state: d.path().join("state"),
+            run: d.path().join("run"),
             ..Paths::default()
         };
         (d, p)
+    }
+
+    /// The lock is host-wide: a second state dir does not get a second
+    /// lock (the kernel allows one transition at a time, full stop).
+    #[test]
+    fn one_lock_for_the_host_whatever_the_state_dir() {
+        let (d, p) = tmp_paths();
+        let other = Paths {
+            state: d.path().join("other"),
+            ..p.clone()
+        };
+        let _held = lock(&p, Duration::from_millis(10)).unwrap();
+        let err = lock(&other, Duration::from_millis(60)).err().unwrap();
+        assert!(err.to_string().contains("another hotpatch run"), "{err}");
+    }
+
+    /// A state dir others can write, a symlinked one, and a lock path that
+    /// is a planted link are refused with the reason; the link's target is
+    /// not touched.
+    #[test]
+    fn unsafe_state_dir_and_planted_lock_link_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, p) = tmp_paths();
+        std::fs::create_dir_all(&p.state).unwrap();
+        std::fs::set_permissions(&p.state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = format!("{:#}", lock(&p, Duration::ZERO).err().unwrap());
+        assert!(e.contains("group- or world-writable (mode 777)"), "{e}");
+        std::fs::set_permissions(&p.state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let linked = Paths {
+            state: d.path().join("link"),
+            ..p.clone()
+        };
+        std::os::unix::fs::symlink(&p.state, &linked.state).unwrap();
+        let e = format!("{:#}", lock(&linked, Duration::ZERO).err().unwrap());
+        assert!(e.contains("symbolic link"), "{e}");
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        std::fs::create_dir_all(p.lock().parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, p.lock()).unwrap();
+        assert!(lock(&p, Duration::ZERO).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    }
+
+    /// A load record from another boot (same name, maybe another module
+    /// now) is not believed.
+    #[test]
+    fn a_load_record_from_another_boot_is_ignored() {
+        let (d, mut p) = tmp_paths();
+        p.proc = d.path().join("proc");
+        std::fs::create_dir_all(p.proc.join("sys/kernel/random")).unwrap();
+        std::fs::write(p.proc.join("sys/kernel/random/boot_id"), "b2\n").unwrap();
+        let mut rec = LoadedRecord {
+            name: "m".into(),
+            sha256: "h".into(),
+            path: "/x".into(),
+            replace: None,
+            loaded_unix_ms: 0,
+            forced: false,
+            boot_id: Some("b1".into()),
+        };
+        save_loaded(&p, &rec).unwrap();
+        assert!(loaded_record(&p, "m").is_none());
+        rec.boot_id = Some("b2".into());
+        save_loaded(&p, &rec).unwrap();
+        assert_eq!(loaded_record(&p, "m"), Some(rec));
+        assert!(
+            p.loaded_dir().starts_with(&p.run),
+            "runtime records live under the run dir"
+        );
     }
 
     #[test]
@@ -692,6 +830,7 @@ mod tests {
                 replace: None,
                 loaded_unix_ms: 0,
                 forced: false,
+                boot_id: None,
             };
             assert!(save_loaded(&p, &rec).is_err());
         }

@@ -79,6 +79,7 @@ fn tree() -> (tempfile::TempDir, Paths) {
         proc: r.join("proc"),
         boot: r.join("boot"),
         state: r.join("state"),
+        run: r.join("run"),
     };
     (d, paths)
 }
@@ -279,6 +280,8 @@ fn bin(paths: &Paths, args: &[&str]) -> std::process::Output {
         .arg(&paths.boot)
         .arg("--state-dir")
         .arg(&paths.state)
+        .arg("--run-dir")
+        .arg(&paths.run)
         .args(args)
         .output()
         .unwrap()
@@ -325,7 +328,11 @@ fn cli_list_json_and_errors() {
     // file checked must be the file loaded. A FIFO is not read (nor waited
     // on).
     let real = d.path().join("real.ko");
-    std::fs::write(&real, hotpatch::testelf::ModuleSpec::simple("hp_l").build().bytes).unwrap();
+    std::fs::write(
+        &real,
+        hotpatch::testelf::ModuleSpec::simple("hp_l").build().bytes,
+    )
+    .unwrap();
     let link = d.path().join("link.ko");
     std::os::unix::fs::symlink(&real, &link).unwrap();
     for cmd in ["inspect", "check", "install"] {
@@ -543,11 +550,14 @@ fn load_installed_refuses_a_changed_file() {
             replace: Some(false),
             loaded_unix_ms: 0,
             forced: false,
+            boot_id: None,
         },
     )
     .unwrap();
     // Someone changes the installed hp_t after install.
-    let sha_t = hotpatch::state::read_manifest(&paths, REL).unwrap().modules[0].sha256.clone();
+    let sha_t = hotpatch::state::read_manifest(&paths, REL).unwrap().modules[0]
+        .sha256
+        .clone();
     let tampered = paths
         .installed_dir(REL)
         .join(hotpatch::state::stored_name("hp_t", &sha_t));
@@ -866,6 +876,7 @@ fn enable_waits_or_says_what_to_run() {
             replace: Some(false),
             loaded_unix_ms: 0,
             forced: false,
+            boot_id: None,
         },
     )
     .unwrap();

@@ -367,6 +367,7 @@ impl Loading<'_> {
             replace,
             loaded_unix_ms: livehost_common::unix_ms(),
             forced: false,
+            boot_id: self.paths.boot_id(),
         };
         if let Err(e) = state::save_loaded(self.paths, &record) {
             report
