@@ -234,6 +234,13 @@ impl Commands {
         Ok(exit::SUCCESS)
     }
 
+    /// `status`: is the host as intended? Exit 0 only when it is.
+    pub fn status(&self) -> Result<i32> {
+        let s = crate::status::host_status(&self.paths);
+        self.print(&s, |s| print!("{}", Text(s)))?;
+        Ok(s.exit_code())
+    }
+
     pub fn install(&self, file: &Path) -> Result<i32> {
         let r = install::install(&self.paths, file)?;
         self.print(&r, |r| {

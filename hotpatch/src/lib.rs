@@ -20,7 +20,8 @@
 //! | `load --installed` | [`boot::InstalledRun`] |
 //! | `enable`, `disable` | [`change::ChangeReport`] |
 //! | `unload` | `Vec<`[`change::UnloadResult`]`>` |
-//! | `list` / `status` | [`list::Status`] |
+//! | `list` | [`list::Status`] |
+//! | `status` | [`status::HostStatus`] (`list`'s fields and the verdict) |
 //! | `install` | [`install::InstallReport`] |
 //! | `uninstall` | [`install::UninstallReport`] |
 //! | `journal` | `Vec<`[`state::JournalEntry`]`>` |
@@ -44,6 +45,7 @@ pub mod paths;
 pub mod reconcile;
 pub mod signals;
 pub mod state;
+pub mod status;
 #[doc(hidden)]
 pub mod testelf;
 pub mod transition;

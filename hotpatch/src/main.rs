@@ -134,8 +134,11 @@ enum Cmd {
         wait: WaitArgs,
     },
     /// Every loaded patch, its functions, which patch provides each, taint.
-    #[command(visible_alias = "status")]
     List,
+    /// Is this host as intended? Installed vs loaded, transitions,
+    /// unfinished changes, last outcome, taint, kernel build id; exit 0
+    /// only when it matches its installed set (else 9).
+    Status,
     /// Keep a module for the kernel release it was built for (its vermagic)
     /// and re-apply it at every boot of that kernel.
     Install { file: PathBuf },
@@ -209,6 +212,7 @@ fn run(c: &Commands, cmd: Cmd) -> Result<i32> {
         Cmd::Enable { name, wait } => c.enable(&name, wait.into_wait()),
         Cmd::Disable { name, wait } => c.disable(&name, wait.into_wait()),
         Cmd::List => c.list(),
+        Cmd::Status => c.status(),
         Cmd::Install { file } => c.install(&file),
         Cmd::Uninstall { name, release } => c.uninstall(&name, release),
         Cmd::Journal { tail } => c.journal(tail),

@@ -363,3 +363,42 @@ mod tests {
         );
     }
 }
+
+impl Display for Text<'_, crate::status::HostStatus> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        let verdict = if s.as_intended {
+            "as intended"
+        } else {
+            "NOT as intended"
+        };
+        writeln!(f, "host: {verdict}")?;
+        writeln!(
+            f,
+            "kernel: {} (build id {})",
+            s.list.release.as_deref().unwrap_or("?"),
+            s.kernel_build_id.as_deref().unwrap_or("unknown")
+        )?;
+        if s.installed.is_empty() {
+            writeln!(f, "installed: none for this kernel")?;
+        }
+        for i in &s.installed {
+            writeln!(f, "installed {:<24} {}", i.name, i.state)?;
+        }
+        for n in &s.not_installed {
+            writeln!(f, "loaded    {n:<24} not installed")?;
+        }
+        for n in &s.in_transition {
+            writeln!(f, "in transition: {n}")?;
+        }
+        match &s.last_change {
+            Some(e) => write!(f, "last change: {}", Text(e))?,
+            None => writeln!(f, "last change: none journalled")?,
+        }
+        writeln!(f, "taint: {}", s.list.taint_flags.join(", "))?;
+        for p in &s.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}

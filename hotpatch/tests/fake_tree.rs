@@ -1038,3 +1038,83 @@ fn next_run_reconciles_an_unfinished_begin() {
     let out = bin(&paths, &["list"]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("did not finish"));
 }
+
+/// `status` answers "is this host as intended?": exit 0 only when the
+/// installed set is exactly what is applied, nothing is in transition and
+/// nothing is unfinished; otherwise exit 9 with each reason.
+#[test]
+fn status_says_whether_the_host_matches_its_installed_set() {
+    let (d, paths) = tree();
+    let status = |paths: &Paths| {
+        let out = bin(paths, &["--json", "status"]);
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        (out.status.code(), v)
+    };
+    // hp_a and hp_b loaded, nothing installed, hp_b in transition.
+    let (code, v) = status(&paths);
+    assert_eq!(code, Some(9), "{v}");
+    assert_eq!(v["as_intended"], false);
+    let problems = v["problems"].to_string();
+    assert!(problems.contains("hp_a is loaded but not installed"), "{v}");
+    assert!(problems.contains("hp_b is in transition"), "{v}");
+    assert_eq!(v["patches"][1]["name"], "hp_b", "list's fields are kept");
+
+    // Only hp_a, installed and loaded by hotpatch from that same file.
+    let r = d.path();
+    std::fs::remove_dir_all(r.join("sys/kernel/livepatch/hp_b")).unwrap();
+    write(
+        r,
+        "proc/modules",
+        "hp_a 16384 1 - Live 0x0000000000000000 (OEK)\n",
+    );
+    let bytes = hotpatch::testelf::ModuleSpec::simple("hp_a").build().bytes;
+    let f = r.join("hp_a.ko");
+    std::fs::write(&f, &bytes).unwrap();
+    let sha = hotpatch::module::sha256_hex(&bytes);
+    hotpatch::state::install(&paths, REL, "hp_a", &sha, &f).unwrap();
+    let rec = hotpatch::state::LoadedRecord {
+        name: "hp_a".into(),
+        sha256: sha.clone(),
+        path: f.display().to_string(),
+        replace: Some(false),
+        loaded_unix_ms: 0,
+        forced: false,
+        boot_id: None,
+    };
+    hotpatch::state::save_loaded(&paths, &rec).unwrap();
+    let mut notes = Vec::new();
+    for (name, kind, desc) in [(&b"GNU\0"[..], 3u32, &[0xde, 0xad, 0xbe, 0xef][..])] {
+        notes.extend((name.len() as u32).to_ne_bytes());
+        notes.extend((desc.len() as u32).to_ne_bytes());
+        notes.extend(kind.to_ne_bytes());
+        notes.extend(name);
+        notes.extend(desc);
+    }
+    std::fs::write(r.join("sys/kernel/notes"), &notes).unwrap();
+    let (code, v) = status(&paths);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["as_intended"], true, "{v}");
+    assert_eq!(v["installed"][0]["state"], "applied", "{v}");
+    assert_eq!(v["kernel_build_id"], "deadbeef", "{v}");
+    let text = String::from_utf8(bin(&paths, &["status"]).stdout).unwrap();
+    assert!(text.starts_with("host: as intended"), "{text}");
+
+    // Loaded from another file than the one installed: drift.
+    hotpatch::state::save_loaded(
+        &paths,
+        &hotpatch::state::LoadedRecord {
+            sha256: "0".repeat(64),
+            ..rec
+        },
+    )
+    .unwrap();
+    let (code, v) = status(&paths);
+    assert_eq!(code, Some(9), "{v}");
+    assert_eq!(v["installed"][0]["state"], "different-file", "{v}");
+    let text = String::from_utf8(bin(&paths, &["status"]).stdout).unwrap();
+    assert!(
+        text.contains("NOT as intended") && text.contains("different-file"),
+        "{text}"
+    );
+}

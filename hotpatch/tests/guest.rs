@@ -159,7 +159,9 @@ step install $H --json install /root/hp_cmdline.ko
 step installed $H --json load --installed
 step installed-again $H --json load --installed
 step cmdline3 cat /proc/cmdline
+step hstatus $H --json status
 step unload-all $H --json unload --all
+step hstatus2 $H status
 step uninstall $H uninstall hp_cmdline
 step ls2 ls /sys/kernel/livepatch
 step mods2 cat /proc/modules
@@ -253,6 +255,24 @@ step journal $H --json journal
         "already-loaded"
     );
     assert_eq!(s.out("cmdline3"), "hotpatch-fixture: hp_cmdline");
+    // status: the installed set is applied: as intended, exit 0, with the
+    // kernel's real build id; after unloading, it is not (exit 9).
+    assert_eq!(s.rc("hstatus"), 0, "{}", s.raw);
+    let hs = s.json("hstatus");
+    assert_eq!(hs["as_intended"], true, "{hs}");
+    assert_eq!(hs["installed"][0]["state"], "applied", "{hs}");
+    assert_eq!(
+        hs["kernel_build_id"].as_str().map_or(0, str::len),
+        40,
+        "{hs}"
+    );
+    assert_eq!(s.rc("hstatus2"), 9, "{}", s.raw);
+    assert!(
+        s.out("hstatus2").contains("NOT as intended")
+            && s.out("hstatus2").contains("hp_cmdline is not-loaded"),
+        "{}",
+        s.out("hstatus2")
+    );
     assert_eq!(s.rc("unload-all"), 0, "{}", s.raw);
     assert_eq!(s.rc("uninstall"), 0);
     assert_nothing_left(&s, "ls2", "mods2");
