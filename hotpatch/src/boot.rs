@@ -115,19 +115,38 @@ pub fn load_installed(
     // None once one of those could not even be read (then nothing later
     // can be shown independent of it).
     let mut missing: Option<BTreeSet<String>> = Some(BTreeSet::new());
-    for e in state::read_manifest(paths, &release)?.modules {
+    let manifest = state::read_manifest(paths, &release)?;
+    let not_this_build = other_build(paths, &manifest);
+    let started = std::time::Instant::now();
+    for e in manifest.modules {
         let file = state::installed_file(paths, &release, &e);
+        let left = opts.budget.map(|b| b.saturating_sub(started.elapsed()));
         let funcs = file.as_deref().ok().and_then(patched_functions);
+        let skip = |why: String| InstalledResult::Skipped {
+            module: e.name.clone(),
+            skipped: why,
+        };
         let r = if let Some(r) = already_loaded(paths, &e) {
             r
+        } else if let Some(why) = &not_this_build {
+            skip(why.clone())
+        } else if left.is_some_and(|l| l.is_zero()) {
+            skip(format!(
+                "the run's --budget of {:.0}s is spent; not loaded",
+                opts.budget.unwrap_or_default().as_secs_f64()
+            ))
         } else if let Some(why) = stacked_on_missing(&missing, &funcs) {
             InstalledResult::Skipped {
                 module: e.name.clone(),
                 skipped: why,
             }
         } else {
+            let opts = LoadOptions {
+                timeout: left.map_or(opts.timeout, |l| l.min(opts.timeout)),
+                ..opts.clone()
+            };
             match &file {
-                Ok(f) => load_one(paths, f, &e, opts, progress),
+                Ok(f) => load_one(paths, f, &e, &opts, progress),
                 Err(err) => InstalledResult::Failed(ModuleError::new(&e.name, err)),
             }
         };
@@ -137,10 +156,34 @@ pub fn load_installed(
                 _ => missing = None,
             }
         }
+        if let InstalledResult::Skipped { module, skipped } = &r {
+            state::record(
+                paths,
+                JournalOp::Load,
+                Some(module),
+                Some(&e.sha256),
+                JournalResult::Refused,
+                None,
+                serde_json::json!({ "reasons": [skipped] }),
+            );
+        }
         on_each(&r);
         run.results.push(r);
     }
     Ok(run)
+}
+
+/// Why nothing installed may be loaded on this kernel: the manifest was
+/// written on a kernel of the same release but another build.
+fn other_build(paths: &Paths, m: &state::Manifest) -> Option<String> {
+    let then = m.kernel_build_id.as_deref()?;
+    let now = paths.kernel_build_id()?;
+    (then != now).then(|| {
+        format!(
+            "installed on kernel {} build id {then}, but the running kernel of that release has build id {now} (a rebuild: other code); not loaded, reinstall patches built for it",
+            m.release
+        )
+    })
 }
 
 /// `object:function` for each function the module file patches, or None

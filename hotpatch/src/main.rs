@@ -91,6 +91,12 @@ enum Cmd {
         /// does nothing when the kernel command line has hotpatch.skip=1).
         #[arg(long, conflicts_with = "file")]
         installed: bool,
+        /// With --installed: seconds the whole run may take (0 < S <= 86400).
+        /// Each module's --timeout is capped by what is left; modules not
+        /// started when it is spent are skipped (exit 3), so the boot unit
+        /// finishes before systemd would kill it mid-transition.
+        #[arg(long, requires = "installed", value_parser = timeout_secs)]
+        budget: Option<f64>,
         #[command(flatten)]
         wait: WaitArgs,
         /// On stall, leave the patch in transition instead of reversing it.
@@ -192,6 +198,7 @@ fn run(c: &Commands, cmd: Cmd) -> Result<i32> {
         Cmd::Load {
             file,
             installed,
+            budget,
             wait,
             no_rollback,
             force,
@@ -204,6 +211,7 @@ fn run(c: &Commands, cmd: Cmd) -> Result<i32> {
                 rollback: !no_rollback,
                 force,
                 measure,
+                budget: budget.map(Duration::from_secs_f64),
                 ..LoadOptions::default()
             };
             c.load(file, installed, &opts)

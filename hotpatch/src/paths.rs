@@ -56,6 +56,11 @@ impl Paths {
     pub fn loaded_dir(&self) -> PathBuf {
         self.run.join("hotpatch/loaded")
     }
+    /// The running kernel's GNU build id (`/sys/kernel/notes`).
+    pub fn kernel_build_id(&self) -> Option<String> {
+        let notes = std::fs::read(self.sys.join("kernel/notes")).ok()?;
+        crate::status::gnu_build_id(&notes)
+    }
     /// This boot's id (`/proc/sys/kernel/random/boot_id`).
     pub fn boot_id(&self) -> Option<String> {
         livehost_common::sysfs::read_attr(self.proc.join("sys/kernel/random/boot_id")).ok()

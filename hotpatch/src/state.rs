@@ -477,6 +477,11 @@ pub struct Manifest {
     pub release: String,
     /// Load order at boot: install order, so stacks rebuild as they were.
     pub modules: Vec<Installed>,
+    /// GNU build id of the kernel they were installed on, when that was the
+    /// running one: a rebuild that keeps `uname -r` has another id, and
+    /// patches built for other code must not be applied to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_build_id: Option<String>,
 }
 
 pub fn manifest_path(paths: &Paths, release: &str) -> PathBuf {
@@ -492,6 +497,7 @@ pub fn read_manifest(paths: &Paths, release: &str) -> Result<Manifest> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest {
             release: release.to_string(),
             modules: Vec::new(),
+            kernel_build_id: None,
         }),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
     }
@@ -559,6 +565,9 @@ pub fn install_bytes(
             .display()
             .to_string(),
     };
+    if paths.release().ok().as_deref() == Some(release) {
+        m.kernel_build_id = paths.kernel_build_id().or(m.kernel_build_id);
+    }
     let old = match m.modules.iter_mut().find(|e| e.name == name) {
         Some(e) => Some(std::mem::replace(e, entry.clone())),
         None => {

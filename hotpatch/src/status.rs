@@ -119,9 +119,7 @@ pub fn host_status(paths: &Paths) -> HostStatus {
         in_transition,
         unfinished,
         last_change,
-        kernel_build_id: std::fs::read(paths.sys.join("kernel/notes"))
-            .ok()
-            .and_then(|b| gnu_build_id(&b)),
+        kernel_build_id: paths.kernel_build_id(),
         list,
     }
 }

@@ -439,6 +439,35 @@ fn systemd_unit_command_runs() {
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("unit has ExecStart");
+    // Not before sysinit.target (a stall there holds the whole boot):
+    // before the network, as kpatch orders it, with a budget the loader
+    // enforces well inside systemd's own timeout.
+    let before = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("Before="))
+        .unwrap();
+    assert!(
+        !before.contains("sysinit.target") && before.contains("network-pre.target"),
+        "{before}"
+    );
+    let budget: f64 = exec
+        .split("--budget ")
+        .nth(1)
+        .and_then(|b| b.split_whitespace().next())
+        .expect("ExecStart has --budget")
+        .parse()
+        .unwrap();
+    let start_limit_min: f64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStartSec="))
+        .and_then(|t| t.strip_suffix("min"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        budget + 120.0 <= start_limit_min * 60.0,
+        "budget {budget}s too close to systemd's timeout"
+    );
     let mut words = exec.split_whitespace();
     assert_eq!(words.next(), Some("/usr/bin/hotpatch"));
     let args: Vec<&str> = words.collect();
@@ -1117,4 +1146,49 @@ fn status_says_whether_the_host_matches_its_installed_set() {
         text.contains("NOT as intended") && text.contains("different-file"),
         "{text}"
     );
+}
+
+/// Patches installed on one build of a release are not applied to another
+/// build of the same release (a rebuild keeps `uname -r`): the kernel's GNU
+/// build id is recorded at install and compared at boot.
+#[test]
+fn load_installed_refuses_another_build_of_the_same_release() {
+    assert!(
+        livehost_common::is_root(),
+        "runs `hotpatch load`, which needs root"
+    );
+    let (d, paths) = tree();
+    let r = d.path();
+    write(r, "sys/kernel/livepatch/hp_b/transition", "0\n");
+    let notes = |id: &[u8]| {
+        let mut n = Vec::new();
+        n.extend(4u32.to_ne_bytes());
+        n.extend((id.len() as u32).to_ne_bytes());
+        n.extend(3u32.to_ne_bytes());
+        n.extend(b"GNU\0");
+        n.extend(id);
+        n
+    };
+    std::fs::write(r.join("sys/kernel/notes"), notes(&[1, 2, 3, 4])).unwrap();
+    let bytes = hotpatch::testelf::ModuleSpec::simple("hp_n").build().bytes;
+    let f = r.join("hp_n.ko");
+    std::fs::write(&f, &bytes).unwrap();
+    let out = bin(&paths, &["install", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let m = hotpatch::state::read_manifest(&paths, REL).unwrap();
+    assert_eq!(m.kernel_build_id.as_deref(), Some("01020304"));
+    // Same release, another build.
+    std::fs::write(r.join("sys/kernel/notes"), notes(&[9, 9, 9, 9])).unwrap();
+    let out = bin(&paths, &["--json", "load", "--installed"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let why = v["results"][0]["skipped"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        why.contains("build id 01020304") && why.contains("09090909"),
+        "{why}"
+    );
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    assert_eq!(j.last().unwrap().result, JournalResult::Refused);
 }

@@ -42,6 +42,8 @@ pub struct LoadOptions {
     pub expected_sha256: Option<String>,
     /// The journal's `op` for this load (`enable` when re-applying).
     pub journal_op: JournalOp,
+    /// `load --installed`: the whole run's time limit.
+    pub budget: Option<Duration>,
 }
 
 impl Default for LoadOptions {
@@ -54,6 +56,7 @@ impl Default for LoadOptions {
             measure: false,
             expected_sha256: None,
             journal_op: JournalOp::Load,
+            budget: None,
         }
     }
 }
