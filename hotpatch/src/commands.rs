@@ -34,6 +34,15 @@ pub struct Wait {
     pub poll: Duration,
 }
 
+/// A command run with `--dry-run`.
+pub enum DryRun {
+    Load(PathBuf),
+    /// `None`: `unload --all`.
+    Unload(Option<String>),
+    Install(PathBuf),
+    Uninstall(String, Option<String>),
+}
+
 /// Where to look and how to print: shared by every command.
 pub struct Commands {
     pub paths: Paths,
@@ -232,6 +241,27 @@ impl Commands {
         let s = list::status(&self.paths);
         self.print(&s, |s| print!("{}", Text(s)))?;
         Ok(exit::SUCCESS)
+    }
+
+    /// `--dry-run`: print the plan; nothing is changed, locked or
+    /// journalled. Exit 3 when the command would refuse.
+    pub fn dry_run(&self, what: Result<DryRun>) -> Result<i32> {
+        let p = match what? {
+            DryRun::Load(f) => crate::plan::load(&self.paths, &f)?,
+            DryRun::Unload(n) => crate::plan::unload(&self.paths, n.as_deref()),
+            DryRun::Install(f) => crate::plan::install(&self.paths, &f)?,
+            DryRun::Uninstall(n, r) => crate::plan::uninstall(&self.paths, &n, r)?,
+        };
+        self.print(&p, |p| {
+            if let Some(pre) = &p.preflight {
+                print!("{}", Text(pre));
+            }
+            println!("dry run of {}: nothing was changed", p.command);
+            for (i, s) in p.steps.iter().enumerate() {
+                println!("  {}. {s}", i + 1);
+            }
+        })?;
+        Ok(p.exit_code())
     }
 
     /// `status`: is the host as intended? Exit 0 only when it is.

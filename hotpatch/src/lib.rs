@@ -42,6 +42,7 @@ pub mod measure;
 pub mod module;
 pub mod output;
 pub mod paths;
+pub mod plan;
 pub mod reconcile;
 pub mod signals;
 pub mod state;

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use hotpatch::commands::{Commands, Wait};
+use hotpatch::commands::{Commands, DryRun, Wait};
 use hotpatch::load::LoadOptions;
 use hotpatch::module;
 use hotpatch::paths::Paths;
@@ -34,6 +34,10 @@ struct Cli {
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// load, unload, install, uninstall: say what would be checked,
+    /// superseded, removed and in which order; change nothing.
+    #[arg(long, global = true)]
+    dry_run: bool,
     /// Where installed modules, the journal and the lock live.
     #[arg(
         long,
@@ -186,9 +190,27 @@ fn main() {
         run: cli.run_dir,
     };
     let commands = Commands::new(paths, cli.json);
-    commands.reconcile_pending();
-    let code = run(&commands, cli.cmd).unwrap_or_else(|e| commands.fail(&e));
+    let code = if cli.dry_run {
+        commands.dry_run(plan_of(cli.cmd))
+    } else {
+        commands.reconcile_pending();
+        run(&commands, cli.cmd)
+    }
+    .unwrap_or_else(|e| commands.fail(&e));
     std::process::exit(code);
+}
+
+/// What `--dry-run` plans, for the commands that have one.
+fn plan_of(cmd: Cmd) -> Result<DryRun> {
+    Ok(match cmd {
+        Cmd::Load {
+            file: Some(file), ..
+        } => DryRun::Load(file),
+        Cmd::Unload { name, all, .. } => DryRun::Unload(name.filter(|_| !all)),
+        Cmd::Install { file } => DryRun::Install(file),
+        Cmd::Uninstall { name, release } => DryRun::Uninstall(name, release),
+        _ => anyhow::bail!("--dry-run is for load FILE, unload, install and uninstall"),
+    })
 }
 
 fn run(c: &Commands, cmd: Cmd) -> Result<i32> {

@@ -1192,3 +1192,66 @@ fn load_installed_refuses_another_build_of_the_same_release() {
     let j = hotpatch::state::read_journal(&paths).unwrap();
     assert_eq!(j.last().unwrap().result, JournalResult::Refused);
 }
+
+/// `--dry-run` says what load, unload, install and uninstall would check,
+/// supersede and remove, in order, and changes nothing: no sysfs write, no
+/// journal, no state file.
+#[test]
+fn dry_run_plans_and_changes_nothing() {
+    use hotpatch::testelf::{ModuleSpec, Object};
+    let (d, paths) = tree();
+    let r = d.path();
+    write(r, "sys/kernel/livepatch/hp_b/transition", "0\n");
+    let spec = ModuleSpec::livepatch(
+        "hp_r",
+        &[Object {
+            name: None,
+            funcs: vec![("cmdline_proc_show".into(), 0)],
+        }],
+        true,
+    );
+    let f = r.join("hp_r.ko");
+    std::fs::write(&f, spec.build().bytes).unwrap();
+    let fp = f.to_str().unwrap();
+    let plan = |args: &[&str]| {
+        let mut a = vec!["--json", "--dry-run"];
+        a.extend_from_slice(args);
+        let out = bin(&paths, &a);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {out:?}"));
+        (out.status.code(), v)
+    };
+    let (code, v) = plan(&["load", fp]);
+    assert_eq!(code, Some(0), "{v}");
+    let steps = v["steps"].to_string();
+    assert!(steps.contains("finit_module"), "{v}");
+    assert!(
+        steps.contains("hp_a is superseded") && steps.contains("hp_b is superseded"),
+        "{v}"
+    );
+    assert_eq!(v["preflight"]["ok"], true, "{v}");
+
+    let (code, v) = plan(&["unload", "--all"]);
+    assert_eq!(code, Some(0), "{v}");
+    let order: Vec<String> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().split(':').next().unwrap().to_string())
+        .collect();
+    assert_eq!(order, ["hp_b", "hp_a", "hp_old"], "{v}");
+
+    let (code, v) = plan(&["install", fp]);
+    assert_eq!(code, Some(0), "{v}");
+    assert!(v["steps"].to_string().contains("hp_r-"), "{v}");
+    let (code, _) = plan(&["uninstall", "hp_r"]);
+    assert_eq!(code, Some(3));
+
+    // Nothing was changed anywhere.
+    assert!(!paths.state.exists(), "state dir created by a dry run");
+    for p in ["hp_a", "hp_b"] {
+        let en =
+            std::fs::read_to_string(r.join(format!("sys/kernel/livepatch/{p}/enabled"))).unwrap();
+        assert_eq!(en.trim(), "1", "{p} touched");
+    }
+}
