@@ -109,6 +109,14 @@ pub struct ModuleInfo {
     pub depends: Vec<String>,
     pub srcversion: Option<String>,
     pub description: Option<String>,
+    /// `MODULE_VERSION`.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// CVE ids the patch fixes: modinfo `cve=` entries (comma or space
+    /// separated; `MODULE_INFO(cve, "CVE-2024-1086")`) and any named in the
+    /// description.
+    #[serde(default)]
+    pub cves: Vec<String>,
     pub signature: Option<Signature>,
     /// `klp_patch.replace` (atomic replace), when the patch struct was found.
     pub replace: Option<bool>,
@@ -138,6 +146,55 @@ impl ModuleInfo {
             .iter()
             .flat_map(|o| o.functions.iter().map(move |f| (o.name.as_str(), f)))
     }
+}
+
+/// The patch's own description, version and CVE ids: shown by inspect,
+/// list and status, kept in the manifest and the load record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PatchMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cves: Vec<String>,
+}
+
+impl ModuleInfo {
+    pub fn meta(&self) -> PatchMeta {
+        PatchMeta {
+            description: self.description.clone(),
+            version: self.version.clone(),
+            cves: self.cves.clone(),
+        }
+    }
+}
+
+/// `CVE-YYYY-N…` ids in modinfo `cve=` entries and the description, in
+/// order, each once; anything else in those strings is ignored.
+fn cve_ids(modinfo: &[(String, String)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let texts = modinfo
+        .iter()
+        .filter(|(k, _)| k == "cve" || k == "description")
+        .map(|(_, v)| v.as_str());
+    for t in texts {
+        for w in t.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+            let w = w.to_ascii_uppercase();
+            let mut parts = w.splitn(3, '-');
+            let ok = parts.next() == Some("CVE")
+                && parts
+                    .next()
+                    .is_some_and(|y| y.len() == 4 && y.bytes().all(|b| b.is_ascii_digit()))
+                && parts.next().is_some_and(|n| {
+                    (4..=8).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit())
+                });
+            if ok && !out.contains(&w) && out.len() < 64 {
+                out.push(w);
+            }
+        }
+    }
+    out
 }
 
 /// A module file opened once: the bytes that are hashed and inspected are
@@ -337,6 +394,8 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo> {
             .unwrap_or_default(),
         srcversion: first("srcversion"),
         description: first("description"),
+        version: first("version"),
+        cves: cve_ids(&modinfo),
         signature,
         replace,
         objects,

@@ -31,6 +31,14 @@ impl Display for Text<'_, ModuleInfo> {
         };
         writeln!(f, "depends:     {depends}")?;
         writeln!(f, "srcversion:  {}", or_dash(&i.srcversion))?;
+        writeln!(f, "description: {}", or_dash(&i.description))?;
+        writeln!(f, "version:     {}", or_dash(&i.version))?;
+        let cves = if i.cves.is_empty() {
+            "-".into()
+        } else {
+            i.cves.join(", ")
+        };
+        writeln!(f, "cves:        {cves}")?;
         let signature = i.signature.as_ref().map_or("none".to_string(), |s| {
             format!("{} ({} bytes)", s.id_type, s.signature_len)
         });
@@ -294,6 +302,9 @@ impl Display for Text<'_, PatchStatus> {
             st.name,
             flags.join(", ")
         )?;
+        if let Some(m) = &p.meta {
+            meta_line(f, m)?;
+        }
         for o in &st.objects {
             let fs: Vec<&str> = o.functions.iter().map(|x| x.name.as_str()).collect();
             let absent = match o.patched {
@@ -304,6 +315,25 @@ impl Display for Text<'_, PatchStatus> {
         }
         Ok(())
     }
+}
+
+/// `    <description> (version V; CVE-…)`, when the patch says any of it.
+fn meta_line(f: &mut Formatter<'_>, m: &crate::module::PatchMeta) -> fmt::Result {
+    let mut extra: Vec<String> = Vec::new();
+    if let Some(v) = &m.version {
+        extra.push(format!("version {v}"));
+    }
+    extra.extend(m.cves.iter().cloned());
+    let desc = m.description.as_deref().unwrap_or("");
+    if desc.is_empty() && extra.is_empty() {
+        return Ok(());
+    }
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", extra.join("; "))
+    };
+    writeln!(f, "    {desc}{extra}")
 }
 
 /// `<seconds.millis> <user> <op> <module> <result>[ <duration>ms]`.
@@ -384,6 +414,7 @@ impl Display for Text<'_, crate::status::HostStatus> {
         }
         for i in &s.installed {
             writeln!(f, "installed {:<24} {}", i.name, i.state)?;
+            meta_line(f, &i.meta)?;
         }
         for n in &s.not_installed {
             writeln!(f, "loaded    {n:<24} not installed")?;

@@ -366,6 +366,9 @@ pub struct LoadedRecord {
     /// module that is gone, whatever now has its name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// The patch's description, version and CVE ids.
+    #[serde(default)]
+    pub meta: crate::module::PatchMeta,
 }
 
 /// Refuse a module name that is not one: names become file names under the
@@ -468,6 +471,9 @@ pub struct Installed {
     pub installed_unix_ms: u64,
     pub installed_by: String,
     pub source: String,
+    /// The patch's description, version and CVE ids, kept from install.
+    #[serde(default)]
+    pub meta: crate::module::PatchMeta,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -549,6 +555,11 @@ pub fn install_bytes(
     source: &Path,
 ) -> Result<Installed> {
     check_name(name)?;
+    // What the stored bytes say about themselves (a file that cannot be
+    // inspected was refused before it got here).
+    let meta = crate::module::inspect(bytes)
+        .map(|i| i.meta())
+        .unwrap_or_default();
     let sha256 = crate::module::sha256_hex(bytes);
     let mut m = read_manifest(paths, release)?;
     let dir = paths.installed_dir(release);
@@ -560,6 +571,7 @@ pub fn install_bytes(
         sha256,
         installed_unix_ms: livehost_common::unix_ms(),
         installed_by: actor(),
+        meta,
         source: std::fs::canonicalize(source)
             .unwrap_or_else(|_| source.to_path_buf())
             .display()
@@ -704,6 +716,7 @@ mod tests {
             loaded_unix_ms: 0,
             forced: false,
             boot_id: Some("b1".into()),
+            meta: Default::default(),
         };
         save_loaded(&p, &rec).unwrap();
         assert!(loaded_record(&p, "m").is_none());
@@ -802,6 +815,7 @@ mod tests {
             sha256: "h".into(),
             installed_unix_ms: 0,
             installed_by: "root".into(),
+            meta: Default::default(),
             source: "/x".into(),
         };
         for bad in [
@@ -840,6 +854,7 @@ mod tests {
                 loaded_unix_ms: 0,
                 forced: false,
                 boot_id: None,
+                meta: Default::default(),
             };
             assert!(save_loaded(&p, &rec).is_err());
         }

@@ -17,6 +17,9 @@ pub struct InstalledState {
     /// `applied`, `not-loaded`, `different-file`, `unknown-file`,
     /// `disabled`, `in-transition`.
     pub state: String,
+    /// Description, version, CVE ids, as installed.
+    #[serde(default)]
+    pub meta: crate::module::PatchMeta,
 }
 
 /// What `hotpatch status --json` prints: `list`'s fields, plus the verdict.
@@ -76,6 +79,7 @@ pub fn host_status(paths: &Paths) -> HostStatus {
                 name: e.name.clone(),
                 sha256: e.sha256.clone(),
                 state: state.into(),
+                meta: e.meta.clone(),
             }
         })
         .collect();

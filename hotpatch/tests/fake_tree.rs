@@ -110,6 +110,8 @@ fn module(name: &str, vermagic: &str, funcs: &[(&str, &str)]) -> ModuleInfo {
         depends: vec![],
         srcversion: None,
         description: None,
+        version: None,
+        cves: Vec::new(),
         signature: None,
         replace: Some(false),
         objects,
@@ -580,6 +582,7 @@ fn load_installed_refuses_a_changed_file() {
             loaded_unix_ms: 0,
             forced: false,
             boot_id: None,
+            meta: Default::default(),
         },
     )
     .unwrap();
@@ -906,6 +909,7 @@ fn enable_waits_or_says_what_to_run() {
             loaded_unix_ms: 0,
             forced: false,
             boot_id: None,
+            meta: Default::default(),
         },
     )
     .unwrap();
@@ -1110,6 +1114,7 @@ fn status_says_whether_the_host_matches_its_installed_set() {
         loaded_unix_ms: 0,
         forced: false,
         boot_id: None,
+        meta: Default::default(),
     };
     hotpatch::state::save_loaded(&paths, &rec).unwrap();
     let mut notes = Vec::new();
@@ -1254,4 +1259,50 @@ fn dry_run_plans_and_changes_nothing() {
             std::fs::read_to_string(r.join(format!("sys/kernel/livepatch/{p}/enabled"))).unwrap();
         assert_eq!(en.trim(), "1", "{p} touched");
     }
+}
+
+/// A patch's description, version and CVE ids (modinfo) are shown by
+/// inspect, kept by install in the manifest, and shown by status.
+#[test]
+fn patch_metadata_is_inspected_installed_and_shown() {
+    let (d, paths) = tree();
+    let mut spec = hotpatch::testelf::ModuleSpec::simple("hp_m");
+    spec.modinfo.push((
+        "description".into(),
+        "fix nf_tables use-after-free (CVE-2024-1086)".into(),
+    ));
+    spec.modinfo.push(("version".into(), "1.2".into()));
+    spec.modinfo.push((
+        "cve".into(),
+        "cve-2023-0001, CVE-2024-1086 junk CVE-12-3".into(),
+    ));
+    let f = d.path().join("hp_m.ko");
+    std::fs::write(&f, spec.build().bytes).unwrap();
+    let fp = f.to_str().unwrap();
+    let out = bin(&paths, &["--json", "inspect", fp]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["version"], "1.2", "{v}");
+    assert_eq!(
+        v["cves"],
+        serde_json::json!(["CVE-2024-1086", "CVE-2023-0001"]),
+        "{v}"
+    );
+    let text = String::from_utf8(bin(&paths, &["inspect", fp]).stdout).unwrap();
+    assert!(
+        text.contains("cves:        CVE-2024-1086, CVE-2023-0001"),
+        "{text}"
+    );
+
+    assert!(bin(&paths, &["install", fp]).status.success());
+    let m = hotpatch::state::read_manifest(&paths, REL).unwrap();
+    assert_eq!(m.modules[0].meta.version.as_deref(), Some("1.2"));
+    assert_eq!(m.modules[0].meta.cves.len(), 2);
+    let out = bin(&paths, &["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["installed"][0]["meta"]["version"], "1.2", "{v}");
+    let text = String::from_utf8(bin(&paths, &["status"]).stdout).unwrap();
+    assert!(
+        text.contains("fix nf_tables use-after-free (CVE-2024-1086) (version 1.2; CVE-2024-1086; CVE-2023-0001)"),
+        "{text}"
+    );
 }

@@ -228,6 +228,7 @@ fn load_watched(
         progress,
         name: info.name.clone().context("module has no name")?,
         sha256: info.sha256.clone(),
+        meta: info.meta(),
     };
     let before: BTreeSet<String> = paths.patches().into_iter().map(|p| p.name).collect();
     let probe = opts
@@ -297,6 +298,7 @@ struct Loading<'a> {
     progress: &'a Progress,
     name: String,
     sha256: String,
+    meta: crate::module::PatchMeta,
 }
 
 impl Loading<'_> {
@@ -371,6 +373,7 @@ impl Loading<'_> {
             loaded_unix_ms: livehost_common::unix_ms(),
             forced: false,
             boot_id: self.paths.boot_id(),
+            meta: self.meta.clone(),
         };
         if let Err(e) = state::save_loaded(self.paths, &record) {
             report
