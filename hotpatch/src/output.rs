@@ -358,42 +358,6 @@ impl Display for Text<'_, JournalEntry> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::check::{Check, CheckId};
-
-    #[test]
-    fn preflight_columns_line_up() {
-        let p = Preflight {
-            module: None,
-            ok: false,
-            checks: vec![Check {
-                id: CheckId::Ftrace,
-                status: CheckStatus::Fail,
-                detail: "off".into(),
-            }],
-        };
-        assert_eq!(
-            Text(&p).to_string(),
-            "FAIL  ftrace           off\nrefused: 1 check(s) failed; nothing was changed\n"
-        );
-    }
-
-    #[test]
-    fn journal_time_reads_as_seconds() {
-        let e: JournalEntry = serde_json::from_value(serde_json::json!({
-            "time_unix_ms": 1_733_212_345_007u64, "user": "root", "op": "load",
-            "module": "m", "sha256": null, "result": "ok", "duration_ms": 2.5, "detail": {}
-        }))
-        .unwrap();
-        assert_eq!(
-            Text(&e).to_string(),
-            "1733212345.007 root load m ok 2.5ms\n"
-        );
-    }
-}
-
 impl Display for Text<'_, crate::status::HostStatus> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         let s = self.0;
@@ -431,5 +395,41 @@ impl Display for Text<'_, crate::status::HostStatus> {
             writeln!(f, "  - {p}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{Check, CheckId};
+
+    #[test]
+    fn preflight_columns_line_up() {
+        let p = Preflight {
+            module: None,
+            ok: false,
+            checks: vec![Check {
+                id: CheckId::Ftrace,
+                status: CheckStatus::Fail,
+                detail: "off".into(),
+            }],
+        };
+        assert_eq!(
+            Text(&p).to_string(),
+            "FAIL  ftrace           off\nrefused: 1 check(s) failed; nothing was changed\n"
+        );
+    }
+
+    #[test]
+    fn journal_time_reads_as_seconds() {
+        let e: JournalEntry = serde_json::from_value(serde_json::json!({
+            "time_unix_ms": 1_733_212_345_007u64, "user": "root", "op": "load",
+            "module": "m", "sha256": null, "result": "ok", "duration_ms": 2.5, "detail": {}
+        }))
+        .unwrap();
+        assert_eq!(
+            Text(&e).to_string(),
+            "1733212345.007 root load m ok 2.5ms\n"
+        );
     }
 }

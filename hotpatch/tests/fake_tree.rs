@@ -122,6 +122,17 @@ fn module(name: &str, vermagic: &str, funcs: &[(&str, &str)]) -> ModuleInfo {
     }
 }
 
+/// `/sys/kernel/notes` holding one NT_GNU_BUILD_ID note with `id`.
+fn gnu_notes(id: &[u8]) -> Vec<u8> {
+    let mut n = Vec::new();
+    n.extend(4u32.to_ne_bytes());
+    n.extend((id.len() as u32).to_ne_bytes());
+    n.extend(3u32.to_ne_bytes());
+    n.extend(b"GNU\0");
+    n.extend(id);
+    n
+}
+
 fn check_of(p: &check::Preflight, id: CheckId) -> &check::Check {
     p.check(id)
         .unwrap_or_else(|| panic!("no check {id}: {p:?}"))
@@ -1117,15 +1128,11 @@ fn status_says_whether_the_host_matches_its_installed_set() {
         meta: Default::default(),
     };
     hotpatch::state::save_loaded(&paths, &rec).unwrap();
-    let mut notes = Vec::new();
-    for (name, kind, desc) in [(&b"GNU\0"[..], 3u32, &[0xde, 0xad, 0xbe, 0xef][..])] {
-        notes.extend((name.len() as u32).to_ne_bytes());
-        notes.extend((desc.len() as u32).to_ne_bytes());
-        notes.extend(kind.to_ne_bytes());
-        notes.extend(name);
-        notes.extend(desc);
-    }
-    std::fs::write(r.join("sys/kernel/notes"), &notes).unwrap();
+    std::fs::write(
+        r.join("sys/kernel/notes"),
+        gnu_notes(&[0xde, 0xad, 0xbe, 0xef]),
+    )
+    .unwrap();
     let (code, v) = status(&paths);
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["as_intended"], true, "{v}");
@@ -1165,16 +1172,7 @@ fn load_installed_refuses_another_build_of_the_same_release() {
     let (d, paths) = tree();
     let r = d.path();
     write(r, "sys/kernel/livepatch/hp_b/transition", "0\n");
-    let notes = |id: &[u8]| {
-        let mut n = Vec::new();
-        n.extend(4u32.to_ne_bytes());
-        n.extend((id.len() as u32).to_ne_bytes());
-        n.extend(3u32.to_ne_bytes());
-        n.extend(b"GNU\0");
-        n.extend(id);
-        n
-    };
-    std::fs::write(r.join("sys/kernel/notes"), notes(&[1, 2, 3, 4])).unwrap();
+    std::fs::write(r.join("sys/kernel/notes"), gnu_notes(&[1, 2, 3, 4])).unwrap();
     let bytes = hotpatch::testelf::ModuleSpec::simple("hp_n").build().bytes;
     let f = r.join("hp_n.ko");
     std::fs::write(&f, &bytes).unwrap();
@@ -1183,7 +1181,7 @@ fn load_installed_refuses_another_build_of_the_same_release() {
     let m = hotpatch::state::read_manifest(&paths, REL).unwrap();
     assert_eq!(m.kernel_build_id.as_deref(), Some("01020304"));
     // Same release, another build.
-    std::fs::write(r.join("sys/kernel/notes"), notes(&[9, 9, 9, 9])).unwrap();
+    std::fs::write(r.join("sys/kernel/notes"), gnu_notes(&[9, 9, 9, 9])).unwrap();
     let out = bin(&paths, &["--json", "load", "--installed"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
