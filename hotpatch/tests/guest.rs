@@ -121,6 +121,22 @@ fn guest(script: &str, kernel_args: &[&str]) -> Steps {
     }
 }
 
+/// `op:result` of each journal entry, in order.
+fn op_results(journal: &Value) -> Vec<String> {
+    journal
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["op"].as_str().unwrap(),
+                e["result"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
 fn assert_nothing_left(s: &Steps, ls: &str, mods: &str) {
     assert_eq!(s.out(ls), "", "livepatch sysfs not empty:\n{}", s.raw);
     assert!(
@@ -160,6 +176,7 @@ step installed $H --json load --installed
 step installed-again $H --json load --installed
 step cmdline3 cat /proc/cmdline
 step hstatus $H --json status
+step hstatus-text $H status
 step unload-all $H --json unload --all
 step hstatus2 $H status
 step uninstall $H uninstall hp_cmdline
@@ -267,6 +284,12 @@ step journal $H --json journal
         "{hs}"
     );
     assert_eq!(s.rc("hstatus2"), 9, "{}", s.raw);
+    assert_eq!(s.rc("hstatus-text"), 0, "{}", s.raw);
+    eprintln!(
+        "status (as intended):\n{}\nstatus (after unload --all):\n{}",
+        s.out("hstatus-text"),
+        s.out("hstatus2")
+    );
     assert!(
         s.out("hstatus2").contains("NOT as intended")
             && s.out("hstatus2").contains("hp_cmdline is not-loaded"),
@@ -283,16 +306,9 @@ step journal $H --json journal
     // Every kernel change was journalled as begun before it happened.
     let begins = all.iter().filter(|e| e["result"] == "begin").count();
     assert_eq!(begins, 7, "{j}");
-    let ops: Vec<String> = all
-        .iter()
-        .filter(|e| e["result"] != "begin")
-        .map(|e| {
-            format!(
-                "{}:{}",
-                e["op"].as_str().unwrap(),
-                e["result"].as_str().unwrap()
-            )
-        })
+    let ops: Vec<String> = op_results(&j)
+        .into_iter()
+        .filter(|o| !o.ends_with(":begin"))
         .collect();
     assert_eq!(
         ops,
@@ -770,18 +786,7 @@ step sjournal $H --json journal --tail 4
         assert_eq!(s.out(state), "1\n0", "{step}: patch applied, no transition");
     }
     let j = s.json("sjournal");
-    let got: Vec<String> = j
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            format!(
-                "{}:{}",
-                e["op"].as_str().unwrap(),
-                e["result"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let got = op_results(&j);
     assert_eq!(
         got,
         [
