@@ -31,6 +31,7 @@ pub mod boot;
 pub mod change;
 pub mod check;
 pub mod commands;
+pub mod compressed;
 pub mod exitcode;
 pub mod host;
 pub mod install;

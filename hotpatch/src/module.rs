@@ -109,6 +109,11 @@ pub struct ModuleInfo {
     pub depends: Vec<String>,
     pub srcversion: Option<String>,
     pub description: Option<String>,
+    /// The file is a compressed module (`.ko.xz`, `.ko.zst`); everything
+    /// else here is read from the ELF inside, `sha256` and `size` are the
+    /// file's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::compressed::Compression>,
     /// `MODULE_VERSION`.
     #[serde(default)]
     pub version: Option<String>,
@@ -202,7 +207,10 @@ fn cve_ids(modinfo: &[(String, String)]) -> Vec<String> {
 /// one, so a file swapped after the check is never what gets loaded.
 pub struct OpenedModule {
     pub file: std::fs::File,
+    /// The file's bytes: what is hashed, recorded and installed.
     pub bytes: Vec<u8>,
+    /// `.ko.xz`/`.ko.zst`: the container, and the ELF it holds.
+    pub compressed: Option<(crate::compressed::Compression, Vec<u8>)>,
 }
 
 /// Open `path` without following a symbolic link (nor blocking on a FIFO),
@@ -245,7 +253,22 @@ pub fn open_module(path: &Path) -> Result<OpenedModule> {
     if bytes.len() as u64 > MAX_MODULE_SIZE {
         return Err(too_big(bytes.len() as u64));
     }
-    Ok(OpenedModule { file, bytes })
+    // A signature is appended after compression: the container is what
+    // precedes it.
+    let payload = split_signature(&bytes).map_or(&bytes[..], |(p, _)| p);
+    let compressed = match crate::compressed::Compression::detect(payload) {
+        Some(c) => {
+            let elf = crate::compressed::decompress(c, payload, MAX_MODULE_SIZE)
+                .with_context(|| format!("{} is a {c:?}-compressed module", path.display()))?;
+            Some((c, elf))
+        }
+        None => None,
+    };
+    Ok(OpenedModule {
+        file,
+        bytes,
+        compressed,
+    })
 }
 
 /// Read and inspect a module file ([`open_module`]).
@@ -255,7 +278,20 @@ pub fn inspect_file(path: &Path) -> Result<ModuleInfo> {
 
 /// Inspect the bytes of an opened module file.
 pub fn inspect_opened(path: &Path, m: &OpenedModule) -> Result<ModuleInfo> {
-    inspect(&m.bytes).with_context(|| format!("{} is not a usable kernel module", path.display()))
+    let usable = || format!("{} is not a usable kernel module", path.display());
+    let Some((c, elf)) = &m.compressed else {
+        return inspect(&m.bytes).with_context(usable);
+    };
+    let mut info = inspect(elf).with_context(usable)?;
+    // The file is the module's identity (what install stores, what the
+    // manifest and the load record name); the signature, if any, is on it.
+    info.sha256 = sha256_hex(&m.bytes);
+    info.size = m.bytes.len() as u64;
+    info.compression = Some(*c);
+    if let Ok((_, sig)) = split_signature(&m.bytes) {
+        info.signature = sig;
+    }
+    Ok(info)
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -394,6 +430,7 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo> {
             .unwrap_or_default(),
         srcversion: first("srcversion"),
         description: first("description"),
+        compression: None,
         version: first("version"),
         cves: cve_ids(&modinfo),
         signature,

@@ -110,6 +110,7 @@ fn module(name: &str, vermagic: &str, funcs: &[(&str, &str)]) -> ModuleInfo {
         depends: vec![],
         srcversion: None,
         description: None,
+        compression: None,
         version: None,
         cves: Vec::new(),
         signature: None,
@@ -1302,5 +1303,53 @@ fn patch_metadata_is_inspected_installed_and_shown() {
     assert!(
         text.contains("fix nf_tables use-after-free (CVE-2024-1086) (version 1.2; CVE-2024-1086; CVE-2023-0001)"),
         "{text}"
+    );
+}
+
+/// A `.ko.xz` / `.ko.zst` is read as the ELF inside (name, functions),
+/// identified by the compressed file's sha256, and installed as exactly
+/// those compressed bytes.
+#[test]
+fn compressed_modules_are_inspected_and_installed() {
+    let (d, paths) = tree();
+    let elf = hotpatch::testelf::ModuleSpec::simple("hp_z").build().bytes;
+    let raw = d.path().join("hp_z.ko");
+    std::fs::write(&raw, &elf).unwrap();
+    for (tool, ext) in [("xz", "xz"), ("zstd", "zst")] {
+        let st = Command::new(tool)
+            .args(["-kfq"])
+            .arg(&raw)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{tool}");
+        let f = d.path().join(format!("hp_z.ko.{ext}"));
+        let packed = std::fs::read(&f).unwrap();
+        let out = bin(&paths, &["--json", "inspect", f.to_str().unwrap()]);
+        assert!(out.status.success(), "{tool}: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["name"], "hp_z", "{v}");
+        assert_eq!(v["compression"], if ext == "xz" { "xz" } else { "zstd" });
+        assert_eq!(v["objects"][0]["functions"][0]["name"], "cmdline_proc_show");
+        assert_eq!(v["sha256"], hotpatch::module::sha256_hex(&packed));
+        let out = bin(&paths, &["--json", "install", f.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        let m = hotpatch::state::read_manifest(&paths, REL).unwrap();
+        let stored = paths.installed_dir(REL).join(&m.modules[0].file);
+        assert_eq!(
+            std::fs::read(stored).unwrap(),
+            packed,
+            "{tool}: stored bytes"
+        );
+    }
+    // Corrupt containers are a clear error.
+    let mut bad = std::fs::read(d.path().join("hp_z.ko.xz")).unwrap();
+    bad.truncate(bad.len() / 2);
+    let f = d.path().join("bad.ko.xz");
+    std::fs::write(&f, bad).unwrap();
+    let out = bin(&paths, &["inspect", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not decompress"),
+        "{out:?}"
     );
 }

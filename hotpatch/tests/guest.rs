@@ -22,6 +22,8 @@ struct Env {
     kernel: GuestKernel,
     /// fixture dir name -> (module name, built .ko)
     kos: HashMap<&'static str, (String, PathBuf)>,
+    /// hp_cmdline.ko compressed with xz.
+    cmdline_xz: PathBuf,
 }
 
 fn env() -> &'static Env {
@@ -40,7 +42,20 @@ fn env() -> &'static Env {
             let name = ko.file_stem().unwrap().to_string_lossy().into_owned();
             kos.insert(*f, (name, ko));
         }
-        Env { kernel, kos }
+        // A compressed copy, as Debian 13 and Fedora install modules (xz
+        // with CRC32, as the kernel's own Kbuild compresses them).
+        let cmdline_xz = kos["cmdline"].1.with_extension("ko.xz");
+        let st = std::process::Command::new("xz")
+            .args(["-kf", "--check=crc32"])
+            .arg(&kos["cmdline"].1)
+            .status()
+            .expect("xz on the host");
+        assert!(st.success() && cmdline_xz.exists(), "xz failed");
+        Env {
+            kernel,
+            kos,
+            cmdline_xz,
+        }
     })
 }
 
@@ -107,6 +122,8 @@ fn guest(script: &str, kernel_args: &[&str]) -> Steps {
     for (name, ko) in e.kos.values() {
         opts.files.push((ko.clone(), format!("/root/{name}.ko")));
     }
+    opts.files
+        .push((e.cmdline_xz.clone(), "/root/hp_cmdline.ko.xz".into()));
     if let Some(cfg) = &e.kernel.config {
         opts.files
             .push((cfg.clone(), format!("/boot/config-{}", e.kernel.release)));
@@ -361,6 +378,11 @@ step all $H --json unload --all
 step c6 cat /proc/cmdline
 step ls ls /sys/kernel/livepatch
 step mods cat /proc/modules
+step xz-inspect $H --json inspect /root/hp_cmdline.ko.xz
+step xz-load $H --json load /root/hp_cmdline.ko.xz
+step xz-cmdline cat /proc/cmdline
+step xz-unload $H --json unload hp_cmdline
+step xz-sha sha256sum /root/hp_cmdline.ko.xz
 "#,
         &[],
     );
@@ -447,6 +469,27 @@ step mods cat /proc/modules
     assert_eq!(order, ["hp_cmdline", "hp_replace"]);
     assert_eq!(s.out("c6"), orig);
     assert_nothing_left(&s, "ls", "mods");
+
+    // A .ko.xz is inspected (the ELF inside) and loaded (6.1 cannot
+    // decompress modules itself: the decompressed bytes go through a sealed
+    // memfd); its identity is the compressed file's sha256.
+    let xi = s.json("xz-inspect");
+    assert_eq!(xi["compression"], "xz", "{xi}");
+    assert_eq!(
+        xi["objects"][0]["functions"][0]["name"], "cmdline_proc_show",
+        "{xi}"
+    );
+    let file_sha = s
+        .out("xz-sha")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(xi["sha256"], file_sha.as_str(), "{xi}");
+    assert_eq!(s.rc("xz-load"), 0, "{}", s.raw);
+    assert_eq!(s.json("xz-load")["outcome"], "loaded");
+    assert_eq!(s.out("xz-cmdline"), "hotpatch-fixture: hp_cmdline");
+    assert_eq!(s.rc("xz-unload"), 0, "{}", s.raw);
 }
 
 #[test]

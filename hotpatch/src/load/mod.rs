@@ -234,7 +234,7 @@ fn load_watched(
     let probe = opts
         .measure
         .then(|| measure::Probe::start(measure::spinners()));
-    let t0 = match l.insert(file, &opened.file, info.replace, &mut report) {
+    let t0 = match l.insert(file, &opened, info.replace, &mut report) {
         Ok(t0) => t0,
         Err(e) => {
             if let Some(p) = probe {
@@ -338,7 +338,7 @@ impl Loading<'_> {
     fn insert(
         &self,
         file: &Path,
-        fd: &std::fs::File,
+        opened: &module::OpenedModule,
         replace: Option<bool>,
         report: &mut LoadReport,
     ) -> Result<Instant> {
@@ -353,7 +353,10 @@ impl Loading<'_> {
             Some(&self.sha256),
         ));
         let t0 = Instant::now();
-        let loaded = kmod::finit_module(fd, file, name);
+        let loaded = match &opened.compressed {
+            None => kmod::finit_module(&opened.file, file, name),
+            Some((_, elf)) => kmod::finit_compressed(&opened.file, elf, file, name),
+        };
         report.load_syscall_ms = Some(ms(t0.elapsed()));
         if let Err(e) = loaded {
             let detail = serde_json::json!({ "error": format!("{e:#}"), "file": report.file });
