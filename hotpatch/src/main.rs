@@ -65,6 +65,9 @@ struct Cli {
     /// Directory with config-<release> (expected vermagic flags).
     #[arg(long, global = true, default_value = "/boot", hide = true)]
     boot_dir: PathBuf,
+    /// Directory with <release>/kernel/... (the vermagic reference).
+    #[arg(long, global = true, default_value = "/lib/modules", hide = true)]
+    modules_dir: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -186,6 +189,7 @@ fn main() {
         sys: cli.sysfs_root,
         proc: cli.proc_root,
         boot: cli.boot_dir,
+        modules: cli.modules_dir,
         state: cli.state_dir,
         run: cli.run_dir,
     };

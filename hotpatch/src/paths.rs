@@ -12,6 +12,9 @@ pub struct Paths {
     pub proc: PathBuf,
     /// Where `/boot/config-<release>` lives (for the expected vermagic).
     pub boot: PathBuf,
+    /// `/lib/modules`: the running kernel's own modules are the vermagic
+    /// reference.
+    pub modules: PathBuf,
     /// Installed modules, manifests, the journal.
     pub state: PathBuf,
     /// Runtime state that must not outlive a boot: the host-wide lock
@@ -26,6 +29,7 @@ impl Default for Paths {
             sys: "/sys".into(),
             proc: "/proc".into(),
             boot: "/boot".into(),
+            modules: "/lib/modules".into(),
             state: "/var/lib/hotpatch".into(),
             run: "/run".into(),
         }

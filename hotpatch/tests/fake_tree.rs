@@ -78,6 +78,7 @@ fn tree() -> (tempfile::TempDir, Paths) {
         sys: r.join("sys"),
         proc: r.join("proc"),
         boot: r.join("boot"),
+        modules: r.join("lib/modules"),
         state: r.join("state"),
         run: r.join("run"),
     };
@@ -292,6 +293,8 @@ fn bin(paths: &Paths, args: &[&str]) -> std::process::Output {
         .arg(&paths.proc)
         .arg("--boot-dir")
         .arg(&paths.boot)
+        .arg("--modules-dir")
+        .arg(&paths.modules)
         .arg("--state-dir")
         .arg(&paths.state)
         .arg("--run-dir")
@@ -1352,4 +1355,45 @@ fn compressed_modules_are_inspected_and_installed() {
         String::from_utf8_lossy(&out.stderr).contains("could not decompress"),
         "{out:?}"
     );
+}
+
+/// The vermagic reference is a module the running kernel shipped, so
+/// architecture tokens no config spells (arm64's "aarch64") are expected;
+/// the kernel's config is only the fallback.
+#[test]
+fn vermagic_reference_is_a_module_the_kernel_shipped() {
+    let (d, paths) = tree();
+    let arm = format!("{REL} SMP preempt mod_unload modversions aarch64 ");
+    let info = module("hp_arm", &arm, &[("vmlinux", "cmdline_proc_show")]);
+    // Only the config: "aarch64" looks foreign.
+    let pre = check::preflight(&paths, &info);
+    let c = check_of(&pre, CheckId::Vermagic);
+    assert_eq!(c.status, Status::Fail, "{}", c.detail);
+    assert!(c.detail.contains("aarch64"), "{}", c.detail);
+    // The kernel's own ext4.ko carries the same vermagic: it is the reference.
+    let mut spec = hotpatch::testelf::ModuleSpec::simple("ext4");
+    spec.modinfo
+        .retain(|(k, _)| k != "vermagic" && k != "livepatch");
+    spec.modinfo.insert(0, ("vermagic".into(), arm.clone()));
+    let ko = d
+        .path()
+        .join(format!("lib/modules/{REL}/kernel/fs/ext4/ext4.ko"));
+    std::fs::create_dir_all(ko.parent().unwrap()).unwrap();
+    std::fs::write(&ko, spec.build().bytes).unwrap();
+    let pre = check::preflight(&paths, &info);
+    let c = check_of(&pre, CheckId::Vermagic);
+    assert_eq!(c.status, Status::Pass, "{}", c.detail);
+    assert!(
+        c.detail.contains("reference:") && c.detail.contains("ext4.ko"),
+        "{}",
+        c.detail
+    );
+    // And an x86 module is now the foreign one.
+    let c2 = check::preflight(
+        &paths,
+        &module("hp_x", MAGIC, &[("vmlinux", "cmdline_proc_show")]),
+    );
+    let c2 = check_of(&c2, CheckId::Vermagic);
+    assert_eq!(c2.status, Status::Fail, "{}", c2.detail);
+    assert!(c2.detail.contains("lacks \"aarch64\""), "{}", c2.detail);
 }
