@@ -864,6 +864,24 @@ fn atomic_replace_waits_for_superseded_patches_to_be_freed() {
         &quiet,
     );
     assert!(removed.is_empty() && msgs.is_empty());
+
+    // Unknown from the file (a kpatch-build module), but the kernel's
+    // `replace` attribute says so: the superseded patch is waited for.
+    write(d.path(), "sys/kernel/livepatch/hp_fake_new/replace", "1\n");
+    write(d.path(), "sys/kernel/livepatch/hp_fake_new/enabled", "1\n");
+    let (removed, msgs) = remove_superseded(
+        &paths,
+        "hp_fake_new",
+        None,
+        &set(&["hp_fake_stuck"]),
+        Duration::from_millis(150),
+        &quiet,
+    );
+    assert!(removed.is_empty());
+    assert!(
+        msgs.len() == 1 && msgs[0].contains("hp_fake_stuck") && msgs[0].contains("not freed"),
+        "sysfs replace=1 ignored: {msgs:?}"
+    );
 }
 
 /// `enable`: a patch already patching is waited for, not written to again;
