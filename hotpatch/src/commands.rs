@@ -265,8 +265,11 @@ impl Commands {
     }
 
     /// `status`: is the host as intended? Exit 0 only when it is.
-    pub fn status(&self) -> Result<i32> {
+    pub fn status(&self, prometheus: Option<&Path>) -> Result<i32> {
         let s = crate::status::host_status(&self.paths);
+        if let Some(f) = prometheus {
+            crate::prometheus::write(&s, f)?;
+        }
         self.print(&s, |s| print!("{}", Text(s)))?;
         Ok(s.exit_code())
     }

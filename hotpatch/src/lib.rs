@@ -44,6 +44,7 @@ pub mod module;
 pub mod output;
 pub mod paths;
 pub mod plan;
+pub mod prometheus;
 pub mod reconcile;
 pub mod signals;
 pub mod state;

@@ -151,7 +151,12 @@ enum Cmd {
     /// Is this host as intended? Installed vs loaded, transitions,
     /// unfinished changes, last outcome, taint, kernel build id; exit 0
     /// only when it matches its installed set (else 9).
-    Status,
+    Status {
+        /// Also write the status as a node_exporter textfile (atomically),
+        /// e.g. /var/lib/prometheus/node-exporter/hotpatch.prom.
+        #[arg(long, value_name = "FILE")]
+        prometheus: Option<PathBuf>,
+    },
     /// Keep a module for the kernel release it was built for (its vermagic)
     /// and re-apply it at every boot of that kernel.
     Install { file: PathBuf },
@@ -246,7 +251,7 @@ fn run(c: &Commands, cmd: Cmd) -> Result<i32> {
         Cmd::Enable { name, wait } => c.enable(&name, wait.into_wait()),
         Cmd::Disable { name, wait } => c.disable(&name, wait.into_wait()),
         Cmd::List => c.list(),
-        Cmd::Status => c.status(),
+        Cmd::Status { prometheus } => c.status(prometheus.as_deref()),
         Cmd::Install { file } => c.install(&file),
         Cmd::Uninstall { name, release } => c.uninstall(&name, release),
         Cmd::Journal { tail } => c.journal(tail),

@@ -400,6 +400,12 @@ pub fn check_release(release: &str) -> Result<()> {
 /// fresh temporary file (O_EXCL, O_NOFOLLOW: never through a planted link),
 /// fsync it, rename it over `path`, fsync the directory.
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, 0o600)
+}
+
+/// [`write_atomic`] with the file's permission bits (a metrics file other
+/// users' collectors read).
+pub(crate) fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().context("path has no parent")?;
     std::fs::create_dir_all(dir)?;
@@ -412,7 +418,7 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
         f.write_all(data)?;

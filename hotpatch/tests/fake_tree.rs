@@ -1415,3 +1415,127 @@ fn vermagic_reference_is_a_module_the_kernel_shipped() {
     assert_eq!(c2.status, Status::Fail, "{}", c2.detail);
     assert!(c2.detail.contains("lacks \"aarch64\""), "{}", c2.detail);
 }
+
+/// GET `path` from `addr`; the whole response as text.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// `status --prometheus FILE` writes a textfile that promtool accepts and
+/// that a real Prometheus scrapes: the per-patch gauges arrive with their
+/// values. (Served over HTTP as node_exporter's textfile collector would
+/// serve it; Debian's `prometheus` package, as the ebpf tests use.)
+#[test]
+fn status_prometheus_textfile_is_scraped_by_prometheus() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let (d, paths) = tree();
+    hotpatch::state::record(
+        &paths,
+        JournalOp::Load,
+        Some("hp_a"),
+        None,
+        JournalResult::Ok,
+        Some(1500.0),
+        serde_json::json!({}),
+    );
+    let prom = d.path().join("textfile/hotpatch.prom");
+    let out = bin(&paths, &["status", "--prometheus", prom.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(9), "{out:?}");
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(
+        text.contains("hotpatch_patch_in_transition{patch=\"hp_b\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("hotpatch_host_as_intended 0"), "{text}");
+    assert!(
+        text.contains("hotpatch_last_change_duration_seconds 1.5"),
+        "{text}"
+    );
+
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package `prometheus`) must be installed");
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let c = check.wait_with_output().unwrap();
+    assert!(
+        c.status.success(),
+        "promtool: {}",
+        String::from_utf8_lossy(&c.stderr)
+    );
+
+    // Serve the file as a collector would, and let Prometheus scrape it.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = server.local_addr().unwrap().to_string();
+    let body = text.clone();
+    std::thread::spawn(move || {
+        for mut s in server.incoming().flatten() {
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req);
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let pport = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = d.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: hotpatch\n    static_configs:\n      - targets: ['{target}']\n"),
+    )
+    .unwrap();
+    let mut promd = Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            d.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (Debian package `prometheus`) must be installed");
+    let paddr = format!("127.0.0.1:{pport}");
+    let q = "/api/v1/query?query=hotpatch_patch_in_transition";
+    let t0 = Instant::now();
+    let mut got = None;
+    while t0.elapsed() < Duration::from_secs(60) {
+        if let Some(r) = http_get(&paddr, q)
+            && r.contains("\"patch\":\"hp_b\"")
+            && r.contains("\"job\":\"hotpatch\"")
+        {
+            got = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = promd.kill();
+    let _ = promd.wait();
+    let got = got.expect("Prometheus never scraped hotpatch_patch_in_transition");
+    // hp_b's sample is 1 (in transition), hp_a's 0.
+    let hp_b = got.split("\"patch\":\"hp_b\"").nth(1).unwrap();
+    assert!(hp_b.contains(",\"1\"]"), "{got}");
+}
