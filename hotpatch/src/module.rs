@@ -403,8 +403,13 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo> {
     }
 
     let (klp_rela_objects, klp_symbols) = view.klp_sections();
+    let kpatch = view.kpatch_funcs();
     let (replace, objects) = match view.klp_patch() {
-        Ok(found) => found,
+        Ok((r, objs)) if !objs.is_empty() || kpatch.is_empty() => (r, objs),
+        // A kpatch-build module: its metadata says what it patches;
+        // `replace` is only known once loaded (sysfs, 6.11+).
+        Ok(_) => (None, kpatch),
+        Err(_) if !kpatch.is_empty() => (None, kpatch),
         Err(e) => {
             if first("livepatch").as_deref() == Some("Y") {
                 warnings.push(format!("could not follow the klp_patch structure: {e}"));
@@ -653,7 +658,8 @@ impl<'a> View<'a> {
         };
         let name = self.section_name(*section)?;
         let strings = self.flags(*section) & u64::from(section_header::SHF_STRINGS) != 0
-            || name.starts_with(".rodata");
+            || name.starts_with(".rodata")
+            || name == ".kpatch.strings";
         if !strings {
             return None;
         }
@@ -764,6 +770,45 @@ impl<'a> View<'a> {
             off = next;
         }
         found
+    }
+
+    /// kpatch-build's metadata (its modules build `klp_patch` at run time,
+    /// so there is no initialiser to follow): `.kpatch.funcs` holds
+    /// `struct kpatch_patch_func { new_addr, new_size, old_addr, old_size,
+    /// sympos, name, objname }` (7 × 8 bytes); `name` and `objname` are
+    /// relocated to strings in `.kpatch.strings`, `new_addr` to the
+    /// replacement function. Bounded by the section's bytes and
+    /// [`MAX_FUNCTIONS`].
+    fn kpatch_funcs(&self) -> Vec<PatchedObject> {
+        const ENTRY: u64 = 56;
+        let Some(sec) = self.section_by_name(".kpatch.funcs") else {
+            return Vec::new();
+        };
+        let len = self.data(sec).map_or(0, |d| d.len() as u64);
+        let mut objects: Vec<PatchedObject> = Vec::new();
+        let mut n = 0;
+        let mut off = 0u64;
+        while off.saturating_add(ENTRY) <= len && n < MAX_FUNCTIONS {
+            let name = self.reloc_at(sec, off, 40).and_then(|t| self.string_at(t));
+            let obj = self.reloc_at(sec, off, 48).and_then(|t| self.string_at(t));
+            if let (Some(name), Some(obj)) = (name, obj) {
+                n += 1;
+                let f = PatchedFunction {
+                    name,
+                    sympos: self.u64_at(sec, off + 32).unwrap_or(0),
+                    replacement: self.reloc_at(sec, off, 0).and_then(|t| self.function_at(t)),
+                };
+                match objects.iter_mut().find(|o| o.name == obj) {
+                    Some(o) => o.functions.push(f),
+                    None => objects.push(PatchedObject {
+                        name: obj,
+                        functions: vec![f],
+                    }),
+                }
+            }
+            off += ENTRY;
+        }
+        objects
     }
 
     /// Find `struct klp_patch` (its `mod` field points at `__this_module`

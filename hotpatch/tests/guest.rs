@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 const FIXTURES: &[&str] = &[
-    "cmdline", "stack", "replace", "busy", "stall", "badmagic", "nosym",
+    "cmdline", "stack", "replace", "busy", "stall", "badmagic", "nosym", "kpatch",
 ];
 
 struct Env {
@@ -383,6 +383,11 @@ step xz-load $H --json load /root/hp_cmdline.ko.xz
 step xz-cmdline cat /proc/cmdline
 step xz-unload $H --json unload hp_cmdline
 step xz-sha sha256sum /root/hp_cmdline.ko.xz
+step kp-check $H --json check /root/hp_kpatch.ko
+step kp-load $H --json load /root/hp_kpatch.ko
+step kp-cmdline cat /proc/cmdline
+step kp-unload $H --json unload hp_kpatch
+step kp-ls ls /sys/kernel/livepatch
 "#,
         &[],
     );
@@ -490,6 +495,26 @@ step xz-sha sha256sum /root/hp_cmdline.ko.xz
     assert_eq!(s.json("xz-load")["outcome"], "loaded");
     assert_eq!(s.out("xz-cmdline"), "hotpatch-fixture: hp_cmdline");
     assert_eq!(s.rc("xz-unload"), 0, "{}", s.raw);
+
+    // A module laid out as kpatch-build lays it out (klp_patch built at run
+    // time): its target symbols are checked from .kpatch.funcs, it loads,
+    // patches, and unloads.
+    let kc = s.json("kp-check");
+    let ts = kc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "target-symbols")
+        .unwrap();
+    assert_eq!(ts["status"], "pass", "{kc}");
+    assert!(
+        ts["detail"].as_str().unwrap().contains("all 1 target"),
+        "{kc}"
+    );
+    assert_eq!(s.rc("kp-load"), 0, "{}", s.raw);
+    assert_eq!(s.out("kp-cmdline"), "hotpatch-fixture: hp_kpatch");
+    assert_eq!(s.rc("kp-unload"), 0, "{}", s.raw);
+    assert_eq!(s.out("kp-ls"), "");
 }
 
 #[test]
@@ -880,6 +905,17 @@ fn inspect_reads_every_fixture() {
             .starts_with("5.10.0-30-amd64")
     );
     assert!(bad.warnings.iter().any(|w| w.contains("vermagic")));
+    // kpatch-build layout: no klp_patch initialiser, metadata in
+    // .kpatch.funcs / .kpatch.strings.
+    let kp = info("kpatch");
+    assert_eq!(kp.objects.len(), 1, "{kp:?}");
+    assert_eq!(kp.objects[0].name, "vmlinux");
+    assert_eq!(kp.objects[0].functions[0].name, "cmdline_proc_show");
+    assert_eq!(
+        kp.objects[0].functions[0].replacement.as_deref(),
+        Some("hp_kpatch_show")
+    );
+    assert_eq!(kp.replace, None, "only known once loaded");
     let busy = info("busy");
     assert!(!busy.livepatch);
     assert!(busy.objects.is_empty());
