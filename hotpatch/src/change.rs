@@ -7,7 +7,9 @@ use crate::load::{self, LoadOptions, LoadReport, Outcome};
 use crate::module;
 use crate::paths::Paths;
 use crate::state::{self, JournalOp, JournalResult, LoadedRecord};
-use crate::transition::{Wait, Watch, ms, remove_module, task_names, wait_gone, write_attr};
+use crate::transition::{
+    Wait, Watch, ms, remove_module, reverse_stalled, task_names, wait_gone, write_attr,
+};
 use anyhow::{Result, bail};
 use livehost_common::progress::Progress;
 use serde::{Deserialize, Serialize};
@@ -235,14 +237,10 @@ impl Change<'_> {
                     .push(format!("{name}: reversed; the patch is {back}"));
             }
             Ok(_) => {
-                r.reverse_stalled_tasks = self.paths.lagging_tasks(1 - target);
-                let still = task_names(&r.reverse_stalled_tasks);
+                let (tasks, msg) = reverse_stalled(self.paths, name, 1 - target);
+                r.reverse_stalled_tasks = tasks;
                 r.outcome = ChangeOutcome::ReverseStalled;
-                r.messages.push(format!(
-                    "{name}: the reverse stalled too ({} task(s): {}); the patch is half-applied, mid-transition: see `hotpatch status`",
-                    still.len(),
-                    still.join(", ")
-                ));
+                r.messages.push(msg);
             }
             Err(e) => {
                 r.outcome = ChangeOutcome::ReverseStalled;

@@ -177,6 +177,20 @@ impl Watch<'_> {
     }
 }
 
+/// The reverse of `name`'s transition (towards `back`) stalled too: the
+/// tasks holding it up, and the sentence that says where that leaves the
+/// host.
+pub(crate) fn reverse_stalled(paths: &Paths, name: &str, back: i32) -> (Vec<TaskState>, String) {
+    let tasks = paths.lagging_tasks(back);
+    let still = task_names(&tasks);
+    let msg = format!(
+        "{name}: the reverse transition stalled too ({} task(s): {}); the patch is half-applied, mid-transition: see `hotpatch status`",
+        still.len(),
+        still.join(", ")
+    );
+    (tasks, msg)
+}
+
 /// [`Watch::wait`], not interruptible, notes dropped: for callers that
 /// only need done or not.
 pub fn wait_transition(

@@ -6,7 +6,9 @@
 
 use super::{LoadReport, Loading, Outcome};
 use crate::state;
-use crate::transition::{Forced, Wait, force_transition, ms, remove_module, task_names, wait_gone};
+use crate::transition::{
+    Forced, Wait, force_transition, ms, remove_module, reverse_stalled, task_names, wait_gone,
+};
 use std::time::{Duration, Instant};
 
 /// The transition of `l` stalled after `d`, or signal `sig` arrived.
@@ -127,14 +129,10 @@ fn roll_back(l: &Loading, mut report: LoadReport, sig: Option<i32>) -> LoadRepor
     match reversed {
         Ok(Wait::Done(_)) => {}
         Ok(_) => {
-            report.reverse_stalled_tasks = l.paths.lagging_tasks(0);
-            let still = task_names(&report.reverse_stalled_tasks);
+            let (tasks, msg) = reverse_stalled(l.paths, name, 0);
+            report.reverse_stalled_tasks = tasks;
             report.outcome = Outcome::ReverseStalled;
-            report.messages.push(format!(
-                "{name}: the reverse transition also stalled ({} task(s): {}); the patch is left half-applied, mid-transition: see `hotpatch status`",
-                still.len(),
-                still.join(", ")
-            ));
+            report.messages.push(msg);
             return finish(l, report, None);
         }
         Err(e) => {
