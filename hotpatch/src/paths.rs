@@ -65,6 +65,15 @@ impl Paths {
         let notes = std::fs::read(self.sys.join("kernel/notes")).ok()?;
         crate::status::gnu_build_id(&notes)
     }
+    /// GNU build id of the loaded module `name`, from its sysfs notes.
+    pub fn module_build_id(&self, name: &str) -> Option<String> {
+        let p = self
+            .sys
+            .join("module")
+            .join(name)
+            .join("notes/.note.gnu.build-id");
+        crate::status::gnu_build_id(&std::fs::read(p).ok()?)
+    }
     /// This boot's id (`/proc/sys/kernel/random/boot_id`).
     pub fn boot_id(&self) -> Option<String> {
         livehost_common::sysfs::read_attr(self.proc.join("sys/kernel/random/boot_id")).ok()

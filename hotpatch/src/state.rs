@@ -369,6 +369,11 @@ pub struct LoadedRecord {
     /// The patch's description, version and CVE ids.
     #[serde(default)]
     pub meta: crate::module::PatchMeta,
+    /// GNU build id of the module as the kernel holds it (sysfs notes):
+    /// a module of the same name loaded since by something else (rmmod,
+    /// insmod) has another, and the record no longer describes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_build_id: Option<String>,
 }
 
 /// Refuse a module name that is not one: names become file names under the
@@ -446,10 +451,17 @@ pub fn loaded_record(paths: &Paths, name: &str) -> Option<LoadedRecord> {
     check_name(name).ok()?;
     let t = std::fs::read_to_string(paths.loaded_dir().join(format!("{name}.json"))).ok()?;
     let r: LoadedRecord = serde_json::from_str(&t).ok()?;
-    match (&r.boot_id, paths.boot_id()) {
-        (Some(then), Some(now)) if *then != now => None,
-        _ => Some(r),
+    if let (Some(then), Some(now)) = (&r.boot_id, paths.boot_id())
+        && *then != now
+    {
+        return None;
     }
+    if let (Some(then), Some(now)) = (&r.module_build_id, paths.module_build_id(name))
+        && *then != now
+    {
+        return None;
+    }
+    Some(r)
 }
 
 pub fn save_loaded(paths: &Paths, r: &LoadedRecord) -> Result<()> {
@@ -723,6 +735,7 @@ mod tests {
             forced: false,
             boot_id: Some("b1".into()),
             meta: Default::default(),
+            module_build_id: None,
         };
         save_loaded(&p, &rec).unwrap();
         assert!(loaded_record(&p, "m").is_none());
@@ -861,6 +874,7 @@ mod tests {
                 forced: false,
                 boot_id: None,
                 meta: Default::default(),
+                module_build_id: None,
             };
             assert!(save_loaded(&p, &rec).is_err());
         }

@@ -598,6 +598,7 @@ fn load_installed_refuses_a_changed_file() {
             forced: false,
             boot_id: None,
             meta: Default::default(),
+            module_build_id: None,
         },
     )
     .unwrap();
@@ -943,6 +944,7 @@ fn enable_waits_or_says_what_to_run() {
             forced: false,
             boot_id: None,
             meta: Default::default(),
+            module_build_id: None,
         },
     )
     .unwrap();
@@ -1148,8 +1150,16 @@ fn status_says_whether_the_host_matches_its_installed_set() {
         forced: false,
         boot_id: None,
         meta: Default::default(),
+        module_build_id: Some("deadbeef".into()),
     };
     hotpatch::state::save_loaded(&paths, &rec).unwrap();
+    // The loaded hp_a is the module the record describes (same build id).
+    std::fs::create_dir_all(r.join("sys/module/hp_a/notes")).unwrap();
+    std::fs::write(
+        r.join("sys/module/hp_a/notes/.note.gnu.build-id"),
+        gnu_notes(&[0xde, 0xad, 0xbe, 0xef]),
+    )
+    .unwrap();
     std::fs::write(
         r.join("sys/kernel/notes"),
         gnu_notes(&[0xde, 0xad, 0xbe, 0xef]),
@@ -1162,6 +1172,22 @@ fn status_says_whether_the_host_matches_its_installed_set() {
     assert_eq!(v["kernel_build_id"], "deadbeef", "{v}");
     let text = String::from_utf8(bin(&paths, &["status"]).stdout).unwrap();
     assert!(text.starts_with("host: as intended"), "{text}");
+
+    // Someone rmmod'ed hp_a and insmod'ed another build under that name:
+    // the record no longer describes it, so the file is unknown.
+    std::fs::write(
+        r.join("sys/module/hp_a/notes/.note.gnu.build-id"),
+        gnu_notes(&[1, 1, 1, 1]),
+    )
+    .unwrap();
+    let (code, v) = status(&paths);
+    assert_eq!(code, Some(9), "{v}");
+    assert_eq!(v["installed"][0]["state"], "unknown-file", "{v}");
+    std::fs::write(
+        r.join("sys/module/hp_a/notes/.note.gnu.build-id"),
+        gnu_notes(&[0xde, 0xad, 0xbe, 0xef]),
+    )
+    .unwrap();
 
     // Loaded from another file than the one installed: drift.
     hotpatch::state::save_loaded(

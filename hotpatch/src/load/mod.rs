@@ -377,6 +377,7 @@ impl Loading<'_> {
             forced: false,
             boot_id: self.paths.boot_id(),
             meta: self.meta.clone(),
+            module_build_id: self.paths.module_build_id(name),
         };
         if let Err(e) = state::save_loaded(self.paths, &record) {
             report
