@@ -624,25 +624,7 @@ step journal $H --json journal
     assert_eq!(s.rc("unload"), 0, "{}", s.raw);
     assert_nothing_left(&s, "ls2", "mods2");
 
-    // SIGTERM mid-transition: reversed and removed, its own outcome.
-    assert_eq!(s.rc("term"), 4, "{}", s.raw);
-    let t = s.json("term");
-    assert_eq!(t["outcome"], "interrupted", "{t}");
-    assert!(t["rollback_ms"].as_f64().is_some(), "{t}");
-    assert_nothing_left(&s, "ls3", "mods3");
-
-    // SIGKILL left it in transition; the next command (a plain `list`)
-    // found the unfinished begin, reversed and removed it, and said so.
-    assert_eq!(s.rc("kill"), 137, "{}", s.raw);
-    assert_eq!(s.out("killed"), "1", "{}", s.raw);
-    let recon = s.out("recon");
-    assert!(
-        recon.contains("did not finish")
-            && recon.contains("still in transition")
-            && recon.contains("removed the module"),
-        "{recon}"
-    );
-    assert_nothing_left(&s, "ls4", "mods4");
+    assert_signal_paths(&s);
 
     // --force completes the transition. On this 6.1 kernel the forced
     // patch can still be disabled and its module removed (observed: refcount
@@ -666,29 +648,7 @@ step journal $H --json journal
     let fs = s.json("fstatus");
     assert_eq!(fs["patches"][0]["transition"], false, "{fs}");
     assert_eq!(fs["patches"][0]["enabled"], true, "{fs}");
-    // The unload stalled on the new kthread, its reverse on the old one:
-    // half-applied, its own outcome and exit code, both task lists kept.
-    assert_eq!(s.rc("funload"), 6, "{}", s.raw);
-    let fu = s.json("funload");
-    let u = &fu[0];
-    assert_eq!(u["outcome"], "reverse-stalled", "{fu}");
-    assert_eq!(u["removed"], false, "{fu}");
-    let comms = |k: &str| -> Vec<String> {
-        u[k].as_array()
-            .unwrap_or_else(|| panic!("no {k}: {fu}"))
-            .iter()
-            .map(|t| t["comm"].as_str().unwrap().to_string())
-            .collect()
-    };
-    assert!(
-        comms("stalled_tasks").contains(&"hp_busy_extra".to_string()),
-        "{fu}"
-    );
-    assert!(
-        comms("reverse_stalled_tasks").contains(&"hp_busy_kthread".to_string()),
-        "{fu}"
-    );
-    assert_eq!(s.out("funload-state"), "1", "still mid-transition");
+    assert_reverse_stalled_unload(&s);
 
     let j = s.json("journal");
     let results: Vec<&str> = j
@@ -727,6 +687,57 @@ step journal $H --json journal
             .contains("hp_busy_kthread"),
         "{last}"
     );
+}
+
+/// SIGTERM mid-transition is rolled back; SIGKILL's leftover is
+/// reconciled by the next command.
+fn assert_signal_paths(s: &Steps) {
+    // SIGTERM mid-transition: reversed and removed, its own outcome.
+    assert_eq!(s.rc("term"), 4, "{}", s.raw);
+    let t = s.json("term");
+    assert_eq!(t["outcome"], "interrupted", "{t}");
+    assert!(t["rollback_ms"].as_f64().is_some(), "{t}");
+    assert_nothing_left(s, "ls3", "mods3");
+
+    // SIGKILL left it in transition; the next command (a plain `list`)
+    // found the unfinished begin, reversed and removed it, and said so.
+    assert_eq!(s.rc("kill"), 137, "{}", s.raw);
+    assert_eq!(s.out("killed"), "1", "{}", s.raw);
+    let recon = s.out("recon");
+    assert!(
+        recon.contains("did not finish")
+            && recon.contains("still in transition")
+            && recon.contains("removed the module"),
+        "{recon}"
+    );
+    assert_nothing_left(s, "ls4", "mods4");
+}
+
+/// An unload whose unpatching and reverse both stall.
+fn assert_reverse_stalled_unload(s: &Steps) {
+    // The unload stalled on the new kthread, its reverse on the old one:
+    // half-applied, its own outcome and exit code, both task lists kept.
+    assert_eq!(s.rc("funload"), 6, "{}", s.raw);
+    let fu = s.json("funload");
+    let u = &fu[0];
+    assert_eq!(u["outcome"], "reverse-stalled", "{fu}");
+    assert_eq!(u["removed"], false, "{fu}");
+    let comms = |k: &str| -> Vec<String> {
+        u[k].as_array()
+            .unwrap_or_else(|| panic!("no {k}: {fu}"))
+            .iter()
+            .map(|t| t["comm"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        comms("stalled_tasks").contains(&"hp_busy_extra".to_string()),
+        "{fu}"
+    );
+    assert!(
+        comms("reverse_stalled_tasks").contains(&"hp_busy_kthread".to_string()),
+        "{fu}"
+    );
+    assert_eq!(s.out("funload-state"), "1", "still mid-transition");
 }
 
 #[test]
