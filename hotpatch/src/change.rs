@@ -1,15 +1,16 @@
 //! The changes to a loaded patch: `enable`, `disable`, `unload`. Each waits
 //! for its transition with a deadline and is journalled.
 
+use crate::exitcode;
+use crate::kernel::TaskState;
 use crate::load::{self, LoadOptions, LoadReport, Outcome};
 use crate::module;
 use crate::paths::Paths;
 use crate::state::{self, JournalOp, JournalResult, LoadedRecord};
 use crate::transition::{
-    Wait, ms, remove_module, task_names, wait_gone, wait_transition, write_attr,
+    Wait, Watch, ms, remove_module, reverse_stalled, task_names, wait_gone, write_attr,
 };
 use anyhow::{Result, bail};
-use livehost_common::exit;
 use livehost_common::progress::Progress;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -24,14 +25,65 @@ pub enum ChangeAction {
     Unload,
 }
 
+/// How a change ended, when it did not simply happen.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChangeOutcome {
+    /// The change happened.
+    #[default]
+    Done,
+    /// The transition stalled and was reversed: the patch is as before
+    /// the change.
+    RolledBack,
+    /// A signal arrived mid-transition; reversed, as before the change.
+    Interrupted,
+    /// The transition stalled and so did its reverse: mid-transition.
+    ReverseStalled,
+    /// Unpatched, but the kernel did not free the patch.
+    NotFreed,
+    /// Unpatched and freed, but the module could not be removed.
+    NotRemoved,
+}
+
+impl ChangeOutcome {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ChangeOutcome::Done => exitcode::SUCCESS,
+            ChangeOutcome::RolledBack | ChangeOutcome::Interrupted => exitcode::ROLLED_BACK,
+            ChangeOutcome::ReverseStalled => exitcode::REVERSE_STALLED,
+            ChangeOutcome::NotFreed | ChangeOutcome::NotRemoved => exitcode::MODULE_LEFT,
+        }
+    }
+
+    pub fn journal_result(self) -> JournalResult {
+        match self {
+            ChangeOutcome::Done => JournalResult::Ok,
+            ChangeOutcome::RolledBack => JournalResult::RolledBack,
+            ChangeOutcome::Interrupted => JournalResult::Interrupted,
+            ChangeOutcome::ReverseStalled => JournalResult::ReverseStalled,
+            ChangeOutcome::NotFreed => JournalResult::NotFreed,
+            ChangeOutcome::NotRemoved => JournalResult::NotRemoved,
+        }
+    }
+}
+
 /// What `hotpatch enable|disable --json` prints, and each element of
-/// `hotpatch unload --json`'s array that succeeded.
+/// `hotpatch unload --json`'s array that got as far as the kernel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChangeReport {
     pub module: String,
     pub action: ChangeAction,
+    /// How it ended (older reports have no such field: they were `done`).
+    #[serde(default)]
+    pub outcome: ChangeOutcome,
     pub transition_ms: Option<f64>,
     pub removed: bool,
+    /// The tasks that held a stalled transition up, with their stacks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stalled_tasks: Vec<TaskState>,
+    /// The tasks that held its reverse up, when that stalled too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reverse_stalled_tasks: Vec<TaskState>,
     pub messages: Vec<String>,
     /// `enable` of a freed patch re-loads its file: that load's report.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,9 +92,10 @@ pub struct ChangeReport {
 
 impl ChangeReport {
     pub fn exit_code(&self) -> i32 {
-        self.load
-            .as_ref()
-            .map_or(exit::SUCCESS, |l| l.outcome.exit_code())
+        match &self.load {
+            Some(l) => l.outcome.exit_code(),
+            None => self.outcome.exit_code(),
+        }
     }
 }
 
@@ -75,53 +128,135 @@ impl Change<'_> {
         ChangeReport {
             module: self.name.into(),
             action,
+            outcome: ChangeOutcome::Done,
             transition_ms,
-            removed: action == ChangeAction::Unload,
+            removed: false,
+            stalled_tasks: Vec::new(),
+            reverse_stalled_tasks: Vec::new(),
             messages,
             load: None,
         }
     }
 
-    /// Journal a change that either happened (with its transition time) or
-    /// failed; returns the warning to show if the journal could not be
-    /// written.
-    fn journal<E>(
-        &self,
-        op: JournalOp,
-        sha: Option<&str>,
-        r: &Result<Option<f64>, E>,
-    ) -> Vec<String> {
-        let duration_ms = r.as_ref().ok().copied().flatten();
-        let result = JournalResult::of(r);
+    /// Journal a change that failed before its outcome was known; returns
+    /// the warning to show if the journal could not be written.
+    fn journal_error(&self, op: JournalOp, sha: Option<&str>, e: &anyhow::Error) -> Vec<String> {
+        let detail = serde_json::json!({ "error": format!("{e:#}") });
         state::record(
             self.paths,
             op,
             Some(self.name),
             sha,
-            result,
-            duration_ms,
-            serde_json::json!({}),
+            JournalResult::Error,
+            None,
+            detail,
         )
     }
 
-    /// Poll `transition` towards `target` (1 patched, 0 unpatched).
-    fn wait(&self, target: i32) -> Wait {
-        let (paths, progress) = (self.paths, self.progress);
-        wait_transition(
-            paths,
-            self.name,
-            target,
-            self.timeout,
-            self.poll,
-            progress,
-            Instant::now(),
-        )
+    /// Journal the report's outcome, with the stalled tasks and messages.
+    fn journal_report(&self, op: JournalOp, sha: Option<&str>, r: &mut ChangeReport) {
+        let detail = serde_json::json!({
+            "stalled": r.stalled_tasks,
+            "reverse_stalled": r.reverse_stalled_tasks,
+            "messages": r.messages,
+        });
+        let w = state::record(
+            self.paths,
+            op,
+            Some(self.name),
+            sha,
+            r.outcome.journal_result(),
+            r.transition_ms,
+            detail,
+        );
+        r.messages.extend(w);
     }
 
-    fn disable_and_wait(&self) -> Result<Option<f64>> {
+    fn watch(&self) -> Watch<'_> {
+        Watch {
+            paths: self.paths,
+            name: self.name,
+            timeout: self.timeout,
+            poll: self.poll,
+            progress: self.progress,
+            interruptible: true,
+        }
+    }
+
+    /// Wait for the transition towards `target` (1 patched, 0 unpatched).
+    /// When it stalls or a signal arrives, name the tasks, write the
+    /// opposite `enabled` and wait for that: the report's outcome says
+    /// whether the patch is back as it was. True when the change completed.
+    fn follow(&self, target: i32, r: &mut ChangeReport) -> bool {
+        let name = self.name;
+        let mut notes = Vec::new();
+        let waited = self.watch().wait(target, Instant::now(), &mut notes);
+        r.messages.append(&mut notes);
+        let (why, sig) = match waited {
+            Wait::Done(d) => {
+                r.transition_ms = Some(ms(d));
+                return true;
+            }
+            Wait::TimedOut(d) => (format!("stalled after {:.1}s", d.as_secs_f64()), None),
+            Wait::Interrupted(s, d) => (
+                format!(
+                    "interrupted by {} after {:.1}s",
+                    crate::signals::name(s),
+                    d.as_secs_f64()
+                ),
+                Some(s),
+            ),
+        };
+        r.stalled_tasks = self.paths.lagging_tasks(target);
+        let verb = if target == 1 {
+            "patching"
+        } else {
+            "unpatching"
+        };
+        let names = task_names(&r.stalled_tasks);
+        let line = format!(
+            "{name}: {verb} {why}; {} task(s) not switched: {}",
+            names.len(),
+            names.join(", ")
+        );
+        self.progress.note(&line);
+        r.messages.push(line);
+        match self.watch().reverse(target, &mut notes) {
+            Ok(Wait::Done(_)) => {
+                r.outcome = if sig.is_some() {
+                    ChangeOutcome::Interrupted
+                } else {
+                    ChangeOutcome::RolledBack
+                };
+                let back = if target == 1 {
+                    "not applied (as before)"
+                } else {
+                    "still applied (as before)"
+                };
+                r.messages
+                    .push(format!("{name}: reversed; the patch is {back}"));
+            }
+            Ok(_) => {
+                let (tasks, msg) = reverse_stalled(self.paths, name, 1 - target);
+                r.reverse_stalled_tasks = tasks;
+                r.outcome = ChangeOutcome::ReverseStalled;
+                r.messages.push(msg);
+            }
+            Err(e) => {
+                r.outcome = ChangeOutcome::ReverseStalled;
+                r.messages.push(format!("{name}: could not reverse: {e:#}; the patch is mid-transition: see `hotpatch status`"));
+            }
+        }
+        r.messages.append(&mut notes);
+        false
+    }
+
+    /// Start unpatching unless it already is, then follow it. True when
+    /// the patch is off (or was never registered).
+    fn disable_and_wait(&self, r: &mut ChangeReport) -> Result<bool> {
         let (paths, name) = (self.paths, self.name);
         let Some(p) = paths.patch(name) else {
-            return Ok(None);
+            return Ok(true);
         };
         if p.transition == Some(true) && p.enabled == Some(false) {
             // Already unpatching: just wait for it.
@@ -132,17 +267,7 @@ impl Change<'_> {
             }
             write_attr(paths, name, "enabled", "0")?;
         }
-        match self.wait(0) {
-            Wait::Done(d) => Ok(Some(ms(d))),
-            Wait::TimedOut(_) => {
-                let lag = task_names(&paths.lagging_tasks(0));
-                bail!(
-                    "{name}: unpatching stalled after {:.0}s on {}; it continues in the kernel",
-                    self.timeout.as_secs_f64(),
-                    lag.join(", ")
-                )
-            }
-        }
+        Ok(self.follow(0, r))
     }
 
     /// Disable the patch and wait for the transition; the module stays.
@@ -154,12 +279,21 @@ impl Change<'_> {
                 self.paths.livepatch().display()
             );
         }
-        let r = self.disable_and_wait();
-        let mut messages = self.journal(JournalOp::Disable, None, &r);
-        let t = r?;
+        let mut r = self.report(ChangeAction::Disable, None, Vec::new());
+        state::begin(self.paths, JournalOp::Disable, name, None);
+        let off = match self.disable_and_wait(&mut r) {
+            Ok(off) => off,
+            Err(e) => {
+                self.journal_error(JournalOp::Disable, None, &e);
+                return Err(e);
+            }
+        };
+        if off {
+            r.messages.push(format!("{name} disabled; the kernel frees a disabled patch, so its module stays loaded until `hotpatch unload {name}` (`hotpatch enable {name}` loads its file again)"));
+        }
+        self.journal_report(JournalOp::Disable, None, &mut r);
         self.progress.finish();
-        messages.push(format!("{name} disabled; the kernel frees a disabled patch, so its module stays loaded until `hotpatch unload {name}` (`hotpatch enable {name}` loads its file again)"));
-        Ok(self.report(ChangeAction::Disable, t, messages))
+        Ok(r)
     }
 
     /// Enable the patch and wait for the transition; a patch the kernel
@@ -172,10 +306,11 @@ impl Change<'_> {
             }
             bail!("no live patch named {name}; load it with `hotpatch load FILE.ko`");
         };
+        let mut r = self.report(ChangeAction::Enable, None, Vec::new());
         if p.enabled == Some(true) {
             if p.transition != Some(true) {
-                let already = vec![format!("{name} is already enabled")];
-                return Ok(self.report(ChangeAction::Enable, None, already));
+                r.messages.push(format!("{name} is already enabled"));
+                return Ok(r);
             }
             // Already patching: writing 1 again would be refused (EINVAL),
             // and there is nothing to change; wait for it like any enable.
@@ -183,20 +318,18 @@ impl Change<'_> {
                 "{name} is already being enabled; waiting for its transition"
             ));
         } else {
-            write_attr(paths, name, "enabled", "1")?;
+            state::begin(paths, JournalOp::Enable, name, None);
+            if let Err(e) = write_attr(paths, name, "enabled", "1") {
+                self.journal_error(JournalOp::Enable, None, &e);
+                return Err(e);
+            }
         }
-        let r = match self.wait(1) {
-            Wait::Done(d) => Ok(Some(ms(d))),
-            Wait::TimedOut(_) => Err(anyhow::anyhow!(
-                "{name}: patching stalled after {:.0}s",
-                self.timeout.as_secs_f64()
-            )),
-        };
-        let mut messages = self.journal(JournalOp::Enable, None, &r);
-        let t = r?;
+        if self.follow(1, &mut r) {
+            r.messages.push(format!("{name} enabled"));
+        }
+        self.journal_report(JournalOp::Enable, None, &mut r);
         self.progress.finish();
-        messages.push(format!("{name} enabled"));
-        Ok(self.report(ChangeAction::Enable, t, messages))
+        Ok(r)
     }
 
     /// The file hotpatch loaded the freed patch from, if it is unchanged;
@@ -297,34 +430,55 @@ impl Change<'_> {
             Some(true) => {}
         }
         self.progress.step(format!("{name}: unpatching"));
-        let r = self.disable_and_remove();
         let sha = state::loaded_record(paths, name).map(|r| r.sha256);
-        let mut messages = self.journal(JournalOp::Unload, sha.as_deref(), &r);
-        let t = r?;
-        state::forget_loaded(paths, name);
+        state::begin(paths, JournalOp::Unload, name, sha.as_deref());
+        let mut r = self.report(ChangeAction::Unload, None, Vec::new());
+        if let Err(e) = self.disable_and_remove(&mut r) {
+            self.journal_error(JournalOp::Unload, sha.as_deref(), &e);
+            return Err(e);
+        }
+        if r.removed {
+            state::forget_loaded(paths, name);
+            r.messages.push(format!("{name} unpatched and removed"));
+        }
+        self.journal_report(JournalOp::Unload, sha.as_deref(), &mut r);
         self.progress.finish();
-        messages.push(format!("{name} unpatched and removed"));
-        Ok(self.report(ChangeAction::Unload, t, messages))
+        Ok(r)
     }
 
-    fn disable_and_remove(&self) -> Result<Option<f64>> {
+    /// Unpatch, wait for the kernel to free the patch, remove the module;
+    /// a step that does not finish sets the report's outcome.
+    fn disable_and_remove(&self, r: &mut ChangeReport) -> Result<()> {
         let (paths, name) = (self.paths, self.name);
-        let t = self.disable_and_wait()?;
+        if !self.disable_and_wait(r)? {
+            return Ok(());
+        }
         if !wait_gone(paths, name, self.timeout) {
-            bail!(
-                "{name}: disabled, but the kernel did not free the patch within {:.0}s",
+            r.outcome = ChangeOutcome::NotFreed;
+            r.messages.push(format!(
+                "{name}: disabled (no code patched), but the kernel did not free the patch within {:.0}s; its module stays loaded",
                 self.timeout.as_secs_f64()
-            );
+            ));
+            return Ok(());
         }
         self.progress.step(format!("{name}: removing module"));
-        remove_module(paths, name, self.timeout).map_err(|e| {
-            if state::loaded_record(paths, name).is_some_and(|r| r.forced) {
-                e.context(format!("{name}'s transition was forced when it loaded; kernels that pin forced patch modules keep it until reboot"))
+        if let Err(e) = remove_module(paths, name, self.timeout) {
+            let forced = state::loaded_record(paths, name).is_some_and(|r| r.forced);
+            let why = if forced {
+                format!(
+                    "; {name}'s transition was forced when it loaded, and kernels that pin forced patch modules keep it until reboot"
+                )
             } else {
-                e
-            }
-        })?;
-        Ok(t)
+                String::new()
+            };
+            r.outcome = ChangeOutcome::NotRemoved;
+            r.messages.push(format!(
+                "{name}: unpatched and freed (no code patched), but the module could not be removed: {e:#}{why}"
+            ));
+            return Ok(());
+        }
+        r.removed = true;
+        Ok(())
     }
 }
 
@@ -380,13 +534,12 @@ pub fn unload_each(
     Ok(results)
 }
 
-/// Exit status of an `unload`: an error if any patch could not be unloaded.
+/// Exit status of an `unload`: the most severe of its results.
 pub fn unload_exit_code(results: &[UnloadResult]) -> i32 {
-    if results.iter().any(|r| matches!(r, UnloadResult::Failed(_))) {
-        exit::ERROR
-    } else {
-        exit::SUCCESS
-    }
+    exitcode::worst(results.iter().map(|r| match r {
+        UnloadResult::Unloaded(r) => r.exit_code(),
+        UnloadResult::Failed(_) => exitcode::ERROR,
+    }))
 }
 
 #[cfg(test)]
@@ -400,8 +553,11 @@ mod tests {
         let done = UnloadResult::Unloaded(Box::new(ChangeReport {
             module: "a".into(),
             action: ChangeAction::Unload,
+            outcome: ChangeOutcome::Done,
             transition_ms: Some(1.5),
             removed: true,
+            stalled_tasks: Vec::new(),
+            reverse_stalled_tasks: Vec::new(),
             messages: vec!["a unpatched and removed".into()],
             load: None,
         }));
@@ -416,7 +572,7 @@ mod tests {
             matches!(&back[0], UnloadResult::Unloaded(r) if r.removed && r.action == ChangeAction::Unload)
         );
         assert!(matches!(&back[1], UnloadResult::Failed(e) if e.module == "b"));
-        assert_eq!(unload_exit_code(&back), exit::ERROR);
-        assert_eq!(unload_exit_code(&back[..1]), exit::SUCCESS);
+        assert_eq!(unload_exit_code(&back), exitcode::ERROR);
+        assert_eq!(unload_exit_code(&back[..1]), exitcode::SUCCESS);
     }
 }

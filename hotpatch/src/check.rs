@@ -100,10 +100,55 @@ impl Preflight {
     }
 }
 
-/// What the running kernel's own vermagic would be, from its config file
-/// (include/linux/vermagic.h). `None` when no config is found: then only the
-/// release can be compared.
+/// The running kernel's own vermagic, and where it was read: from a module
+/// the kernel shipped (`/lib/modules/<release>/kernel/...`: exact, with the
+/// architecture tokens such as arm64's "aarch64" that no config spells),
+/// else derived from its config file. `None` when neither is there: then
+/// only the release can be compared.
 pub fn expected_vermagic(paths: &Paths, release: &str) -> Option<(String, String)> {
+    shipped_vermagic(paths, release).or_else(|| config_vermagic(paths, release))
+}
+
+/// The vermagic of the first module under `<modules>/<release>/kernel` (in
+/// name order, at most [`SHIPPED_SCAN`] directory entries looked at) whose
+/// vermagic names `release`.
+fn shipped_vermagic(paths: &Paths, release: &str) -> Option<(String, String)> {
+    let mut dirs = vec![paths.modules.join(release).join("kernel")];
+    let mut seen = 0;
+    while let Some(d) = dirs.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for p in entries.into_iter().rev() {
+            seen += 1;
+            if seen > SHIPPED_SCAN {
+                return None;
+            }
+            let n = p.to_string_lossy();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if n.ends_with(".ko") || n.ends_with(".ko.xz") || n.ends_with(".ko.zst") {
+                let vm = crate::module::inspect_file(&p)
+                    .ok()
+                    .and_then(|i| i.vermagic);
+                if let Some(vm) = vm.filter(|v| v.split_whitespace().next() == Some(release)) {
+                    return Some((vm, p.display().to_string()));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// How many directory entries [`shipped_vermagic`] looks at.
+const SHIPPED_SCAN: usize = 400;
+
+/// What the vermagic would be, from the kernel's config file
+/// (include/linux/vermagic.h).
+fn config_vermagic(paths: &Paths, release: &str) -> Option<(String, String)> {
     let cfg_path = paths.boot.join(format!("config-{release}"));
     let cfg = read_text(&cfg_path).ok()?;
     let on = |k: &str| cfg.lines().any(|l| l == format!("{k}=y"));
@@ -292,9 +337,13 @@ fn vermagic(paths: &Paths, info: &ModuleInfo) -> Check {
         );
     };
     let exp = expected_vermagic(paths, &rel);
+    let source = exp
+        .as_ref()
+        .map(|(_, from)| format!(" (reference: {from})"))
+        .unwrap_or_default();
     match compare_vermagic(vm, &rel, exp.as_ref().map(|(s, _)| s.as_str())) {
-        Ok(m) => Check::new(id, Status::Pass, m.to_string()),
-        Err(m) => Check::new(id, Status::Fail, m.to_string()),
+        Ok(m) => Check::new(id, Status::Pass, format!("{m}{source}")),
+        Err(m) => Check::new(id, Status::Fail, format!("{m}{source}")),
     }
 }
 

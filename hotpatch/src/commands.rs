@@ -24,11 +24,23 @@ pub struct ErrorReport {
     pub error: String,
 }
 
+/// How long each wait of a reconciliation may take.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a transition may take, and how often to look.
 #[derive(Debug, Clone, Copy)]
 pub struct Wait {
     pub timeout: Duration,
     pub poll: Duration,
+}
+
+/// A command run with `--dry-run`.
+pub enum DryRun {
+    Load(PathBuf),
+    /// `None`: `unload --all`.
+    Unload(Option<String>),
+    Install(PathBuf),
+    Uninstall(String, Option<String>),
 }
 
 /// Where to look and how to print: shared by every command.
@@ -61,6 +73,32 @@ impl Commands {
             paths,
             json,
             progress,
+        }
+    }
+
+    /// Before any command: find changes an earlier run began and never
+    /// finished (it was killed), settle them and say what was found and
+    /// done, on stderr (stdout stays the command's own output). Skipped
+    /// while another run holds the lock: the change is that run's own.
+    pub fn reconcile_pending(&self) {
+        let Ok(j) = state::read_journal(&self.paths) else {
+            return;
+        };
+        let n = crate::reconcile::unfinished(&j).len();
+        if n == 0 {
+            return;
+        }
+        if !livehost_common::is_root() {
+            eprintln!(
+                "hotpatch: the journal has {n} change(s) an earlier run began and did not finish; run any hotpatch command as root to reconcile them"
+            );
+            return;
+        }
+        let Ok(_lock) = state::lock(&self.paths, Duration::ZERO) else {
+            return;
+        };
+        for r in crate::reconcile::reconcile(&self.paths, RECONCILE_TIMEOUT, &self.progress) {
+            eprintln!("{}", r.line());
         }
     }
 
@@ -104,6 +142,8 @@ impl Commands {
     pub fn load(&self, file: Option<PathBuf>, installed: bool, opts: &LoadOptions) -> Result<i32> {
         need_root("hotpatch load")?;
         let _lock = state::lock(&self.paths, state::LOCK_WAIT)?;
+        // From here a signal reverses what is in flight instead of killing us.
+        crate::signals::catch();
         if installed {
             return self.load_installed(opts);
         }
@@ -136,6 +176,8 @@ impl Commands {
     pub fn unload(&self, name: Option<String>, wait: Wait) -> Result<i32> {
         need_root("hotpatch unload")?;
         let _lock = state::lock(&self.paths, state::LOCK_WAIT)?;
+        // From here a signal reverses what is in flight instead of killing us.
+        crate::signals::catch();
         let all = name.is_none();
         let names = match name {
             Some(n) => vec![n],
@@ -165,6 +207,8 @@ impl Commands {
     pub fn enable(&self, name: &str, wait: Wait) -> Result<i32> {
         need_root("hotpatch enable")?;
         let _lock = state::lock(&self.paths, state::LOCK_WAIT)?;
+        // From here a signal reverses what is in flight instead of killing us.
+        crate::signals::catch();
         let r = self.change(name, wait).enable()?;
         self.changed(&r)
     }
@@ -172,6 +216,8 @@ impl Commands {
     pub fn disable(&self, name: &str, wait: Wait) -> Result<i32> {
         need_root("hotpatch disable")?;
         let _lock = state::lock(&self.paths, state::LOCK_WAIT)?;
+        // From here a signal reverses what is in flight instead of killing us.
+        crate::signals::catch();
         let r = self.change(name, wait).disable()?;
         self.changed(&r)
     }
@@ -195,6 +241,37 @@ impl Commands {
         let s = list::status(&self.paths);
         self.print(&s, |s| print!("{}", Text(s)))?;
         Ok(exit::SUCCESS)
+    }
+
+    /// `--dry-run`: print the plan; nothing is changed, locked or
+    /// journalled. Exit 3 when the command would refuse.
+    pub fn dry_run(&self, what: Result<DryRun>) -> Result<i32> {
+        let p = match what? {
+            DryRun::Load(f) => crate::plan::load(&self.paths, &f)?,
+            DryRun::Unload(n) => crate::plan::unload(&self.paths, n.as_deref()),
+            DryRun::Install(f) => crate::plan::install(&self.paths, &f)?,
+            DryRun::Uninstall(n, r) => crate::plan::uninstall(&self.paths, &n, r)?,
+        };
+        self.print(&p, |p| {
+            if let Some(pre) = &p.preflight {
+                print!("{}", Text(pre));
+            }
+            println!("dry run of {}: nothing was changed", p.command);
+            for (i, s) in p.steps.iter().enumerate() {
+                println!("  {}. {s}", i + 1);
+            }
+        })?;
+        Ok(p.exit_code())
+    }
+
+    /// `status`: is the host as intended? Exit 0 only when it is.
+    pub fn status(&self, prometheus: Option<&Path>) -> Result<i32> {
+        let s = crate::status::host_status(&self.paths);
+        if let Some(f) = prometheus {
+            crate::prometheus::write(&s, f)?;
+        }
+        self.print(&s, |s| print!("{}", Text(s)))?;
+        Ok(s.exit_code())
     }
 
     pub fn install(&self, file: &Path) -> Result<i32> {
@@ -243,5 +320,6 @@ fn print_installed(r: &InstalledResult) {
             println!("{module}: already loaded from the same file")
         }
         InstalledResult::Failed(e) => eprintln!("hotpatch: error: {}: {}", e.module, e.error),
+        InstalledResult::Skipped { module, skipped } => eprintln!("hotpatch: {module}: {skipped}"),
     }
 }

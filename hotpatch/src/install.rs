@@ -30,7 +30,9 @@ pub struct UninstallReport {
 /// Install the livepatch module `file` under the release it is built for:
 /// a patch for the next kernel is installed before rebooting into it.
 pub fn install(paths: &Paths, file: &Path) -> Result<InstallReport> {
-    let info = module::inspect_file(file)?;
+    // Opened once: the bytes stored are the bytes hashed and inspected.
+    let opened = module::open_module(file)?;
+    let info = module::inspect_opened(file, &opened)?;
     if !info.livepatch {
         bail!(
             "{} is not a livepatch module (no livepatch=Y); refusing to install it",
@@ -65,7 +67,7 @@ pub fn install(paths: &Paths, file: &Path) -> Result<InstallReport> {
         ));
     }
     let _lock = state::lock(paths, state::LOCK_WAIT)?;
-    let installed = state::install(paths, &release, &name, &info.sha256, file)?;
+    let installed = state::install_bytes(paths, &release, &name, &opened.bytes, file)?;
     messages.extend(state::record(
         paths,
         JournalOp::Install,

@@ -8,7 +8,8 @@ use std::ffi::CString;
 use std::fs::File;
 use std::path::Path;
 
-/// `finit_module(2)` on an open file, no parameters, no vermagic override
+/// `finit_module(2)` on the file as opened and checked (`path` names it
+/// in messages), no parameters, no vermagic override
 /// (overriding it is how kernels get crashed; the preflight compares
 /// vermagic instead).
 ///
@@ -16,10 +17,41 @@ use std::path::Path;
 /// EKEYREJECTED/EBADMSG (signature), EPERM (no CAP_SYS_MODULE, module
 /// loading disabled, lockdown), EINVAL/ENODEV/EBUSY (the module's init, here
 /// `klp_enable_patch`, refused), ENOSYS (no module support).
-pub fn finit_module(path: &Path, name: &str) -> Result<()> {
-    let f = File::open(path).map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
+pub fn finit_module(f: &File, path: &Path, name: &str) -> Result<()> {
+    finit_flags(f, path, name, ModuleInitFlags::empty())
+}
+
+/// MODULE_INIT_COMPRESSED_FILE (include/uapi/linux/module.h, 5.17+).
+const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
+
+/// Load a compressed module: the file itself where the kernel decompresses
+/// (its signature is then checked over the file), else the ELF that was
+/// decompressed from the checked bytes, through a sealed memfd.
+pub fn finit_compressed(f: &File, elf: &[u8], path: &Path, name: &str) -> Result<()> {
+    let flags = ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE);
     let params = CString::default();
-    nix::kmod::finit_module(&f, &params, ModuleInitFlags::empty()).map_err(|e| {
+    match nix::kmod::finit_module(f, &params, flags) {
+        Ok(()) => Ok(()),
+        // EINVAL: the flag is unknown (before 5.17); EOPNOTSUPP: no
+        // CONFIG_MODULE_DECOMPRESS. Neither loaded anything.
+        // (EINVAL is also a livepatch init's refusal: then the memfd load
+        // is refused the same way, and that is the error reported.)
+        Err(Errno::EINVAL) | Err(Errno::EOPNOTSUPP) => {
+            let memfd = crate::compressed::sealed_memfd(elf)?;
+            finit_flags(&memfd, path, name, ModuleInitFlags::empty())
+        }
+        Err(e) => Err(explain(e, path, name)),
+    }
+}
+
+fn finit_flags(f: &File, path: &Path, name: &str, flags: ModuleInitFlags) -> Result<()> {
+    let params = CString::default();
+    nix::kmod::finit_module(f, &params, flags).map_err(|e| explain(e, path, name))
+}
+
+/// What a finit_module errno means, and what to do.
+fn explain(e: Errno, path: &Path, name: &str) -> anyhow::Error {
+    {
         let why = match e {
             Errno::EEXIST => format!("a module named {name} is already loaded"),
             Errno::ENOEXEC => "the kernel says \"invalid module format\": built for another kernel or config (run `hotpatch check` for what differs; dmesg has the kernel's view)".to_string(),
@@ -34,7 +66,7 @@ pub fn finit_module(path: &Path, name: &str) -> Result<()> {
             other => format!("{other}"),
         };
         anyhow!("loading {} failed ({}): {why}", path.display(), e.desc())
-    })
+    }
 }
 
 /// Outcome of one non-blocking `delete_module` attempt.

@@ -20,7 +20,8 @@
 //! | `load --installed` | [`boot::InstalledRun`] |
 //! | `enable`, `disable` | [`change::ChangeReport`] |
 //! | `unload` | `Vec<`[`change::UnloadResult`]`>` |
-//! | `list` / `status` | [`list::Status`] |
+//! | `list` | [`list::Status`] |
+//! | `status` | [`status::HostStatus`] (`list`'s fields and the verdict) |
 //! | `install` | [`install::InstallReport`] |
 //! | `uninstall` | [`install::UninstallReport`] |
 //! | `journal` | `Vec<`[`state::JournalEntry`]`>` |
@@ -30,6 +31,8 @@ pub mod boot;
 pub mod change;
 pub mod check;
 pub mod commands;
+pub mod compressed;
+pub mod exitcode;
 pub mod host;
 pub mod install;
 pub mod kernel;
@@ -40,7 +43,12 @@ pub mod measure;
 pub mod module;
 pub mod output;
 pub mod paths;
+pub mod plan;
+pub mod prometheus;
+pub mod reconcile;
+pub mod signals;
 pub mod state;
+pub mod status;
 #[doc(hidden)]
 pub mod testelf;
 pub mod transition;

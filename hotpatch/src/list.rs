@@ -26,6 +26,9 @@ pub struct PatchStatus {
     pub refcount: Option<u64>,
     pub sha256: Option<String>,
     pub file: Option<String>,
+    /// Description, version, CVE ids, from the file hotpatch loaded.
+    #[serde(default)]
+    pub meta: Option<crate::module::PatchMeta>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +66,7 @@ pub fn status(paths: &Paths) -> Status {
                 replace: p.replace.or(rec.as_ref().and_then(|r| r.replace)),
                 ..p.clone()
             },
+            meta: rec.as_ref().map(|r| r.meta.clone()),
             file: rec.map(|r| r.path),
         });
     }

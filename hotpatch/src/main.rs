@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use hotpatch::commands::{Commands, Wait};
+use hotpatch::commands::{Commands, DryRun, Wait};
 use hotpatch::load::LoadOptions;
 use hotpatch::module;
 use hotpatch::paths::Paths;
@@ -28,15 +28,16 @@ hotpatch load fix.ko           check, load, wait for the transition\n  \
 hotpatch list                  what is patched, by which patch\n  \
 hotpatch unload fix            reverse and remove\n  \
 hotpatch install fix.ko        re-apply at every boot of this kernel",
-    after_help = "Exit codes: 0 success, 1 error, 2 usage (bad arguments or option values), \
-3 preflight refused (nothing changed), 4 transition stalled and rolled back \
-(kernel as before).\n\n\
-Every change is journalled to <state-dir>/journal.jsonl (see `hotpatch journal`)."
+    after_help = hotpatch::exitcode::HELP
 )]
 struct Cli {
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// load, unload, install, uninstall: say what would be checked,
+    /// superseded, removed and in which order; change nothing.
+    #[arg(long, global = true)]
+    dry_run: bool,
     /// Where installed modules, the journal and the lock live.
     #[arg(
         long,
@@ -45,6 +46,16 @@ struct Cli {
         default_value = "/var/lib/hotpatch"
     )]
     state_dir: PathBuf,
+    /// Runtime directory: the host-wide lock (lock/hotpatch.lock) and the
+    /// records of what is loaded (for tests against a fake tree).
+    #[arg(
+        long,
+        global = true,
+        env = "HOTPATCH_RUN_DIR",
+        default_value = "/run",
+        hide = true
+    )]
+    run_dir: PathBuf,
     /// sysfs mount point (for tests against a fake tree).
     #[arg(long, global = true, default_value = "/sys", hide = true)]
     sysfs_root: PathBuf,
@@ -54,6 +65,9 @@ struct Cli {
     /// Directory with config-<release> (expected vermagic flags).
     #[arg(long, global = true, default_value = "/boot", hide = true)]
     boot_dir: PathBuf,
+    /// Directory with <release>/kernel/... (the vermagic reference).
+    #[arg(long, global = true, default_value = "/lib/modules", hide = true)]
+    modules_dir: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -84,6 +98,12 @@ enum Cmd {
         /// does nothing when the kernel command line has hotpatch.skip=1).
         #[arg(long, conflicts_with = "file")]
         installed: bool,
+        /// With --installed: seconds the whole run may take (0 < S <= 86400).
+        /// Each module's --timeout is capped by what is left; modules not
+        /// started when it is spent are skipped (exit 3), so the boot unit
+        /// finishes before systemd would kill it mid-transition.
+        #[arg(long, requires = "installed", value_parser = timeout_secs)]
+        budget: Option<f64>,
         #[command(flatten)]
         wait: WaitArgs,
         /// On stall, leave the patch in transition instead of reversing it.
@@ -127,8 +147,16 @@ enum Cmd {
         wait: WaitArgs,
     },
     /// Every loaded patch, its functions, which patch provides each, taint.
-    #[command(visible_alias = "status")]
     List,
+    /// Is this host as intended? Installed vs loaded, transitions,
+    /// unfinished changes, last outcome, taint, kernel build id; exit 0
+    /// only when it matches its installed set (else 9).
+    Status {
+        /// Also write the status as a node_exporter textfile (atomically),
+        /// e.g. /var/lib/prometheus/node-exporter/hotpatch.prom.
+        #[arg(long, value_name = "FILE")]
+        prometheus: Option<PathBuf>,
+    },
     /// Keep a module for the kernel release it was built for (its vermagic)
     /// and re-apply it at every boot of that kernel.
     Install { file: PathBuf },
@@ -166,11 +194,32 @@ fn main() {
         sys: cli.sysfs_root,
         proc: cli.proc_root,
         boot: cli.boot_dir,
+        modules: cli.modules_dir,
         state: cli.state_dir,
+        run: cli.run_dir,
     };
     let commands = Commands::new(paths, cli.json);
-    let code = run(&commands, cli.cmd).unwrap_or_else(|e| commands.fail(&e));
+    let code = if cli.dry_run {
+        commands.dry_run(plan_of(cli.cmd))
+    } else {
+        commands.reconcile_pending();
+        run(&commands, cli.cmd)
+    }
+    .unwrap_or_else(|e| commands.fail(&e));
     std::process::exit(code);
+}
+
+/// What `--dry-run` plans, for the commands that have one.
+fn plan_of(cmd: Cmd) -> Result<DryRun> {
+    Ok(match cmd {
+        Cmd::Load {
+            file: Some(file), ..
+        } => DryRun::Load(file),
+        Cmd::Unload { name, all, .. } => DryRun::Unload(name.filter(|_| !all)),
+        Cmd::Install { file } => DryRun::Install(file),
+        Cmd::Uninstall { name, release } => DryRun::Uninstall(name, release),
+        _ => anyhow::bail!("--dry-run is for load FILE, unload, install and uninstall"),
+    })
 }
 
 fn run(c: &Commands, cmd: Cmd) -> Result<i32> {
@@ -180,6 +229,7 @@ fn run(c: &Commands, cmd: Cmd) -> Result<i32> {
         Cmd::Load {
             file,
             installed,
+            budget,
             wait,
             no_rollback,
             force,
@@ -192,6 +242,7 @@ fn run(c: &Commands, cmd: Cmd) -> Result<i32> {
                 rollback: !no_rollback,
                 force,
                 measure,
+                budget: budget.map(Duration::from_secs_f64),
                 ..LoadOptions::default()
             };
             c.load(file, installed, &opts)
@@ -200,6 +251,7 @@ fn run(c: &Commands, cmd: Cmd) -> Result<i32> {
         Cmd::Enable { name, wait } => c.enable(&name, wait.into_wait()),
         Cmd::Disable { name, wait } => c.disable(&name, wait.into_wait()),
         Cmd::List => c.list(),
+        Cmd::Status { prometheus } => c.status(prometheus.as_deref()),
         Cmd::Install { file } => c.install(&file),
         Cmd::Uninstall { name, release } => c.uninstall(&name, release),
         Cmd::Journal { tail } => c.journal(tail),

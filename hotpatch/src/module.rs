@@ -109,6 +109,19 @@ pub struct ModuleInfo {
     pub depends: Vec<String>,
     pub srcversion: Option<String>,
     pub description: Option<String>,
+    /// The file is a compressed module (`.ko.xz`, `.ko.zst`); everything
+    /// else here is read from the ELF inside, `sha256` and `size` are the
+    /// file's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::compressed::Compression>,
+    /// `MODULE_VERSION`.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// CVE ids the patch fixes: modinfo `cve=` entries (comma or space
+    /// separated; `MODULE_INFO(cve, "CVE-2024-1086")`) and any named in the
+    /// description.
+    #[serde(default)]
+    pub cves: Vec<String>,
     pub signature: Option<Signature>,
     /// `klp_patch.replace` (atomic replace), when the patch struct was found.
     pub replace: Option<bool>,
@@ -140,23 +153,145 @@ impl ModuleInfo {
     }
 }
 
-/// Read and inspect a module file, bounding the read.
-pub fn inspect_file(path: &Path) -> Result<ModuleInfo> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+/// The patch's own description, version and CVE ids: shown by inspect,
+/// list and status, kept in the manifest and the load record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PatchMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cves: Vec<String>,
+}
+
+impl ModuleInfo {
+    pub fn meta(&self) -> PatchMeta {
+        PatchMeta {
+            description: self.description.clone(),
+            version: self.version.clone(),
+            cves: self.cves.clone(),
+        }
+    }
+}
+
+/// `CVE-YYYY-N…` ids in modinfo `cve=` entries and the description, in
+/// order, each once; anything else in those strings is ignored.
+fn cve_ids(modinfo: &[(String, String)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let texts = modinfo
+        .iter()
+        .filter(|(k, _)| k == "cve" || k == "description")
+        .map(|(_, v)| v.as_str());
+    for t in texts {
+        for w in t.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+            let w = w.to_ascii_uppercase();
+            let mut parts = w.splitn(3, '-');
+            let ok = parts.next() == Some("CVE")
+                && parts
+                    .next()
+                    .is_some_and(|y| y.len() == 4 && y.bytes().all(|b| b.is_ascii_digit()))
+                && parts.next().is_some_and(|n| {
+                    (4..=8).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit())
+                });
+            if ok && !out.contains(&w) && out.len() < 64 {
+                out.push(w);
+            }
+        }
+    }
+    out
+}
+
+/// A module file opened once: the bytes that are hashed and inspected are
+/// read from this descriptor, and `finit_module` loads through the same
+/// one, so a file swapped after the check is never what gets loaded.
+pub struct OpenedModule {
+    pub file: std::fs::File,
+    /// The file's bytes: what is hashed, recorded and installed.
+    pub bytes: Vec<u8>,
+    /// `.ko.xz`/`.ko.zst`: the container, and the ELF it holds.
+    pub compressed: Option<(crate::compressed::Compression, Vec<u8>)>,
+}
+
+/// Open `path` without following a symbolic link (nor blocking on a FIFO),
+/// insist on a regular file of at most [`MAX_MODULE_SIZE`], and read it.
+pub fn open_module(path: &Path) -> Result<OpenedModule> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => anyhow::anyhow!(
+                "{} is a symbolic link; hotpatch opens module files without following links, so the file checked is the file loaded (name the file itself)",
+                path.display()
+            ),
+            _ => anyhow::anyhow!("cannot open {}: {e}", path.display()),
+        })?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is not a regular file", path.display());
     }
-    if meta.len() > MAX_MODULE_SIZE {
-        bail!(
-            "{} is {} bytes, more than the {} MiB any kernel module should be",
+    let too_big = |n: u64| {
+        anyhow::anyhow!(
+            "{} is {n} bytes, more than the {} MiB any kernel module should be",
             path.display(),
-            meta.len(),
             MAX_MODULE_SIZE >> 20
-        );
+        )
+    };
+    if meta.len() > MAX_MODULE_SIZE {
+        return Err(too_big(meta.len()));
     }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    inspect(&bytes).with_context(|| format!("{} is not a usable kernel module", path.display()))
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    (&file)
+        .take(MAX_MODULE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > MAX_MODULE_SIZE {
+        return Err(too_big(bytes.len() as u64));
+    }
+    // A signature is appended after compression: the container is what
+    // precedes it.
+    let payload = split_signature(&bytes).map_or(&bytes[..], |(p, _)| p);
+    let compressed = match crate::compressed::Compression::detect(payload) {
+        Some(c) => {
+            let elf = crate::compressed::decompress(c, payload, MAX_MODULE_SIZE)
+                .with_context(|| format!("{} is a {c:?}-compressed module", path.display()))?;
+            Some((c, elf))
+        }
+        None => None,
+    };
+    Ok(OpenedModule {
+        file,
+        bytes,
+        compressed,
+    })
+}
+
+/// Read and inspect a module file ([`open_module`]).
+pub fn inspect_file(path: &Path) -> Result<ModuleInfo> {
+    inspect_opened(path, &open_module(path)?)
+}
+
+/// Inspect the bytes of an opened module file.
+pub fn inspect_opened(path: &Path, m: &OpenedModule) -> Result<ModuleInfo> {
+    let usable = || format!("{} is not a usable kernel module", path.display());
+    let Some((c, elf)) = &m.compressed else {
+        return inspect(&m.bytes).with_context(usable);
+    };
+    let mut info = inspect(elf).with_context(usable)?;
+    // The file is the module's identity (what install stores, what the
+    // manifest and the load record name); the signature, if any, is on it.
+    info.sha256 = sha256_hex(&m.bytes);
+    info.size = m.bytes.len() as u64;
+    info.compression = Some(*c);
+    if let Ok((_, sig)) = split_signature(&m.bytes) {
+        info.signature = sig;
+    }
+    Ok(info)
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -268,8 +403,13 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo> {
     }
 
     let (klp_rela_objects, klp_symbols) = view.klp_sections();
+    let kpatch = view.kpatch_funcs();
     let (replace, objects) = match view.klp_patch() {
-        Ok(found) => found,
+        Ok((r, objs)) if !objs.is_empty() || kpatch.is_empty() => (r, objs),
+        // A kpatch-build module: its metadata says what it patches;
+        // `replace` is only known once loaded (sysfs, 6.11+).
+        Ok(_) => (None, kpatch),
+        Err(_) if !kpatch.is_empty() => (None, kpatch),
         Err(e) => {
             if first("livepatch").as_deref() == Some("Y") {
                 warnings.push(format!("could not follow the klp_patch structure: {e}"));
@@ -295,6 +435,9 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo> {
             .unwrap_or_default(),
         srcversion: first("srcversion"),
         description: first("description"),
+        compression: None,
+        version: first("version"),
+        cves: cve_ids(&modinfo),
         signature,
         replace,
         objects,
@@ -515,7 +658,8 @@ impl<'a> View<'a> {
         };
         let name = self.section_name(*section)?;
         let strings = self.flags(*section) & u64::from(section_header::SHF_STRINGS) != 0
-            || name.starts_with(".rodata");
+            || name.starts_with(".rodata")
+            || name == ".kpatch.strings";
         if !strings {
             return None;
         }
@@ -626,6 +770,45 @@ impl<'a> View<'a> {
             off = next;
         }
         found
+    }
+
+    /// kpatch-build's metadata (its modules build `klp_patch` at run time,
+    /// so there is no initialiser to follow): `.kpatch.funcs` holds
+    /// `struct kpatch_patch_func { new_addr, new_size, old_addr, old_size,
+    /// sympos, name, objname }` (7 × 8 bytes); `name` and `objname` are
+    /// relocated to strings in `.kpatch.strings`, `new_addr` to the
+    /// replacement function. Bounded by the section's bytes and
+    /// [`MAX_FUNCTIONS`].
+    fn kpatch_funcs(&self) -> Vec<PatchedObject> {
+        const ENTRY: u64 = 56;
+        let Some(sec) = self.section_by_name(".kpatch.funcs") else {
+            return Vec::new();
+        };
+        let len = self.data(sec).map_or(0, |d| d.len() as u64);
+        let mut objects: Vec<PatchedObject> = Vec::new();
+        let mut n = 0;
+        let mut off = 0u64;
+        while off.saturating_add(ENTRY) <= len && n < MAX_FUNCTIONS {
+            let name = self.reloc_at(sec, off, 40).and_then(|t| self.string_at(t));
+            let obj = self.reloc_at(sec, off, 48).and_then(|t| self.string_at(t));
+            if let (Some(name), Some(obj)) = (name, obj) {
+                n += 1;
+                let f = PatchedFunction {
+                    name,
+                    sympos: self.u64_at(sec, off + 32).unwrap_or(0),
+                    replacement: self.reloc_at(sec, off, 0).and_then(|t| self.function_at(t)),
+                };
+                match objects.iter_mut().find(|o| o.name == obj) {
+                    Some(o) => o.functions.push(f),
+                    None => objects.push(PatchedObject {
+                        name: obj,
+                        functions: vec![f],
+                    }),
+                }
+            }
+            off += ENTRY;
+        }
+        objects
     }
 
     /// Find `struct klp_patch` (its `mod` field points at `__this_module`

@@ -31,6 +31,14 @@ impl Display for Text<'_, ModuleInfo> {
         };
         writeln!(f, "depends:     {depends}")?;
         writeln!(f, "srcversion:  {}", or_dash(&i.srcversion))?;
+        writeln!(f, "description: {}", or_dash(&i.description))?;
+        writeln!(f, "version:     {}", or_dash(&i.version))?;
+        let cves = if i.cves.is_empty() {
+            "-".into()
+        } else {
+            i.cves.join(", ")
+        };
+        writeln!(f, "cves:        {cves}")?;
         let signature = i.signature.as_ref().map_or("none".to_string(), |s| {
             format!("{} ({} bytes)", s.id_type, s.signature_len)
         });
@@ -113,7 +121,7 @@ impl Display for Text<'_, LoadReport> {
                 }
             }
             Outcome::AlreadyLoaded => writeln!(f, "{name}: already loaded")?,
-            Outcome::RolledBack | Outcome::Stalled | Outcome::Forced => stalled(f, name, r)?,
+            _ => stalled(f, name, r)?,
         }
         if let Some(m) = &r.measure {
             write!(f, "{}", Text(m))?;
@@ -128,7 +136,23 @@ impl Display for Text<'_, LoadReport> {
 /// The tasks that held a stalled transition up, with their stacks.
 fn stalled(f: &mut Formatter<'_>, name: &str, r: &LoadReport) -> fmt::Result {
     writeln!(f, "{name}: transition stalled; tasks not switched:")?;
-    for t in &r.stalled_tasks {
+    tasks(f, &r.stalled_tasks)?;
+    if !r.reverse_stalled_tasks.is_empty() {
+        writeln!(
+            f,
+            "{name}: the reverse stalled too; tasks not switched back:"
+        )?;
+        tasks(f, &r.reverse_stalled_tasks)?;
+    }
+    if let Some(ms) = r.rollback_ms {
+        writeln!(f, "{name}: rolled back in {ms:.1} ms")?;
+    }
+    Ok(())
+}
+
+/// Each task with its kernel stack.
+pub(crate) fn tasks(f: &mut Formatter<'_>, tasks: &[crate::kernel::TaskState]) -> fmt::Result {
+    for t in tasks {
         writeln!(
             f,
             "  pid {} tid {} {} (patch_state {})",
@@ -137,9 +161,6 @@ fn stalled(f: &mut Formatter<'_>, name: &str, r: &LoadReport) -> fmt::Result {
         for frame in t.stack.iter().take(12) {
             writeln!(f, "      {frame}")?;
         }
-    }
-    if let Some(ms) = r.rollback_ms {
-        writeln!(f, "{name}: rolled back in {ms:.1} ms")?;
     }
     Ok(())
 }
@@ -174,6 +195,18 @@ impl Display for Text<'_, ChangeReport> {
             && l.outcome != Outcome::Loaded
         {
             write!(f, "{}", Text(l))?;
+        }
+        if !r.stalled_tasks.is_empty() {
+            writeln!(f, "{}: transition stalled; tasks not switched:", r.module)?;
+            tasks(f, &r.stalled_tasks)?;
+        }
+        if !r.reverse_stalled_tasks.is_empty() {
+            writeln!(
+                f,
+                "{}: the reverse stalled too; tasks not switched back:",
+                r.module
+            )?;
+            tasks(f, &r.reverse_stalled_tasks)?;
         }
         for m in &r.messages {
             writeln!(f, "{m}")?;
@@ -269,6 +302,9 @@ impl Display for Text<'_, PatchStatus> {
             st.name,
             flags.join(", ")
         )?;
+        if let Some(m) = &p.meta {
+            meta_line(f, m)?;
+        }
         for o in &st.objects {
             let fs: Vec<&str> = o.functions.iter().map(|x| x.name.as_str()).collect();
             let absent = match o.patched {
@@ -279,6 +315,25 @@ impl Display for Text<'_, PatchStatus> {
         }
         Ok(())
     }
+}
+
+/// `    <description> (version V; CVE-…)`, when the patch says any of it.
+fn meta_line(f: &mut Formatter<'_>, m: &crate::module::PatchMeta) -> fmt::Result {
+    let mut extra: Vec<String> = Vec::new();
+    if let Some(v) = &m.version {
+        extra.push(format!("version {v}"));
+    }
+    extra.extend(m.cves.iter().cloned());
+    let desc = m.description.as_deref().unwrap_or("");
+    if desc.is_empty() && extra.is_empty() {
+        return Ok(());
+    }
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", extra.join("; "))
+    };
+    writeln!(f, "    {desc}{extra}")
 }
 
 /// `<seconds.millis> <user> <op> <module> <result>[ <duration>ms]`.
@@ -300,6 +355,46 @@ impl Display for Text<'_, JournalEntry> {
             write!(f, " {d:.1}ms")?;
         }
         writeln!(f)
+    }
+}
+
+impl Display for Text<'_, crate::status::HostStatus> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        let verdict = if s.as_intended {
+            "as intended"
+        } else {
+            "NOT as intended"
+        };
+        writeln!(f, "host: {verdict}")?;
+        writeln!(
+            f,
+            "kernel: {} (build id {})",
+            s.list.release.as_deref().unwrap_or("?"),
+            s.kernel_build_id.as_deref().unwrap_or("unknown")
+        )?;
+        if s.installed.is_empty() {
+            writeln!(f, "installed: none for this kernel")?;
+        }
+        for i in &s.installed {
+            writeln!(f, "installed {:<24} {}", i.name, i.state)?;
+            meta_line(f, &i.meta)?;
+        }
+        for n in &s.not_installed {
+            writeln!(f, "loaded    {n:<24} not installed")?;
+        }
+        for n in &s.in_transition {
+            writeln!(f, "in transition: {n}")?;
+        }
+        match &s.last_change {
+            Some(e) => write!(f, "last change: {}", Text(e))?,
+            None => writeln!(f, "last change: none journalled")?,
+        }
+        writeln!(f, "taint: {}", s.list.taint_flags.join(", "))?;
+        for p in &s.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
     }
 }
 

@@ -78,7 +78,9 @@ fn tree() -> (tempfile::TempDir, Paths) {
         sys: r.join("sys"),
         proc: r.join("proc"),
         boot: r.join("boot"),
+        modules: r.join("lib/modules"),
         state: r.join("state"),
+        run: r.join("run"),
     };
     (d, paths)
 }
@@ -109,6 +111,9 @@ fn module(name: &str, vermagic: &str, funcs: &[(&str, &str)]) -> ModuleInfo {
         depends: vec![],
         srcversion: None,
         description: None,
+        compression: None,
+        version: None,
+        cves: Vec::new(),
         signature: None,
         replace: Some(false),
         objects,
@@ -117,6 +122,17 @@ fn module(name: &str, vermagic: &str, funcs: &[(&str, &str)]) -> ModuleInfo {
         modinfo: vec![],
         warnings: vec![],
     }
+}
+
+/// `/sys/kernel/notes` holding one NT_GNU_BUILD_ID note with `id`.
+fn gnu_notes(id: &[u8]) -> Vec<u8> {
+    let mut n = Vec::new();
+    n.extend(4u32.to_ne_bytes());
+    n.extend((id.len() as u32).to_ne_bytes());
+    n.extend(3u32.to_ne_bytes());
+    n.extend(b"GNU\0");
+    n.extend(id);
+    n
 }
 
 fn check_of(p: &check::Preflight, id: CheckId) -> &check::Check {
@@ -264,16 +280,25 @@ fn no_livepatch_support_is_named() {
     assert!(!list::status(&paths).livepatch_supported);
 }
 
+/// Run the CLI against the fake tree. `HOTPATCH_TEST_BIN` runs these
+/// tests against another build (an older hotpatch, to show a test failed
+/// before a fix).
 fn bin(paths: &Paths, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hotpatch"))
+    let exe = std::env::var("HOTPATCH_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_hotpatch").to_string());
+    Command::new(exe)
         .arg("--sysfs-root")
         .arg(&paths.sys)
         .arg("--proc-root")
         .arg(&paths.proc)
         .arg("--boot-dir")
         .arg(&paths.boot)
+        .arg("--modules-dir")
+        .arg(&paths.modules)
         .arg("--state-dir")
         .arg(&paths.state)
+        .arg("--run-dir")
+        .arg(&paths.run)
         .args(args)
         .output()
         .unwrap()
@@ -315,7 +340,33 @@ fn cli_list_json_and_errors() {
     );
     let out = bin(&paths, &["inspect", "/nonexistent.ko"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot stat /nonexistent.ko"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open /nonexistent.ko"));
+    // A module path that is a symbolic link is refused, not followed: the
+    // file checked must be the file loaded. A FIFO is not read (nor waited
+    // on).
+    let real = d.path().join("real.ko");
+    std::fs::write(
+        &real,
+        hotpatch::testelf::ModuleSpec::simple("hp_l").build().bytes,
+    )
+    .unwrap();
+    let link = d.path().join("link.ko");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    for cmd in ["inspect", "check", "install"] {
+        let out = bin(&paths, &[cmd, link.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is a symbolic link"), "{cmd}: {err}");
+    }
+    let fifo = d.path().join("fifo.ko");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = bin(&paths, &["inspect", fifo.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a regular file"),
+        "{out:?}"
+    );
 
     // Usage errors are clap's exit 2.
     assert_eq!(bin(&paths, &["unload"]).status.code(), Some(2));
@@ -405,6 +456,35 @@ fn systemd_unit_command_runs() {
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("unit has ExecStart");
+    // Not before sysinit.target (a stall there holds the whole boot):
+    // before the network, as kpatch orders it, with a budget the loader
+    // enforces well inside systemd's own timeout.
+    let before = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("Before="))
+        .unwrap();
+    assert!(
+        !before.contains("sysinit.target") && before.contains("network-pre.target"),
+        "{before}"
+    );
+    let budget: f64 = exec
+        .split("--budget ")
+        .nth(1)
+        .and_then(|b| b.split_whitespace().next())
+        .expect("ExecStart has --budget")
+        .parse()
+        .unwrap();
+    let start_limit_min: f64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStartSec="))
+        .and_then(|t| t.strip_suffix("min"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        budget + 120.0 <= start_limit_min * 60.0,
+        "budget {budget}s too close to systemd's timeout"
+    );
     let mut words = exec.split_whitespace();
     assert_eq!(words.next(), Some("/usr/bin/hotpatch"));
     let args: Vec<&str> = words.collect();
@@ -448,7 +528,7 @@ fn transition_wait_has_a_deadline_and_sees_completion() {
         t0,
     ) {
         Wait::TimedOut(d) => assert!(d >= Duration::from_millis(120) && d < Duration::from_secs(2)),
-        Wait::Done(_) => panic!("hp_b is still in transition"),
+        _ => panic!("hp_b is still in transition"),
     }
     // Completion written by "the kernel" mid-wait is noticed within a poll or two.
     let flip = d.path().join("sys/kernel/livepatch/hp_b/transition");
@@ -516,11 +596,19 @@ fn load_installed_refuses_a_changed_file() {
             replace: Some(false),
             loaded_unix_ms: 0,
             forced: false,
+            boot_id: None,
+            meta: Default::default(),
+            module_build_id: None,
         },
     )
     .unwrap();
     // Someone changes the installed hp_t after install.
-    let tampered = paths.installed_dir(REL).join("hp_t.ko");
+    let sha_t = hotpatch::state::read_manifest(&paths, REL).unwrap().modules[0]
+        .sha256
+        .clone();
+    let tampered = paths
+        .installed_dir(REL)
+        .join(hotpatch::state::stored_name("hp_t", &sha_t));
     let mut b = std::fs::read(&tampered).unwrap();
     let n = b.len();
     b[n - 1] ^= 0xff;
@@ -545,6 +633,13 @@ fn load_installed_refuses_a_changed_file() {
     assert_eq!(r[1]["module"], "hp_a");
     assert_eq!(r[1]["outcome"], "already-loaded");
     assert_eq!(r[2]["module"], "hp_c");
+    // hp_c patches cmdline_proc_show, as the refused hp_t does: it would
+    // stack on a patch that is not there, so it is not loaded.
+    let why = r[2]["skipped"].as_str().unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        why.contains("stacks on") && why.contains("vmlinux:cmdline_proc_show"),
+        "{why}"
+    );
     // Read back through hotpatch's own types.
     use hotpatch::{InstalledResult, Outcome};
     let run: hotpatch::InstalledRun = serde_json::from_slice(&out.stdout).unwrap();
@@ -616,7 +711,16 @@ fn install_files_under_the_modules_own_release() {
     );
     let m = hotpatch::state::read_manifest(&paths, next).unwrap();
     assert_eq!(m.modules[0].name, "hp_next");
-    assert!(paths.installed_dir(next).join("hp_next.ko").is_file());
+    // Stored by content, exactly the bytes that were hashed.
+    let stored = paths.installed_dir(next).join(&m.modules[0].file);
+    assert_eq!(
+        m.modules[0].file,
+        hotpatch::state::stored_name("hp_next", &m.modules[0].sha256)
+    );
+    assert_eq!(
+        hotpatch::module::sha256_hex(&std::fs::read(&stored).unwrap()),
+        m.modules[0].sha256
+    );
     assert!(
         hotpatch::state::read_manifest(&paths, REL)
             .unwrap()
@@ -761,6 +865,24 @@ fn atomic_replace_waits_for_superseded_patches_to_be_freed() {
         &quiet,
     );
     assert!(removed.is_empty() && msgs.is_empty());
+
+    // Unknown from the file (a kpatch-build module), but the kernel's
+    // `replace` attribute says so: the superseded patch is waited for.
+    write(d.path(), "sys/kernel/livepatch/hp_fake_new/replace", "1\n");
+    write(d.path(), "sys/kernel/livepatch/hp_fake_new/enabled", "1\n");
+    let (removed, msgs) = remove_superseded(
+        &paths,
+        "hp_fake_new",
+        None,
+        &set(&["hp_fake_stuck"]),
+        Duration::from_millis(150),
+        &quiet,
+    );
+    assert!(removed.is_empty());
+    assert!(
+        msgs.len() == 1 && msgs[0].contains("hp_fake_stuck") && msgs[0].contains("not freed"),
+        "sysfs replace=1 ignored: {msgs:?}"
+    );
 }
 
 /// `enable`: a patch already patching is waited for, not written to again;
@@ -820,6 +942,9 @@ fn enable_waits_or_says_what_to_run() {
             replace: Some(false),
             loaded_unix_ms: 0,
             forced: false,
+            boot_id: None,
+            meta: Default::default(),
+            module_build_id: None,
         },
     )
     .unwrap();
@@ -831,4 +956,612 @@ fn enable_waits_or_says_what_to_run() {
     // Not loaded at all.
     let e = format!("{:#}", enable("hp_none", 1).unwrap_err());
     assert!(e.contains("hotpatch load FILE.ko"), "{e}");
+}
+
+/// A transition that keeps making progress is not a stall: while the
+/// pending count falls the deadline moves out, and halfway to it the
+/// pending tasks are signalled through the patch's `signal` attribute.
+#[test]
+fn wait_extends_while_pending_falls_and_signals() {
+    use hotpatch::transition::{Wait, Watch};
+    use livehost_common::progress::Progress;
+    use std::time::{Duration, Instant};
+    let (d, paths) = tree();
+    let r = d.path().to_path_buf();
+    for pid in 200..204 {
+        write(&r, &format!("proc/{pid}/task/{pid}/patch_state"), "0\n");
+    }
+    write(&r, "sys/kernel/livepatch/hp_b/signal", "");
+    // "The kernel" switches one task every 250 ms, then completes: 1.25 s,
+    // past the 1 s timeout.
+    let kr = r.clone();
+    let kernel = std::thread::spawn(move || {
+        for pid in [100, 200, 201, 202, 203] {
+            std::thread::sleep(Duration::from_millis(250));
+            write(&kr, &format!("proc/{pid}/task/{pid}/patch_state"), "1\n");
+        }
+        write(&kr, "sys/kernel/livepatch/hp_b/transition", "0\n");
+    });
+    let quiet = Progress::silent();
+    let w = Watch {
+        paths: &paths,
+        name: "hp_b",
+        timeout: Duration::from_secs(1),
+        poll: Duration::from_millis(5),
+        progress: &quiet,
+        interruptible: false,
+    };
+    let mut notes = Vec::new();
+    let got = w.wait(1, Instant::now(), &mut notes);
+    kernel.join().unwrap();
+    assert!(
+        matches!(got, Wait::Done(_)),
+        "progressing transition cut off; {notes:?}"
+    );
+    let sig = std::fs::read_to_string(r.join("sys/kernel/livepatch/hp_b/signal")).unwrap();
+    assert_eq!(sig, "1", "pending tasks not signalled");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("signalled the") && n.contains("pending task(s)")),
+        "{notes:?}"
+    );
+}
+
+/// `--force` racing completion: when the transition finished before the
+/// `force` write (the kernel refuses the write then), nothing was forced;
+/// a refused write while still in transition is a force failure.
+#[test]
+fn force_refused_after_completion_is_not_forced() {
+    use hotpatch::transition::{Forced, Watch, force_transition};
+    use livehost_common::progress::Progress;
+    use std::time::Duration;
+    let (d, paths) = tree();
+    // A directory: every write to `force` fails, as the kernel's EINVAL.
+    mkdir(d.path(), "sys/kernel/livepatch/hp_b/force");
+    let quiet = Progress::silent();
+    let w = Watch {
+        paths: &paths,
+        name: "hp_b",
+        timeout: Duration::from_millis(200),
+        poll: Duration::from_millis(5),
+        progress: &quiet,
+        interruptible: false,
+    };
+    let got = force_transition(&w, &mut Vec::new());
+    assert!(matches!(got, Forced::WriteFailed(_)), "{got:?}");
+    write(d.path(), "sys/kernel/livepatch/hp_b/transition", "0\n");
+    let got = force_transition(&w, &mut Vec::new());
+    assert!(matches!(got, Forced::CompletedFirst), "{got:?}");
+}
+
+/// An unload whose patch the kernel never frees is its own outcome (exit
+/// 7, `not-freed`, journalled), not a bare error; one whose disable and
+/// its reverse both stall is `reverse-stalled` (exit 6) with the tasks.
+#[test]
+fn unload_not_freed_and_reverse_stalled_have_their_own_outcomes() {
+    assert!(livehost_common::is_root(), "`hotpatch unload` needs root");
+    let (_d, paths) = tree();
+    // hp_a: disabling completes at once (transition 0), but its sysfs
+    // directory never goes away.
+    let out = bin(&paths, &["--json", "unload", "--timeout", "0.3", "hp_a"]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["outcome"], "not-freed", "{v}");
+    assert_eq!(v[0]["removed"], false, "{v}");
+    // hp_b stays in transition whatever is written: the disable stalls on
+    // task 100 and so does the reverse.
+    let out = bin(&paths, &["--json", "unload", "--timeout", "0.3", "hp_b"]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["outcome"], "reverse-stalled", "{v}");
+    assert!(v[0]["messages"].to_string().contains("half-applied"), "{v}");
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    let got: Vec<(String, JournalResult)> = j
+        .iter()
+        .map(|e| (e.module.clone().unwrap(), e.result))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("hp_a".to_string(), JournalResult::Begin),
+            ("hp_a".to_string(), JournalResult::NotFreed),
+            ("hp_b".to_string(), JournalResult::Begin),
+            ("hp_b".to_string(), JournalResult::ReverseStalled),
+        ]
+    );
+    // `unload --all` (both) ranks by severity: reverse-stalled beats
+    // not-freed.
+    let out = bin(&paths, &["--json", "unload", "--all", "--timeout", "0.3"]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+}
+
+/// A run killed mid-change leaves a "begin" with no outcome; the next run
+/// of any command (here `list`) looks at the kernel, settles it, says what
+/// it found and did, and journals it, once.
+#[test]
+fn next_run_reconciles_an_unfinished_begin() {
+    assert!(livehost_common::is_root(), "reconciling needs root");
+    let (_d, paths) = tree();
+    hotpatch::state::begin(&paths, JournalOp::Load, "hp_a", Some("abc"));
+    let out = bin(&paths, &["--json", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`load` of hp_a")
+            && err.contains("did not finish")
+            && err.contains("found applied, no transition running")
+            && err.contains("kept it"),
+        "{err}"
+    );
+    // stdout is still list's JSON.
+    let _: hotpatch::ListReport = serde_json::from_slice(&out.stdout).unwrap();
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    assert_eq!(j.last().unwrap().result, JournalResult::Reconciled);
+    assert_eq!(
+        j.last().unwrap().detail["found"],
+        "applied, no transition running"
+    );
+    // Reconciled once: the next run says nothing.
+    let out = bin(&paths, &["list"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("did not finish"));
+}
+
+/// `status` answers "is this host as intended?": exit 0 only when the
+/// installed set is exactly what is applied, nothing is in transition and
+/// nothing is unfinished; otherwise exit 9 with each reason.
+#[test]
+fn status_says_whether_the_host_matches_its_installed_set() {
+    let (d, paths) = tree();
+    let status = |paths: &Paths| {
+        let out = bin(paths, &["--json", "status"]);
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        (out.status.code(), v)
+    };
+    // hp_a and hp_b loaded, nothing installed, hp_b in transition.
+    let (code, v) = status(&paths);
+    assert_eq!(code, Some(9), "{v}");
+    assert_eq!(v["as_intended"], false);
+    let problems = v["problems"].to_string();
+    assert!(problems.contains("hp_a is loaded but not installed"), "{v}");
+    assert!(problems.contains("hp_b is in transition"), "{v}");
+    assert_eq!(v["patches"][1]["name"], "hp_b", "list's fields are kept");
+
+    // Only hp_a, installed and loaded by hotpatch from that same file.
+    let r = d.path();
+    std::fs::remove_dir_all(r.join("sys/kernel/livepatch/hp_b")).unwrap();
+    write(
+        r,
+        "proc/modules",
+        "hp_a 16384 1 - Live 0x0000000000000000 (OEK)\n",
+    );
+    let bytes = hotpatch::testelf::ModuleSpec::simple("hp_a").build().bytes;
+    let f = r.join("hp_a.ko");
+    std::fs::write(&f, &bytes).unwrap();
+    let sha = hotpatch::module::sha256_hex(&bytes);
+    hotpatch::state::install(&paths, REL, "hp_a", &sha, &f).unwrap();
+    let rec = hotpatch::state::LoadedRecord {
+        name: "hp_a".into(),
+        sha256: sha.clone(),
+        path: f.display().to_string(),
+        replace: Some(false),
+        loaded_unix_ms: 0,
+        forced: false,
+        boot_id: None,
+        meta: Default::default(),
+        module_build_id: Some("deadbeef".into()),
+    };
+    hotpatch::state::save_loaded(&paths, &rec).unwrap();
+    // The loaded hp_a is the module the record describes (same build id).
+    std::fs::create_dir_all(r.join("sys/module/hp_a/notes")).unwrap();
+    std::fs::write(
+        r.join("sys/module/hp_a/notes/.note.gnu.build-id"),
+        gnu_notes(&[0xde, 0xad, 0xbe, 0xef]),
+    )
+    .unwrap();
+    std::fs::write(
+        r.join("sys/kernel/notes"),
+        gnu_notes(&[0xde, 0xad, 0xbe, 0xef]),
+    )
+    .unwrap();
+    let (code, v) = status(&paths);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["as_intended"], true, "{v}");
+    assert_eq!(v["installed"][0]["state"], "applied", "{v}");
+    assert_eq!(v["kernel_build_id"], "deadbeef", "{v}");
+    let text = String::from_utf8(bin(&paths, &["status"]).stdout).unwrap();
+    assert!(text.starts_with("host: as intended"), "{text}");
+
+    // Someone rmmod'ed hp_a and insmod'ed another build under that name:
+    // the record no longer describes it, so the file is unknown.
+    std::fs::write(
+        r.join("sys/module/hp_a/notes/.note.gnu.build-id"),
+        gnu_notes(&[1, 1, 1, 1]),
+    )
+    .unwrap();
+    let (code, v) = status(&paths);
+    assert_eq!(code, Some(9), "{v}");
+    assert_eq!(v["installed"][0]["state"], "unknown-file", "{v}");
+    std::fs::write(
+        r.join("sys/module/hp_a/notes/.note.gnu.build-id"),
+        gnu_notes(&[0xde, 0xad, 0xbe, 0xef]),
+    )
+    .unwrap();
+
+    // Loaded from another file than the one installed: drift.
+    hotpatch::state::save_loaded(
+        &paths,
+        &hotpatch::state::LoadedRecord {
+            sha256: "0".repeat(64),
+            ..rec
+        },
+    )
+    .unwrap();
+    let (code, v) = status(&paths);
+    assert_eq!(code, Some(9), "{v}");
+    assert_eq!(v["installed"][0]["state"], "different-file", "{v}");
+    let text = String::from_utf8(bin(&paths, &["status"]).stdout).unwrap();
+    assert!(
+        text.contains("NOT as intended") && text.contains("different-file"),
+        "{text}"
+    );
+}
+
+/// Patches installed on one build of a release are not applied to another
+/// build of the same release (a rebuild keeps `uname -r`): the kernel's GNU
+/// build id is recorded at install and compared at boot.
+#[test]
+fn load_installed_refuses_another_build_of_the_same_release() {
+    assert!(
+        livehost_common::is_root(),
+        "runs `hotpatch load`, which needs root"
+    );
+    let (d, paths) = tree();
+    let r = d.path();
+    write(r, "sys/kernel/livepatch/hp_b/transition", "0\n");
+    std::fs::write(r.join("sys/kernel/notes"), gnu_notes(&[1, 2, 3, 4])).unwrap();
+    let bytes = hotpatch::testelf::ModuleSpec::simple("hp_n").build().bytes;
+    let f = r.join("hp_n.ko");
+    std::fs::write(&f, &bytes).unwrap();
+    let out = bin(&paths, &["install", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let m = hotpatch::state::read_manifest(&paths, REL).unwrap();
+    assert_eq!(m.kernel_build_id.as_deref(), Some("01020304"));
+    // Same release, another build.
+    std::fs::write(r.join("sys/kernel/notes"), gnu_notes(&[9, 9, 9, 9])).unwrap();
+    let out = bin(&paths, &["--json", "load", "--installed"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let why = v["results"][0]["skipped"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        why.contains("build id 01020304") && why.contains("09090909"),
+        "{why}"
+    );
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    assert_eq!(j.last().unwrap().result, JournalResult::Refused);
+}
+
+/// `--dry-run` says what load, unload, install and uninstall would check,
+/// supersede and remove, in order, and changes nothing: no sysfs write, no
+/// journal, no state file.
+#[test]
+fn dry_run_plans_and_changes_nothing() {
+    use hotpatch::testelf::{ModuleSpec, Object};
+    let (d, paths) = tree();
+    let r = d.path();
+    write(r, "sys/kernel/livepatch/hp_b/transition", "0\n");
+    let spec = ModuleSpec::livepatch(
+        "hp_r",
+        &[Object {
+            name: None,
+            funcs: vec![("cmdline_proc_show".into(), 0)],
+        }],
+        true,
+    );
+    let f = r.join("hp_r.ko");
+    std::fs::write(&f, spec.build().bytes).unwrap();
+    let fp = f.to_str().unwrap();
+    let plan = |args: &[&str]| {
+        let mut a = vec!["--json", "--dry-run"];
+        a.extend_from_slice(args);
+        let out = bin(&paths, &a);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {out:?}"));
+        (out.status.code(), v)
+    };
+    let (code, v) = plan(&["load", fp]);
+    assert_eq!(code, Some(0), "{v}");
+    let steps = v["steps"].to_string();
+    assert!(steps.contains("finit_module"), "{v}");
+    assert!(
+        steps.contains("hp_a is superseded") && steps.contains("hp_b is superseded"),
+        "{v}"
+    );
+    assert_eq!(v["preflight"]["ok"], true, "{v}");
+
+    let (code, v) = plan(&["unload", "--all"]);
+    assert_eq!(code, Some(0), "{v}");
+    let order: Vec<String> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().split(':').next().unwrap().to_string())
+        .collect();
+    assert_eq!(order, ["hp_b", "hp_a", "hp_old"], "{v}");
+
+    let (code, v) = plan(&["install", fp]);
+    assert_eq!(code, Some(0), "{v}");
+    assert!(v["steps"].to_string().contains("hp_r-"), "{v}");
+    let (code, _) = plan(&["uninstall", "hp_r"]);
+    assert_eq!(code, Some(3));
+
+    // Nothing was changed anywhere.
+    assert!(!paths.state.exists(), "state dir created by a dry run");
+    for p in ["hp_a", "hp_b"] {
+        let en =
+            std::fs::read_to_string(r.join(format!("sys/kernel/livepatch/{p}/enabled"))).unwrap();
+        assert_eq!(en.trim(), "1", "{p} touched");
+    }
+}
+
+/// A patch's description, version and CVE ids (modinfo) are shown by
+/// inspect, kept by install in the manifest, and shown by status.
+#[test]
+fn patch_metadata_is_inspected_installed_and_shown() {
+    let (d, paths) = tree();
+    let mut spec = hotpatch::testelf::ModuleSpec::simple("hp_m");
+    spec.modinfo.push((
+        "description".into(),
+        "fix nf_tables use-after-free (CVE-2024-1086)".into(),
+    ));
+    spec.modinfo.push(("version".into(), "1.2".into()));
+    spec.modinfo.push((
+        "cve".into(),
+        "cve-2023-0001, CVE-2024-1086 junk CVE-12-3".into(),
+    ));
+    let f = d.path().join("hp_m.ko");
+    std::fs::write(&f, spec.build().bytes).unwrap();
+    let fp = f.to_str().unwrap();
+    let out = bin(&paths, &["--json", "inspect", fp]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["version"], "1.2", "{v}");
+    assert_eq!(
+        v["cves"],
+        serde_json::json!(["CVE-2024-1086", "CVE-2023-0001"]),
+        "{v}"
+    );
+    let text = String::from_utf8(bin(&paths, &["inspect", fp]).stdout).unwrap();
+    assert!(
+        text.contains("cves:        CVE-2024-1086, CVE-2023-0001"),
+        "{text}"
+    );
+
+    assert!(bin(&paths, &["install", fp]).status.success());
+    let m = hotpatch::state::read_manifest(&paths, REL).unwrap();
+    assert_eq!(m.modules[0].meta.version.as_deref(), Some("1.2"));
+    assert_eq!(m.modules[0].meta.cves.len(), 2);
+    let out = bin(&paths, &["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["installed"][0]["meta"]["version"], "1.2", "{v}");
+    let text = String::from_utf8(bin(&paths, &["status"]).stdout).unwrap();
+    assert!(
+        text.contains("fix nf_tables use-after-free (CVE-2024-1086) (version 1.2; CVE-2024-1086; CVE-2023-0001)"),
+        "{text}"
+    );
+}
+
+/// A `.ko.xz` / `.ko.zst` is read as the ELF inside (name, functions),
+/// identified by the compressed file's sha256, and installed as exactly
+/// those compressed bytes.
+#[test]
+fn compressed_modules_are_inspected_and_installed() {
+    let (d, paths) = tree();
+    let elf = hotpatch::testelf::ModuleSpec::simple("hp_z").build().bytes;
+    let raw = d.path().join("hp_z.ko");
+    std::fs::write(&raw, &elf).unwrap();
+    for (tool, ext) in [("xz", "xz"), ("zstd", "zst")] {
+        let st = Command::new(tool)
+            .args(["-kfq"])
+            .arg(&raw)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{tool}");
+        let f = d.path().join(format!("hp_z.ko.{ext}"));
+        let packed = std::fs::read(&f).unwrap();
+        let out = bin(&paths, &["--json", "inspect", f.to_str().unwrap()]);
+        assert!(out.status.success(), "{tool}: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["name"], "hp_z", "{v}");
+        assert_eq!(v["compression"], if ext == "xz" { "xz" } else { "zstd" });
+        assert_eq!(v["objects"][0]["functions"][0]["name"], "cmdline_proc_show");
+        assert_eq!(v["sha256"], hotpatch::module::sha256_hex(&packed));
+        let out = bin(&paths, &["--json", "install", f.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        let m = hotpatch::state::read_manifest(&paths, REL).unwrap();
+        let stored = paths.installed_dir(REL).join(&m.modules[0].file);
+        assert_eq!(
+            std::fs::read(stored).unwrap(),
+            packed,
+            "{tool}: stored bytes"
+        );
+    }
+    // Corrupt containers are a clear error.
+    let mut bad = std::fs::read(d.path().join("hp_z.ko.xz")).unwrap();
+    bad.truncate(bad.len() / 2);
+    let f = d.path().join("bad.ko.xz");
+    std::fs::write(&f, bad).unwrap();
+    let out = bin(&paths, &["inspect", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not decompress"),
+        "{out:?}"
+    );
+}
+
+/// The vermagic reference is a module the running kernel shipped, so
+/// architecture tokens no config spells (arm64's "aarch64") are expected;
+/// the kernel's config is only the fallback.
+#[test]
+fn vermagic_reference_is_a_module_the_kernel_shipped() {
+    let (d, paths) = tree();
+    let arm = format!("{REL} SMP preempt mod_unload modversions aarch64 ");
+    let info = module("hp_arm", &arm, &[("vmlinux", "cmdline_proc_show")]);
+    // Only the config: "aarch64" looks foreign.
+    let pre = check::preflight(&paths, &info);
+    let c = check_of(&pre, CheckId::Vermagic);
+    assert_eq!(c.status, Status::Fail, "{}", c.detail);
+    assert!(c.detail.contains("aarch64"), "{}", c.detail);
+    // The kernel's own ext4.ko carries the same vermagic: it is the reference.
+    let mut spec = hotpatch::testelf::ModuleSpec::simple("ext4");
+    spec.modinfo
+        .retain(|(k, _)| k != "vermagic" && k != "livepatch");
+    spec.modinfo.insert(0, ("vermagic".into(), arm.clone()));
+    let ko = d
+        .path()
+        .join(format!("lib/modules/{REL}/kernel/fs/ext4/ext4.ko"));
+    std::fs::create_dir_all(ko.parent().unwrap()).unwrap();
+    std::fs::write(&ko, spec.build().bytes).unwrap();
+    let pre = check::preflight(&paths, &info);
+    let c = check_of(&pre, CheckId::Vermagic);
+    assert_eq!(c.status, Status::Pass, "{}", c.detail);
+    assert!(
+        c.detail.contains("reference:") && c.detail.contains("ext4.ko"),
+        "{}",
+        c.detail
+    );
+    // And an x86 module is now the foreign one.
+    let c2 = check::preflight(
+        &paths,
+        &module("hp_x", MAGIC, &[("vmlinux", "cmdline_proc_show")]),
+    );
+    let c2 = check_of(&c2, CheckId::Vermagic);
+    assert_eq!(c2.status, Status::Fail, "{}", c2.detail);
+    assert!(c2.detail.contains("lacks \"aarch64\""), "{}", c2.detail);
+}
+
+/// GET `path` from `addr`; the whole response as text.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// `status --prometheus FILE` writes a textfile that promtool accepts and
+/// that a real Prometheus scrapes: the per-patch gauges arrive with their
+/// values. (Served over HTTP as node_exporter's textfile collector would
+/// serve it; Debian's `prometheus` package, as the ebpf tests use.)
+#[test]
+fn status_prometheus_textfile_is_scraped_by_prometheus() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let (d, paths) = tree();
+    hotpatch::state::record(
+        &paths,
+        JournalOp::Load,
+        Some("hp_a"),
+        None,
+        JournalResult::Ok,
+        Some(1500.0),
+        serde_json::json!({}),
+    );
+    let prom = d.path().join("textfile/hotpatch.prom");
+    let out = bin(&paths, &["status", "--prometheus", prom.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(9), "{out:?}");
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(
+        text.contains("hotpatch_patch_in_transition{patch=\"hp_b\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("hotpatch_host_as_intended 0"), "{text}");
+    assert!(
+        text.contains("hotpatch_last_change_duration_seconds 1.5"),
+        "{text}"
+    );
+
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package `prometheus`) must be installed");
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let c = check.wait_with_output().unwrap();
+    assert!(
+        c.status.success(),
+        "promtool: {}",
+        String::from_utf8_lossy(&c.stderr)
+    );
+
+    // Serve the file as a collector would, and let Prometheus scrape it.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = server.local_addr().unwrap().to_string();
+    let body = text.clone();
+    std::thread::spawn(move || {
+        for mut s in server.incoming().flatten() {
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req);
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let pport = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = d.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: hotpatch\n    static_configs:\n      - targets: ['{target}']\n"),
+    )
+    .unwrap();
+    let mut promd = Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            d.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (Debian package `prometheus`) must be installed");
+    let paddr = format!("127.0.0.1:{pport}");
+    let q = "/api/v1/query?query=hotpatch_patch_in_transition";
+    let t0 = Instant::now();
+    let mut got = None;
+    while t0.elapsed() < Duration::from_secs(60) {
+        if let Some(r) = http_get(&paddr, q)
+            && r.contains("\"patch\":\"hp_b\"")
+            && r.contains("\"job\":\"hotpatch\"")
+        {
+            got = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = promd.kill();
+    let _ = promd.wait();
+    let got = got.expect("Prometheus never scraped hotpatch_patch_in_transition");
+    // hp_b's sample is 1 (in transition), hp_a's 0.
+    let hp_b = got.split("\"patch\":\"hp_b\"").nth(1).unwrap();
+    assert!(hp_b.contains(",\"1\"]"), "{got}");
 }

@@ -15,13 +15,15 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 const FIXTURES: &[&str] = &[
-    "cmdline", "stack", "replace", "busy", "stall", "badmagic", "nosym",
+    "cmdline", "stack", "replace", "busy", "stall", "badmagic", "nosym", "kpatch",
 ];
 
 struct Env {
     kernel: GuestKernel,
     /// fixture dir name -> (module name, built .ko)
     kos: HashMap<&'static str, (String, PathBuf)>,
+    /// hp_cmdline.ko compressed with xz.
+    cmdline_xz: PathBuf,
 }
 
 fn env() -> &'static Env {
@@ -40,7 +42,20 @@ fn env() -> &'static Env {
             let name = ko.file_stem().unwrap().to_string_lossy().into_owned();
             kos.insert(*f, (name, ko));
         }
-        Env { kernel, kos }
+        // A compressed copy, as Debian 13 and Fedora install modules (xz
+        // with CRC32, as the kernel's own Kbuild compresses them).
+        let cmdline_xz = kos["cmdline"].1.with_extension("ko.xz");
+        let st = std::process::Command::new("xz")
+            .args(["-kf", "--check=crc32"])
+            .arg(&kos["cmdline"].1)
+            .status()
+            .expect("xz on the host");
+        assert!(st.success() && cmdline_xz.exists(), "xz failed");
+        Env {
+            kernel,
+            kos,
+            cmdline_xz,
+        }
     })
 }
 
@@ -107,6 +122,8 @@ fn guest(script: &str, kernel_args: &[&str]) -> Steps {
     for (name, ko) in e.kos.values() {
         opts.files.push((ko.clone(), format!("/root/{name}.ko")));
     }
+    opts.files
+        .push((e.cmdline_xz.clone(), "/root/hp_cmdline.ko.xz".into()));
     if let Some(cfg) = &e.kernel.config {
         opts.files
             .push((cfg.clone(), format!("/boot/config-{}", e.kernel.release)));
@@ -119,6 +136,22 @@ fn guest(script: &str, kernel_args: &[&str]) -> Steps {
         raw: out.stdout.clone(),
         dmesg: out.dmesg.clone(),
     }
+}
+
+/// `op:result` of each journal entry, in order.
+fn op_results(journal: &Value) -> Vec<String> {
+    journal
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["op"].as_str().unwrap(),
+                e["result"].as_str().unwrap()
+            )
+        })
+        .collect()
 }
 
 fn assert_nothing_left(s: &Steps, ls: &str, mods: &str) {
@@ -159,7 +192,10 @@ step install $H --json install /root/hp_cmdline.ko
 step installed $H --json load --installed
 step installed-again $H --json load --installed
 step cmdline3 cat /proc/cmdline
+step hstatus $H --json status
+step hstatus-text $H status
 step unload-all $H --json unload --all
+step hstatus2 $H status
 step uninstall $H uninstall hp_cmdline
 step ls2 ls /sys/kernel/livepatch
 step mods2 cat /proc/modules
@@ -253,23 +289,43 @@ step journal $H --json journal
         "already-loaded"
     );
     assert_eq!(s.out("cmdline3"), "hotpatch-fixture: hp_cmdline");
+    // status: the installed set is applied: as intended, exit 0, with the
+    // kernel's real build id; after unloading, it is not (exit 9).
+    assert_eq!(s.rc("hstatus"), 0, "{}", s.raw);
+    let hs = s.json("hstatus");
+    assert_eq!(hs["as_intended"], true, "{hs}");
+    assert_eq!(hs["installed"][0]["state"], "applied", "{hs}");
+    assert_eq!(
+        hs["kernel_build_id"].as_str().map_or(0, str::len),
+        40,
+        "{hs}"
+    );
+    assert_eq!(s.rc("hstatus2"), 9, "{}", s.raw);
+    assert_eq!(s.rc("hstatus-text"), 0, "{}", s.raw);
+    eprintln!(
+        "status (as intended):\n{}\nstatus (after unload --all):\n{}",
+        s.out("hstatus-text"),
+        s.out("hstatus2")
+    );
+    assert!(
+        s.out("hstatus2").contains("NOT as intended")
+            && s.out("hstatus2").contains("hp_cmdline is not-loaded"),
+        "{}",
+        s.out("hstatus2")
+    );
     assert_eq!(s.rc("unload-all"), 0, "{}", s.raw);
     assert_eq!(s.rc("uninstall"), 0);
     assert_nothing_left(&s, "ls2", "mods2");
 
     // The journal recorded each change.
     let j = s.json("journal");
-    let ops: Vec<String> = j
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            format!(
-                "{}:{}",
-                e["op"].as_str().unwrap(),
-                e["result"].as_str().unwrap()
-            )
-        })
+    let all: Vec<&Value> = j.as_array().unwrap().iter().collect();
+    // Every kernel change was journalled as begun before it happened.
+    let begins = all.iter().filter(|e| e["result"] == "begin").count();
+    assert_eq!(begins, 7, "{j}");
+    let ops: Vec<String> = op_results(&j)
+        .into_iter()
+        .filter(|o| !o.ends_with(":begin"))
         .collect();
     assert_eq!(
         ops,
@@ -322,6 +378,16 @@ step all $H --json unload --all
 step c6 cat /proc/cmdline
 step ls ls /sys/kernel/livepatch
 step mods cat /proc/modules
+step xz-inspect $H --json inspect /root/hp_cmdline.ko.xz
+step xz-load $H --json load /root/hp_cmdline.ko.xz
+step xz-cmdline cat /proc/cmdline
+step xz-unload $H --json unload hp_cmdline
+step xz-sha sha256sum /root/hp_cmdline.ko.xz
+step kp-check $H --json check /root/hp_kpatch.ko
+step kp-load $H --json load /root/hp_kpatch.ko
+step kp-cmdline cat /proc/cmdline
+step kp-unload $H --json unload hp_kpatch
+step kp-ls ls /sys/kernel/livepatch
 "#,
         &[],
     );
@@ -408,6 +474,47 @@ step mods cat /proc/modules
     assert_eq!(order, ["hp_cmdline", "hp_replace"]);
     assert_eq!(s.out("c6"), orig);
     assert_nothing_left(&s, "ls", "mods");
+
+    // A .ko.xz is inspected (the ELF inside) and loaded (6.1 cannot
+    // decompress modules itself: the decompressed bytes go through a sealed
+    // memfd); its identity is the compressed file's sha256.
+    let xi = s.json("xz-inspect");
+    assert_eq!(xi["compression"], "xz", "{xi}");
+    assert_eq!(
+        xi["objects"][0]["functions"][0]["name"], "cmdline_proc_show",
+        "{xi}"
+    );
+    let file_sha = s
+        .out("xz-sha")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(xi["sha256"], file_sha.as_str(), "{xi}");
+    assert_eq!(s.rc("xz-load"), 0, "{}", s.raw);
+    assert_eq!(s.json("xz-load")["outcome"], "loaded");
+    assert_eq!(s.out("xz-cmdline"), "hotpatch-fixture: hp_cmdline");
+    assert_eq!(s.rc("xz-unload"), 0, "{}", s.raw);
+
+    // A module laid out as kpatch-build lays it out (klp_patch built at run
+    // time): its target symbols are checked from .kpatch.funcs, it loads,
+    // patches, and unloads.
+    let kc = s.json("kp-check");
+    let ts = kc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "target-symbols")
+        .unwrap();
+    assert_eq!(ts["status"], "pass", "{kc}");
+    assert!(
+        ts["detail"].as_str().unwrap().contains("all 1 target"),
+        "{kc}"
+    );
+    assert_eq!(s.rc("kp-load"), 0, "{}", s.raw);
+    assert_eq!(s.out("kp-cmdline"), "hotpatch-fixture: hp_kpatch");
+    assert_eq!(s.rc("kp-unload"), 0, "{}", s.raw);
+    assert_eq!(s.out("kp-ls"), "");
 }
 
 #[test]
@@ -425,9 +532,24 @@ step status $H --json status
 step unload $H --json unload --timeout 10 hp_stall
 step ls2 ls /sys/kernel/livepatch
 step mods2 cat /proc/modules
+# SIGTERM mid-transition (systemd stopping the unit): rolled back.
+step term sh -c '/usr/bin/hotpatch --json load --timeout 60 /root/hp_stall.ko & p=$!; sleep 2; kill -TERM $p; wait $p'
+step ls3 ls /sys/kernel/livepatch
+step mods3 cat /proc/modules
+# SIGKILL mid-transition: nothing runs; the next command reconciles.
+step kill sh -c '/usr/bin/hotpatch load --timeout 60 /root/hp_stall.ko >/dev/null 2>&1 & p=$!; sleep 2; kill -KILL $p; wait $p'
+step killed cat /sys/kernel/livepatch/hp_stall/transition
+step recon $H list
+step ls4 ls /sys/kernel/livepatch
+step mods4 cat /proc/modules
 step force $H --json load --timeout 2 --force /root/hp_stall.ko
 step fstatus $H --json status
-step funload $H unload --timeout 3 hp_stall
+# A kthread started now runs the replacement: unpatching stalls on it, and
+# reversing stalls on hp_busy_kthread, still in the original.
+echo 1 > /sys/module/hp_busy/parameters/spawn
+sleep 0.3
+step funload $H --json unload --timeout 3 hp_stall
+step funload-state cat /sys/kernel/livepatch/hp_stall/transition
 step journal $H --json journal
 "#,
         &[],
@@ -476,8 +598,21 @@ step journal $H --json journal
         "{t}"
     );
 
-    // --no-rollback leaves it in transition, visible in status; unload reverses.
-    assert_eq!(s.rc("norb"), 1, "{}", s.raw);
+    // Halfway to the deadline hotpatch says what it did about the pending
+    // tasks: 6.1 has no `signal` attribute (removed in 5.13), so it says
+    // the kernel signals them itself.
+    assert!(
+        r["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m.as_str().unwrap().contains("no `signal` attribute")),
+        "{r}"
+    );
+
+    // --no-rollback leaves it in transition (its own exit code), visible in
+    // status; unload reverses.
+    assert_eq!(s.rc("norb"), 5, "{}", s.raw);
     assert_eq!(s.json("norb")["outcome"], "stalled");
     let st = s.json("status");
     assert_eq!(st["patches"][0]["name"], "hp_stall");
@@ -488,6 +623,8 @@ step journal $H --json journal
     );
     assert_eq!(s.rc("unload"), 0, "{}", s.raw);
     assert_nothing_left(&s, "ls2", "mods2");
+
+    assert_signal_paths(&s);
 
     // --force completes the transition. On this 6.1 kernel the forced
     // patch can still be disabled and its module removed (observed: refcount
@@ -511,7 +648,7 @@ step journal $H --json journal
     let fs = s.json("fstatus");
     assert_eq!(fs["patches"][0]["transition"], false, "{fs}");
     assert_eq!(fs["patches"][0]["enabled"], true, "{fs}");
-    assert_eq!(s.rc("funload"), 0, "{}", s.raw);
+    assert_reverse_stalled_unload(&s);
 
     let j = s.json("journal");
     let results: Vec<&str> = j
@@ -523,15 +660,84 @@ step journal $H --json journal
     assert_eq!(
         results,
         [
+            "begin",
             "rolled-back",
+            "begin",
             "rolled-back",
+            "begin",
             "stalled",
+            "begin",
             "ok",
+            "begin",
+            "interrupted",
+            "begin",
+            "reconciled",
+            "begin",
             "forced",
-            "ok"
+            "begin",
+            "reverse-stalled"
         ],
         "{j}"
     );
+    // The journal keeps the stalled tasks of the half-applied unload.
+    let last = &j.as_array().unwrap()[15];
+    assert!(
+        last["detail"]["reverse_stalled"]
+            .to_string()
+            .contains("hp_busy_kthread"),
+        "{last}"
+    );
+}
+
+/// SIGTERM mid-transition is rolled back; SIGKILL's leftover is
+/// reconciled by the next command.
+fn assert_signal_paths(s: &Steps) {
+    // SIGTERM mid-transition: reversed and removed, its own outcome.
+    assert_eq!(s.rc("term"), 4, "{}", s.raw);
+    let t = s.json("term");
+    assert_eq!(t["outcome"], "interrupted", "{t}");
+    assert!(t["rollback_ms"].as_f64().is_some(), "{t}");
+    assert_nothing_left(s, "ls3", "mods3");
+
+    // SIGKILL left it in transition; the next command (a plain `list`)
+    // found the unfinished begin, reversed and removed it, and said so.
+    assert_eq!(s.rc("kill"), 137, "{}", s.raw);
+    assert_eq!(s.out("killed"), "1", "{}", s.raw);
+    let recon = s.out("recon");
+    assert!(
+        recon.contains("did not finish")
+            && recon.contains("still in transition")
+            && recon.contains("removed the module"),
+        "{recon}"
+    );
+    assert_nothing_left(s, "ls4", "mods4");
+}
+
+/// An unload whose unpatching and reverse both stall.
+fn assert_reverse_stalled_unload(s: &Steps) {
+    // The unload stalled on the new kthread, its reverse on the old one:
+    // half-applied, its own outcome and exit code, both task lists kept.
+    assert_eq!(s.rc("funload"), 6, "{}", s.raw);
+    let fu = s.json("funload");
+    let u = &fu[0];
+    assert_eq!(u["outcome"], "reverse-stalled", "{fu}");
+    assert_eq!(u["removed"], false, "{fu}");
+    let comms = |k: &str| -> Vec<String> {
+        u[k].as_array()
+            .unwrap_or_else(|| panic!("no {k}: {fu}"))
+            .iter()
+            .map(|t| t["comm"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        comms("stalled_tasks").contains(&"hp_busy_extra".to_string()),
+        "{fu}"
+    );
+    assert!(
+        comms("reverse_stalled_tasks").contains(&"hp_busy_kthread".to_string()),
+        "{fu}"
+    );
+    assert_eq!(s.out("funload-state"), "1", "still mid-transition");
 }
 
 #[test]
@@ -560,6 +766,18 @@ step l1 $H load /root/hp_cmdline.ko
 step dup $H --json check /root/hp_cmdline.ko
 step notlp $H unload hp_nothere
 step badtimeout $H unload --all --timeout 0
+# No kthread in hp_busy_sleeper yet: hp_stall applies at once. A kthread
+# started after runs the replacement, so unpatching stalls on it; the
+# reverse (patching again) has nothing to wait for.
+insmod /root/hp_busy.ko start=0
+step sload $H --json load --timeout 20 /root/hp_stall.ko
+echo 1 > /sys/module/hp_busy/parameters/spawn
+sleep 0.3
+step sunload $H --json unload --timeout 2 hp_stall
+step sstate cat /sys/kernel/livepatch/hp_stall/enabled /sys/kernel/livepatch/hp_stall/transition
+step sdisable $H --json disable --timeout 2 hp_stall
+step sstate2 cat /sys/kernel/livepatch/hp_stall/enabled /sys/kernel/livepatch/hp_stall/transition
+step sjournal $H --json journal --tail 4
 "#,
         &["hotpatch.skip=1"],
     );
@@ -630,6 +848,34 @@ step badtimeout $H unload --all --timeout 0
         s.out("badtimeout")
     );
     assert_eq!(s.rc("badtimeout"), 2, "usage error");
+
+    // A stalled unload and a stalled disable are reversed: the patch stays
+    // applied as before, exit 4, the stalled kthread named.
+    assert_eq!(s.rc("sload"), 0, "{}", s.raw);
+    for (step, state) in [("sunload", "sstate"), ("sdisable", "sstate2")] {
+        assert_eq!(s.rc(step), 4, "{step}: {}", s.raw);
+        let v = s.json(step);
+        let r = if v.is_array() { &v[0] } else { &v };
+        assert_eq!(r["outcome"], "rolled-back", "{v}");
+        assert_eq!(r["removed"], false, "{v}");
+        assert!(
+            r["stalled_tasks"].to_string().contains("hp_busy_extra"),
+            "{v}"
+        );
+        assert_eq!(s.out(state), "1\n0", "{step}: patch applied, no transition");
+    }
+    let j = s.json("sjournal");
+    let got = op_results(&j);
+    assert_eq!(
+        got,
+        [
+            "unload:begin",
+            "unload:rolled-back",
+            "disable:begin",
+            "disable:rolled-back"
+        ],
+        "{j}"
+    );
 }
 
 #[test]
@@ -670,6 +916,17 @@ fn inspect_reads_every_fixture() {
             .starts_with("5.10.0-30-amd64")
     );
     assert!(bad.warnings.iter().any(|w| w.contains("vermagic")));
+    // kpatch-build layout: no klp_patch initialiser, metadata in
+    // .kpatch.funcs / .kpatch.strings.
+    let kp = info("kpatch");
+    assert_eq!(kp.objects.len(), 1, "{kp:?}");
+    assert_eq!(kp.objects[0].name, "vmlinux");
+    assert_eq!(kp.objects[0].functions[0].name, "cmdline_proc_show");
+    assert_eq!(
+        kp.objects[0].functions[0].replacement.as_deref(),
+        Some("hp_kpatch_show")
+    );
+    assert_eq!(kp.replace, None, "only known once loaded");
     let busy = info("busy");
     assert!(!busy.livepatch);
     assert!(busy.objects.is_empty());

@@ -11,15 +11,15 @@ mod stall;
 pub use replace::remove_superseded;
 
 use crate::check::{self, Check, CheckId, Preflight};
+use crate::exitcode;
 use crate::kernel::TaskState;
 use crate::kmod;
 use crate::measure::{self, Measurement};
 use crate::module::{self, ModuleInfo};
 use crate::paths::Paths;
 use crate::state::{self, JournalOp, JournalResult, LoadedRecord};
-use crate::transition::{Wait, ms, remove_module, wait_transition};
+use crate::transition::{Wait, Watch, ms, remove_module};
 use anyhow::{Context, Result, bail};
-use livehost_common::exit;
 use livehost_common::progress::Progress;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -42,6 +42,8 @@ pub struct LoadOptions {
     pub expected_sha256: Option<String>,
     /// The journal's `op` for this load (`enable` when re-applying).
     pub journal_op: JournalOp,
+    /// `load --installed`: the whole run's time limit.
+    pub budget: Option<Duration>,
 }
 
 impl Default for LoadOptions {
@@ -54,6 +56,7 @@ impl Default for LoadOptions {
             measure: false,
             expected_sha256: None,
             journal_op: JournalOp::Load,
+            budget: None,
         }
     }
 }
@@ -73,16 +76,56 @@ pub enum Outcome {
     Forced,
     /// Already loaded from the same file (`--installed` re-runs).
     AlreadyLoaded,
+    /// Stalled, and the reverse transition stalled too: the patch is
+    /// half-applied and the kernel mid-transition.
+    ReverseStalled,
+    /// Reversed, but the kernel did not free the patch: its module stays.
+    NotFreed,
+    /// Reversed and freed, but the module could not be removed.
+    NotRemoved,
+    /// `--force` failed: the write was refused, or the forced transition
+    /// did not finish.
+    ForceFailed,
+    /// SIGINT/SIGTERM/SIGHUP arrived mid-transition: reversed and removed,
+    /// the kernel is as before.
+    Interrupted,
 }
 
 impl Outcome {
     pub fn exit_code(self) -> i32 {
         match self {
-            Outcome::Loaded | Outcome::Forced | Outcome::AlreadyLoaded => exit::SUCCESS,
-            Outcome::Refused => exit::REFUSED,
-            Outcome::RolledBack => exit::ROLLED_BACK,
-            Outcome::Stalled => exit::ERROR,
+            Outcome::Loaded | Outcome::Forced | Outcome::AlreadyLoaded => exitcode::SUCCESS,
+            Outcome::Refused => exitcode::REFUSED,
+            Outcome::RolledBack | Outcome::Interrupted => exitcode::ROLLED_BACK,
+            Outcome::Stalled => exitcode::LEFT_IN_TRANSITION,
+            Outcome::ReverseStalled => exitcode::REVERSE_STALLED,
+            Outcome::NotFreed | Outcome::NotRemoved => exitcode::MODULE_LEFT,
+            Outcome::ForceFailed => exitcode::FORCE_FAILED,
         }
+    }
+
+    /// The journal's result for this outcome.
+    pub fn journal_result(self) -> JournalResult {
+        match self {
+            Outcome::Loaded | Outcome::AlreadyLoaded => JournalResult::Ok,
+            Outcome::Refused => JournalResult::Refused,
+            Outcome::RolledBack => JournalResult::RolledBack,
+            Outcome::Stalled => JournalResult::Stalled,
+            Outcome::Forced => JournalResult::Forced,
+            Outcome::ReverseStalled => JournalResult::ReverseStalled,
+            Outcome::NotFreed => JournalResult::NotFreed,
+            Outcome::NotRemoved => JournalResult::NotRemoved,
+            Outcome::ForceFailed => JournalResult::ForceFailed,
+            Outcome::Interrupted => JournalResult::Interrupted,
+        }
+    }
+
+    /// The patch is (still) applied after this outcome.
+    pub fn applied(self) -> bool {
+        matches!(
+            self,
+            Outcome::Loaded | Outcome::Forced | Outcome::AlreadyLoaded
+        )
     }
 }
 
@@ -99,6 +142,9 @@ pub struct LoadReport {
     /// From finit_module() until `transition` read 0.
     pub transition_ms: Option<f64>,
     pub stalled_tasks: Vec<TaskState>,
+    /// The tasks that held the reverse transition up, when it stalled too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reverse_stalled_tasks: Vec<TaskState>,
     pub rollback_ms: Option<f64>,
     /// Modules of patches this atomic-replace patch superseded, removed.
     pub replaced_removed: Vec<String>,
@@ -123,6 +169,7 @@ impl LoadReport {
             load_syscall_ms: None,
             transition_ms: None,
             stalled_tasks: Vec::new(),
+            reverse_stalled_tasks: Vec::new(),
             rollback_ms: None,
             replaced_removed: Vec::new(),
             measure: None,
@@ -153,7 +200,9 @@ fn load_watched(
     opts: &LoadOptions,
     progress: &Progress,
 ) -> Result<LoadReport> {
-    let info = module::inspect_file(file)?;
+    // Opened once: what is hashed and checked is what finit_module loads.
+    let opened = module::open_module(file)?;
+    let info = module::inspect_opened(file, &opened)?;
     let mut report = LoadReport::new(file, &info, vetted_preflight(paths, file, &info, opts));
     if !report.preflight.ok {
         let reasons: Vec<&str> = report
@@ -179,12 +228,13 @@ fn load_watched(
         progress,
         name: info.name.clone().context("module has no name")?,
         sha256: info.sha256.clone(),
+        meta: info.meta(),
     };
     let before: BTreeSet<String> = paths.patches().into_iter().map(|p| p.name).collect();
     let probe = opts
         .measure
         .then(|| measure::Probe::start(measure::spinners()));
-    let t0 = match l.insert(file, info.replace, &mut report) {
+    let t0 = match l.insert(file, &opened, info.replace, &mut report) {
         Ok(t0) => t0,
         Err(e) => {
             if let Some(p) = probe {
@@ -193,13 +243,22 @@ fn load_watched(
             return Err(e);
         }
     };
-    match wait_transition(paths, &l.name, 1, opts.timeout, opts.poll, progress, t0) {
+    let mut notes = Vec::new();
+    let waited = l.watch(true).wait(1, t0, &mut notes);
+    report.messages.append(&mut notes);
+    match waited {
         Wait::Done(d) => Ok(l.completed(report, d, probe, info.replace, &before)),
         Wait::TimedOut(d) => {
             if let Some(p) = probe {
                 p.stop();
             }
-            stall::handle(&l, report, d)
+            Ok(stall::handle(&l, report, d, None))
+        }
+        Wait::Interrupted(sig, d) => {
+            if let Some(p) = probe {
+                p.stop();
+            }
+            Ok(stall::handle(&l, report, d, Some(sig)))
         }
     }
 }
@@ -239,6 +298,7 @@ struct Loading<'a> {
     progress: &'a Progress,
     name: String,
     sha256: String,
+    meta: crate::module::PatchMeta,
 }
 
 impl Loading<'_> {
@@ -261,18 +321,42 @@ impl Loading<'_> {
         )
     }
 
+    /// Following this patch's transition.
+    fn watch(&self, interruptible: bool) -> Watch<'_> {
+        Watch {
+            paths: self.paths,
+            name: &self.name,
+            timeout: self.opts.timeout,
+            poll: self.opts.poll,
+            progress: self.progress,
+            interruptible,
+        }
+    }
+
     /// `finit_module`, record what was loaded, and make sure it registered
     /// a livepatch. Returns when the load began: the transition's start.
     fn insert(
         &self,
         file: &Path,
+        opened: &module::OpenedModule,
         replace: Option<bool>,
         report: &mut LoadReport,
     ) -> Result<Instant> {
         let name = &self.name;
         self.progress.step(format!("{name}: loading"));
+        // On disk before the kernel changes, so a run killed mid-load
+        // (SIGKILL, power cut) is found and reconciled by the next one.
+        report.messages.extend(state::begin(
+            self.paths,
+            self.opts.journal_op,
+            name,
+            Some(&self.sha256),
+        ));
         let t0 = Instant::now();
-        let loaded = kmod::finit_module(file, name);
+        let loaded = match &opened.compressed {
+            None => kmod::finit_module(&opened.file, file, name),
+            Some((_, elf)) => kmod::finit_compressed(&opened.file, elf, file, name),
+        };
         report.load_syscall_ms = Some(ms(t0.elapsed()));
         if let Err(e) = loaded {
             let detail = serde_json::json!({ "error": format!("{e:#}"), "file": report.file });
@@ -291,6 +375,9 @@ impl Loading<'_> {
             replace,
             loaded_unix_ms: livehost_common::unix_ms(),
             forced: false,
+            boot_id: self.paths.boot_id(),
+            meta: self.meta.clone(),
+            module_build_id: self.paths.module_build_id(name),
         };
         if let Err(e) = state::save_loaded(self.paths, &record) {
             report
@@ -302,6 +389,11 @@ impl Loading<'_> {
             // mystery module behind.
             let _ = remove_module(self.paths, name, self.opts.timeout);
             state::forget_loaded(self.paths, name);
+            self.journal(
+                JournalResult::Error,
+                None,
+                serde_json::json!({ "error": "registered no livepatch", "file": report.file }),
+            );
             bail!(
                 "{name} loaded but registered no livepatch in {}; removed it again",
                 self.paths.livepatch().display()

@@ -24,6 +24,10 @@ pub fn remove_superseded(
     timeout: Duration,
     progress: &Progress,
 ) -> (Vec<String>, Vec<String>) {
+    // The file's patch struct is the first source; a module whose
+    // klp_patch is built at run time (kpatch-build, klp-build) has none to
+    // read, and then the kernel's own `replace` attribute (6.11+) says it.
+    let replace = replace.or_else(|| paths.patch(name).and_then(|p| p.replace));
     let superseded: Vec<String> = if replace == Some(true) {
         before.iter().filter(|b| *b != name).cloned().collect()
     } else {
