@@ -24,7 +24,7 @@ pub enum Group {
     Sched,
 }
 
-pub const PROGRAMS: [(&str, &str, Group); 7] = [
+pub const PROGRAMS: [(&str, &str, Group); 8] = [
     ("handle_kvm_exit", "kvm_exit", Group::Vm),
     ("handle_kvm_entry", "kvm_entry", Group::Vm),
     ("handle_kvm_userspace_exit", "kvm_userspace_exit", Group::Vm),
@@ -32,6 +32,8 @@ pub const PROGRAMS: [(&str, &str, Group); 7] = [
     ("handle_sched_wakeup", "sched_wakeup", Group::Sched),
     ("handle_sched_wakeup_new", "sched_wakeup_new", Group::Sched),
     ("handle_sched_switch", "sched_switch", Group::Sched),
+    // Forgets exited vCPU threads; only the VM half keeps per-thread state.
+    ("handle_sched_process_exit", "sched_process_exit", Group::Vm),
 ];
 
 #[derive(Debug, Clone)]
@@ -75,6 +77,9 @@ pub struct Observer {
     links: Vec<Link>,
     pub attached: Vec<String>,
     pub skipped: Vec<Skipped>,
+    /// Per cgroup, the CPU time last exported (see `snapshot`): counters
+    /// never go back.
+    pub(crate) cpu_floor: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 static LIBBPF_LOG: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -126,6 +131,16 @@ fn skip_reason(
 /// The programs to load, and those left out with why; refuses when what
 /// is left cannot do what was asked.
 fn plan(opts: &ObserverOptions) -> Result<(Vec<&'static str>, Vec<Skipped>)> {
+    let (mut wanted, skipped) = plan_by_btf(opts);
+    enough_left(opts, &wanted, &skipped)?;
+    if opts.calibrate {
+        wanted.push("calib_noop");
+    }
+    Ok((wanted, skipped))
+}
+
+/// Split the programs into those whose tracepoint BTF knows and the rest.
+fn plan_by_btf(opts: &ObserverOptions) -> (Vec<&'static str>, Vec<Skipped>) {
     let available = btf_tracepoints(&opts.btf_dir);
     let mut skipped = Vec::new();
     let mut wanted = Vec::new();
@@ -139,26 +154,115 @@ fn plan(opts: &ObserverOptions) -> Result<(Vec<&'static str>, Vec<Skipped>)> {
             }),
         }
     }
-    let sched_ok = ["handle_sched_switch", "handle_sched_wakeup"]
+    (wanted, skipped)
+}
+
+/// Refuse when the programs left cannot do what was asked; the refusal
+/// names why the missing ones are missing.
+fn enough_left(opts: &ObserverOptions, wanted: &[&str], skipped: &[Skipped]) -> Result<()> {
+    let why = |prog: &str| {
+        skipped
+            .iter()
+            .find(|s| s.program == prog)
+            .map(|s| format!("{}: {}", s.program, s.reason))
+    };
+    let missing: Vec<String> = ["handle_sched_switch", "handle_sched_wakeup"]
         .iter()
-        .all(|p| wanted.contains(p));
-    if opts.containers && !sched_ok {
+        .filter(|p| !wanted.contains(p))
+        .filter_map(|p| why(p))
+        .collect();
+    if opts.containers && !missing.is_empty() {
         bail!(
-            "this kernel lacks the sched_switch/sched_wakeup tracepoints in BTF ({}); \
-             container observation is impossible here",
+            "container observation is impossible on this kernel ({}; BTF in {})",
+            missing.join("; "),
             opts.btf_dir.display()
         );
     }
     if opts.vms && !opts.containers && !wanted.iter().any(|p| p.contains("kvm")) {
         bail!(
-            "no KVM tracepoint is available (KVM is not built in and no kvm module is \
-             loaded); load kvm_intel or kvm_amd, or drop --vm-only"
+            "no KVM program can run (KVM is not built in, no kvm module is loaded, or the \
+             kernel refused them); load kvm_intel or kvm_amd, or drop --vm-only"
         );
     }
-    if opts.calibrate {
-        wanted.push("calib_noop");
+    Ok(())
+}
+
+/// The program libbpf names as the one that failed to load, and one line
+/// saying why (the verifier's verdict, never its whole log).
+pub fn refused_program(log: &str) -> Option<(String, String)> {
+    let mut name = None;
+    let mut verdict = None;
+    let mut in_log = false;
+    for line in log.lines() {
+        let line = line.trim().trim_start_matches("libbpf: ");
+        if line.contains("-- BEGIN PROG LOAD LOG --") {
+            in_log = true;
+            continue;
+        }
+        if line.contains("-- END PROG LOAD LOG --") {
+            in_log = false;
+            continue;
+        }
+        if in_log {
+            // The verdict is the last line before the statistics.
+            let stats = line.starts_with("processed ")
+                || line.starts_with("verification time")
+                || line.starts_with("stack depth");
+            if !line.is_empty() && !stats {
+                verdict = Some(line.to_string());
+            }
+            continue;
+        }
+        let Some(rest) = line.strip_prefix("prog '") else {
+            continue;
+        };
+        let Some((prog, msg)) = rest.split_once("': ") else {
+            continue;
+        };
+        if name.is_none() && msg.contains("fail") {
+            name = Some(prog.to_string());
+            verdict.get_or_insert_with(|| msg.to_string());
+        }
     }
-    Ok((wanted, skipped))
+    let name = name?;
+    let verdict = verdict.unwrap_or_default();
+    Some((name, verdict.chars().take(200).collect()))
+}
+
+/// Load `wanted`; a program the kernel refuses (verifier, missing target,
+/// CO-RE relocation) is left out with a one-line note in `skipped` and the
+/// rest are loaded again: never all-or-nothing.
+fn load_what_loads(
+    opts: &ObserverOptions,
+    wanted: &mut Vec<&'static str>,
+    skipped: &mut Vec<Skipped>,
+) -> Result<OverheadSkel<'static>> {
+    loop {
+        take_libbpf_log();
+        let err = match load(wanted) {
+            Ok(skel) => return Ok(skel),
+            Err(e) => e,
+        };
+        let log = LIBBPF_LOG.lock().map(|l| l.join("\n")).unwrap_or_default();
+        let Some((prog, verdict)) = refused_program(&log) else {
+            bail!("{err}\nlibbpf said:\n{}", take_libbpf_log());
+        };
+        let Some(i) = wanted.iter().position(|w| *w == prog) else {
+            bail!("{err}\nlibbpf said:\n{}", take_libbpf_log());
+        };
+        wanted.remove(i);
+        let tracepoint = PROGRAMS
+            .iter()
+            .find(|p| p.0 == prog)
+            .map_or("", |p| p.1)
+            .to_string();
+        skipped.push(Skipped {
+            program: prog,
+            tracepoint,
+            reason: format!("refused by this kernel: {verdict}"),
+        });
+        enough_left(opts, wanted, skipped)?;
+    }
 }
 
 /// Open the embedded object, keep only `wanted` and load it into the kernel.
@@ -180,12 +284,8 @@ fn load(wanted: &[&str]) -> Result<OverheadSkel<'static>> {
         .task_state
         .set_max_entries(task_slots())
         .context("cannot size the per-task map")?;
-    open.load().map_err(|e| {
-        anyhow::anyhow!(
-            "the kernel refused to load the BPF programs: {e}\nlibbpf said:\n{}",
-            take_libbpf_log()
-        )
-    })
+    open.load()
+        .map_err(|e| anyhow::anyhow!("the kernel refused to load the BPF programs: {e}"))
 }
 
 /// The BPF side's `epoch`, in the program's memory-mapped .bss.
@@ -216,8 +316,8 @@ impl Observer {
             );
         }
         libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Info, libbpf_log)));
-        let (wanted, skipped) = plan(opts)?;
-        let mut skel = load(&wanted)?;
+        let (mut wanted, mut skipped) = plan(opts)?;
+        let mut skel = load_what_loads(opts, &mut wanted, &mut skipped)?;
         let epoch = mapped_epoch(&mut skel)?;
         let mut obs = Observer {
             skel,
@@ -225,6 +325,7 @@ impl Observer {
             links: Vec::new(),
             attached: Vec::new(),
             skipped,
+            cpu_floor: Mutex::default(),
         };
         for name in wanted {
             obs.attach(name)?;
@@ -286,5 +387,43 @@ impl Observer {
                 (name, field("run_cnt:"), field("run_time_ns:"))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// libbpf's log of Debian 13's refusal of the unchecked kvm_exit
+    /// program: the program and the verifier's verdict, one line.
+    #[test]
+    fn a_refused_program_is_named_with_the_verdict_alone() {
+        let log = "libbpf: prog 'handle_kvm_exit': BPF program load failed: Permission denied
+libbpf: prog 'handle_kvm_exit': -- BEGIN PROG LOAD LOG --
+0: R1=ctx() R10=fp0
+1: R1=ctx() R6_w=trusted_ptr_or_null_kvm_vcpu(id=1)
+17: (bf) r3 = r6                      ; R3_w=trusted_ptr_or_null_kvm_vcpu(id=1)
+R3 pointer arithmetic on trusted_ptr_or_null_ prohibited, null-check it first
+processed 18 insns (limit 1000000) max_states_per_insn 0 total_states 1 peak_states 1 mark_read 1
+-- END PROG LOAD LOG --
+libbpf: prog 'handle_kvm_exit': failed to load: -13
+libbpf: failed to load object 'overhead_bpf'";
+        let (prog, why) = refused_program(log).unwrap();
+        assert_eq!(prog, "handle_kvm_exit");
+        assert_eq!(
+            why,
+            "R3 pointer arithmetic on trusted_ptr_or_null_ prohibited, null-check it first"
+        );
+        // No verifier log (a missing attach target): libbpf's own line.
+        let log = "libbpf: prog 'handle_sched_switch': failed to find kernel BTF type ID of 'sched_switch': -3
+libbpf: prog 'handle_sched_switch': failed to prepare load attributes: -3";
+        let (prog, why) = refused_program(log).unwrap();
+        assert_eq!(prog, "handle_sched_switch");
+        assert!(
+            why.starts_with("failed to find kernel BTF type ID"),
+            "{why}"
+        );
+        assert_eq!(refused_program("libbpf: map 'x': created"), None);
+        assert_eq!(refused_program(""), None);
     }
 }

@@ -59,6 +59,8 @@ pub struct VcpuVal {
     pub rq_count: u64,
     pub rq_sum_ns: u64,
     pub rq_max_ns: u64,
+    /// The thread exited: this snapshot is the entry's final export.
+    pub exited: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -155,9 +157,68 @@ impl Observer {
         // After cg_stats: a flush racing these two reads is missed for one
         // snapshot (and seen in the next), never counted twice.
         self.add_pending_cpu(&mut snap)?;
+        self.keep_cpu_monotonic(&mut snap);
         self.read_pairs(&mut snap)?;
         self.read_drops(&mut snap)?;
+        self.forget_exited(&snap)?;
         Ok(snap)
+    }
+
+    /// A cgroup's CPU time is cg_stats plus the per-CPU pending stretch, read
+    /// one after the other: a stretch counted as pending in one snapshot can
+    /// be flushed into an entry this snapshot had already read, and be
+    /// missed once. Each total is a lower bound of the truth, so the largest
+    /// seen so far is too: exporting it keeps the counter from going back
+    /// (the missed stretch shows up in a later snapshot).
+    fn keep_cpu_monotonic(&self, snap: &mut RawSnapshot) {
+        let Ok(mut floor) = self.cpu_floor.lock() else {
+            return;
+        };
+        for (id, v) in snap.cgroups.iter_mut() {
+            let f = floor.entry(*id).or_insert(0);
+            v.cpu_ns = v.cpu_ns.max(*f);
+            *f = v.cpu_ns;
+        }
+    }
+
+    /// Exited vCPU threads have had their final export in `snap`: delete
+    /// their entries (vcpus, and their exit counters) so the maps do not
+    /// fill with the dead. An entry reused by a new thread since the read
+    /// (another tgid, or no longer exited) is left alone.
+    fn forget_exited(&self, snap: &RawSnapshot) -> Result<()> {
+        let dead: Vec<(u32, u32)> = snap
+            .vcpus
+            .iter()
+            .filter(|(_, v)| v.exited)
+            .map(|(tid, v)| (*tid, v.tgid))
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let vcpus = &self.skel.maps.vcpus;
+        for (tid, tgid) in &dead {
+            let still_dead = vcpus
+                .lookup(as_bytes(tid), MapFlags::ANY)?
+                .and_then(|b| pod::<vcpu_val>(&b))
+                .is_some_and(|v| v.tgid == *tgid && v.exited != 0);
+            if still_dead {
+                let _ = vcpus.delete(as_bytes(tid));
+            }
+        }
+        for k in snap.exits.keys() {
+            if !dead.contains(&(k.tid, k.tgid)) {
+                continue;
+            }
+            let raw = exit_key {
+                tgid: k.tgid,
+                tid: k.tid,
+                reason: k.reason,
+                kind: k.kind.raw() as u16,
+                isa: k.isa.raw() as u16,
+            };
+            let _ = self.skel.maps.exit_stats.delete(as_bytes(&raw));
+        }
+        Ok(())
     }
 
     fn read_exits(&self, ival: &ClosedInterval, snap: &mut RawSnapshot) -> Result<()> {
@@ -207,6 +268,7 @@ impl Observer {
                 rq_count: v.rq_count,
                 rq_sum_ns: v.rq_sum_ns,
                 rq_max_ns: v.rq_max_ns,
+                exited: v.exited != 0,
             };
             snap.vcpus.insert(tid, val);
         }

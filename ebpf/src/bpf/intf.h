@@ -68,6 +68,10 @@ struct vcpu_val {
 	__u64 rq_count;
 	__u64 rq_sum_ns;
 	__u64 rq_max_ns;
+	/* 1 once the thread exited (sched_process_exit): user space exports
+	 * the entry one last time, then deletes it. */
+	__u32 exited;
+	__u32 _pad;
 };
 
 struct cg_val {

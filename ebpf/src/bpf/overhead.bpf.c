@@ -142,12 +142,15 @@ static __always_inline u64 task_cgid(struct task_struct *t)
 static __always_inline struct vcpu_val *vcpu_of(u32 tid, u32 tgid)
 {
 	struct vcpu_val *v = bpf_map_lookup_elem(&vcpus, &tid);
-	if (v)
+	if (v && v->tgid == tgid && !v->exited)
 		return v;
 	struct vcpu_val init = { .tgid = tgid, .vcpu_id = -1 };
 	bpf_get_current_comm(init.comm, sizeof(init.comm));
-	/* EEXIST from a racing insert is fine: the lookup below finds it. */
-	bpf_map_update_elem(&vcpus, &tid, &init, BPF_NOEXIST);
+	/* A dead vCPU's entry whose tid was reused (by another process, or
+	 * before user space's final export) is replaced: the new thread must
+	 * not inherit its tgid, comm, vcpu id or counters. EEXIST from a racing
+	 * insert is fine: the lookup below finds it. */
+	bpf_map_update_elem(&vcpus, &tid, &init, v ? BPF_ANY : BPF_NOEXIST);
 	v = bpf_map_lookup_elem(&vcpus, &tid);
 	if (!v)
 		drop(DROP_VCPUS);
@@ -211,6 +214,10 @@ int handle_kvm_exit(u64 *ctx)
 {
 	struct kvm_vcpu *vcpu = (void *)ctx[0];
 	u32 isa = (u32)ctx[1];
+	/* 6.12's verifier types this argument trusted_ptr_or_null: the
+	 * container_of in exit_reason() needs the check before it. */
+	if (!vcpu)
+		return 0;
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
 	struct exit_start s = {
@@ -293,6 +300,8 @@ SEC("tp_btf/sched_wakeup")
 int handle_sched_wakeup(u64 *ctx)
 {
 	struct task_struct *p = (void *)ctx[0];
+	if (!p)
+		return 0;
 	record_wake(p->pid, bpf_ktime_get_ns());
 	return 0;
 }
@@ -301,6 +310,8 @@ SEC("tp_btf/sched_wakeup_new")
 int handle_sched_wakeup_new(u64 *ctx)
 {
 	struct task_struct *p = (void *)ctx[0];
+	if (!p)
+		return 0;
 	record_wake(p->pid, bpf_ktime_get_ns());
 	return 0;
 }
@@ -332,23 +343,80 @@ static __always_inline struct pair_val *pair_of(u64 victim, u64 culprit)
 	return p;
 }
 
+/* A vCPU thread that exits stops being one: its task_state slot (flag and
+ * any wait start) is cleared and its vcpus entry marked exited, so a thread
+ * that later reuses the tid is neither counted in the dead VM nor inherits
+ * its identity. User space forgets exited entries after exporting them. */
+SEC("tp_btf/sched_process_exit")
+int handle_sched_process_exit(u64 *ctx)
+{
+	struct task_struct *p = (void *)ctx[0];
+	if (!p)
+		return 0;
+	u32 pid = p->pid;
+	u64 *st = bpf_map_lookup_elem(&task_state, &pid);
+	if (!st || !(*st & VCPU_FLAG))
+		return 0;
+	*st = 0;
+	struct vcpu_val *v = bpf_map_lookup_elem(&vcpus, &pid);
+	if (v)
+		v->exited = 1;
+	bpf_map_delete_elem(&exit_start, &pid);
+	return 0;
+}
+
+/* sched_switch's prototype: (preempt, prev, next) until 5.17, then
+ * (preempt, prev, next, prev_state). The local typedef is matched against
+ * the kernel's at load time; on an older kernel the ctx[3] read below is
+ * dead code the verifier never sees, and prev's state is read from the task. */
+typedef void (*btf_trace_sched_switch___4args)(void *, bool, struct task_struct *,
+					       struct task_struct *, unsigned int);
+struct task_struct___pre514 {
+	long state;
+} __attribute__((preserve_access_index));
+
+/* Set once a program ran: 1 when prev_state came from the tracepoint's
+ * fourth argument, 2 when it was read from the task (kernel < 5.18). */
+volatile u32 switch_state_source;
+
+static __always_inline u32 prev_task_state(u64 *ctx, struct task_struct *prev)
+{
+	if (bpf_core_type_matches(btf_trace_sched_switch___4args)) {
+		switch_state_source = 1;
+		return (u32)ctx[3];
+	}
+	switch_state_source = 2;
+	if (bpf_core_field_exists(prev->__state))
+		return BPF_CORE_READ(prev, __state);
+	return BPF_CORE_READ((struct task_struct___pre514 *)prev, state);
+}
+
 SEC("tp_btf/sched_switch")
 int handle_sched_switch(u64 *ctx)
 {
+	bool preempt = (bool)ctx[0];
 	struct task_struct *prev = (void *)ctx[1];
 	struct task_struct *next = (void *)ctx[2];
-	u32 prev_state = (u32)ctx[3];
+	if (!prev || !next)
+		return 0;
+	u32 prev_state = prev_task_state(ctx, prev);
 	u64 now = bpf_ktime_get_ns();
 	u32 zero = 0;
 	u32 prev_pid = prev->pid;
 	u32 next_pid = next->pid;
-	/* The idle task is nobody's cgroup: as a culprit it means "CPU was idle". */
-	u64 prev_cg = prev_pid ? task_cgid(prev) : CULPRIT_IDLE;
-	u64 next_cg = next_pid ? task_cgid(next) : CULPRIT_IDLE;
 
 	struct oncpu *o = bpf_map_lookup_elem(&oncpu, &zero);
 	if (!o)
 		return 0;
+	/* The idle task is nobody's cgroup: as a culprit it means "CPU was
+	 * idle". prev's cgroup was looked up when it was switched in. */
+	u64 cached_cg = o->cgid;
+	/* Keeps clang from merging this load with task_cgid's last one: the
+	 * verifier refuses one instruction on two kinds of pointer. */
+	barrier_var(cached_cg);
+	u64 prev_cg = !prev_pid ? CULPRIT_IDLE
+		: (o->ts && o->pid == prev_pid) ? cached_cg : task_cgid(prev);
+	u64 next_cg = next_pid ? task_cgid(next) : CULPRIT_IDLE;
 	if (prev_pid && o->ts && o->pid == prev_pid) {
 		if (o->pend_ns && o->pend_cg != prev_cg) {
 			struct cg_val *f = cg_of(o->pend_cg);
@@ -360,7 +428,10 @@ int handle_sched_switch(u64 *ctx)
 		o->pend_ns += now - o->ts;
 	}
 
-	if (prev_pid && prev_state == TASK_RUNNING) {
+	/* prev stays on the run queue when it was preempted, whatever state it
+	 * was heading for (set_current_state() then preempted before
+	 * schedule()), or when it is still TASK_RUNNING (yield, ...). */
+	if (prev_pid && (preempt || prev_state == TASK_RUNNING)) {
 		/* Involuntary: prev goes back on the run queue now. */
 		record_wake(prev_pid, now);
 		struct pair_val *p = pair_of(prev_cg, next_cg);

@@ -65,6 +65,7 @@ struct css_set {
 };
 
 struct task_struct {
+	unsigned int __state;
 	int pid;
 	int tgid;
 	struct css_set *cgroups;
