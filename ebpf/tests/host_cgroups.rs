@@ -330,3 +330,86 @@ fn interval_max_forgets_the_previous_interval() {
         "p99 clipped to the interval's max: {b:?}"
     );
 }
+
+/// A shell in `cg` that keeps moving itself between CPU 0 and CPU 1 (each
+/// move runs a short `taskset` child in the same cgroup): the cgroup's CPU
+/// time is pending on one CPU and then the other, flushed as cgroups change.
+fn hopper(cg: &Path) -> util::KillOnDrop {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec nice -n 10 sh -c \
+         'while :; do taskset -pc 0 $$ >/dev/null; taskset -pc 1 $$ >/dev/null; done'",
+        cg.display()
+    );
+    util::KillOnDrop(
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn sh"),
+    )
+}
+
+/// Every counter a snapshot exports is cumulative, so no snapshot may show
+/// less than the one before. Snapshots are taken back to back while tasks
+/// in three cgroups hop between CPUs: before the fix a cgroup's CPU time
+/// counted as pending on a CPU in one snapshot could be flushed into an
+/// entry the next had already read, and its CPU time went backwards.
+#[test]
+fn exported_counters_never_decrease_while_cgroups_migrate() {
+    util::require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let resolver = Resolver::new();
+    let cgs: Vec<_> = (0..3)
+        .map(|i| TempCgroup::new(&resolver, &format!("hop{i}")))
+        .collect();
+    let obs = Observer::start(&ObserverOptions {
+        vms: false,
+        ..Default::default()
+    })
+    .expect("observer starts");
+    let _tasks: Vec<_> = cgs.iter().map(|(cg, _)| hopper(&cg.0)).collect();
+    let mut prev = obs.snapshot().unwrap();
+    let mut violations = Vec::new();
+    let mut snapshots = 0;
+    let end = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < end {
+        let cur = obs.snapshot().unwrap();
+        snapshots += 1;
+        for (id, p) in &prev.cgroups {
+            let c = cur.cgroups.get(id).copied().unwrap_or_default();
+            for (what, a, b) in [
+                ("cpu_ns", p.cpu_ns, c.cpu_ns),
+                ("rq_count", p.rq_count, c.rq_count),
+                ("rq_sum_ns", p.rq_sum_ns, c.rq_sum_ns),
+            ] {
+                if b < a {
+                    violations.push(format!("cgroup {id} {what}: {a} -> {b}"));
+                }
+            }
+        }
+        for (k, p) in &prev.pairs {
+            let c = cur.pairs.get(k).copied().unwrap_or_default();
+            if c.wait_ns < p.wait_ns || c.wait_count < p.wait_count {
+                violations.push(format!("pair {k:?}: {p:?} -> {c:?}"));
+            }
+        }
+        prev = cur;
+    }
+    let ours: Vec<u64> = cgs.iter().map(|(_, id)| *id).collect();
+    let ran = ours
+        .iter()
+        .filter(|id| prev.cgroups.get(id).is_some_and(|v| v.cpu_ns > 0))
+        .count();
+    eprintln!(
+        "{snapshots} snapshots, {} violations, {ran}/3 test cgroups ran",
+        violations.len()
+    );
+    assert_eq!(ran, 3, "every test cgroup got CPU time");
+    assert!(snapshots >= 100, "only {snapshots} snapshots");
+    assert!(
+        violations.is_empty(),
+        "{} counters went back, first: {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
+}

@@ -229,3 +229,71 @@ fn vcpu_run_queue_delay_matches_schedstat() {
         tol
     );
 }
+
+/// Fork a child whose pid is `pid` (a tid freed by an exited thread), by
+/// setting the kernel's last allocated pid just before forking. Other
+/// processes forking in between take the pid: retried a few times.
+fn spawn_with_pid(pid: u32, script: &str) -> Option<util::KillOnDrop> {
+    for _ in 0..200 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
+        let child = std::process::Command::new("sh")
+            .args(["-c", script])
+            .spawn()
+            .ok()?;
+        if child.id() == pid {
+            return Some(util::KillOnDrop(child));
+        }
+        drop(util::KillOnDrop(child));
+    }
+    None
+}
+
+/// A vCPU thread exits and a new, unrelated process gets its tid: the new
+/// process's run-queue waits must not be counted in the dead VM (before
+/// the fix the vCPU flag outlived the thread and the dead VM came back in
+/// the report), and the dead vCPU is forgotten after its final export.
+#[test]
+fn a_reused_vcpu_tid_is_not_counted_in_the_dead_vm() {
+    util::require_root();
+    let obs = Observer::start(&ObserverOptions {
+        containers: false,
+        ..Default::default()
+    })
+    .expect("observer starts");
+    let run = std::thread::spawn(|| run_pio_guest(100))
+        .join()
+        .unwrap()
+        .expect("guest runs");
+    assert_ne!(run.tid, run.pid, "the vCPU ran on a thread of its own");
+    let last = obs.snapshot().unwrap();
+    let dead = last.vcpus.get(&run.tid).expect("the vCPU thread was seen");
+    assert_eq!(dead.tgid, run.pid);
+    assert!(dead.exited, "its exit was seen: this is the final export");
+    // Sleeps: the shell (pid = the dead tid) waits and wakes ~50 times.
+    let script = "i=0; while [ $i -lt 50 ]; do sleep 0.01; i=$((i+1)); done";
+    let mut child = spawn_with_pid(run.tid, script).expect("the freed tid could be reused");
+    child.0.wait().unwrap();
+    let cur = obs.snapshot().unwrap();
+    let mut resolver = livehost_ebpf::cgroup::Resolver::new();
+    let report = util::interval_report(&obs, &last, &cur, &mut resolver, &Default::default());
+    let back: Vec<_> = report
+        .vms
+        .iter()
+        .filter(|vm| vm.pid == run.pid || vm.vcpus.iter().any(|v| v.tid == run.tid))
+        .collect();
+    assert!(
+        back.is_empty(),
+        "the dead VM (pid {}, vCPU tid {}) came back: {back:?}",
+        run.pid,
+        run.tid
+    );
+    assert!(
+        !cur.vcpus.contains_key(&run.tid),
+        "the dead vCPU is forgotten after its final export: {:?}",
+        cur.vcpus.get(&run.tid)
+    );
+    assert!(
+        !cur.exits.keys().any(|k| k.tid == run.tid),
+        "and so are its exit counters"
+    );
+}
