@@ -173,15 +173,16 @@ fn enough_left(opts: &ObserverOptions, wanted: &[&str], skipped: &[Skipped]) -> 
         .collect();
     if opts.containers && !missing.is_empty() {
         bail!(
-            "container observation is impossible on this kernel ({}; BTF in {})",
+            "this kernel lacks the sched_switch/sched_wakeup tracepoints or refused their \
+             programs ({}; BTF in {}): container observation is impossible here",
             missing.join("; "),
             opts.btf_dir.display()
         );
     }
     if opts.vms && !opts.containers && !wanted.iter().any(|p| p.contains("kvm")) {
         bail!(
-            "no KVM program can run (KVM is not built in, no kvm module is loaded, or the \
-             kernel refused them); load kvm_intel or kvm_amd, or drop --vm-only"
+            "no KVM tracepoint is available, or the kernel refused every KVM program (KVM is \
+             not built in, no kvm module is loaded); load kvm_intel or kvm_amd, or drop --vm-only"
         );
     }
     Ok(())

@@ -121,15 +121,25 @@ impl ClosedInterval {
     }
 }
 
-/// A map entry as bytes: the key, and the value on each CPU.
-type PerCpuEntry = (Vec<u8>, Vec<Vec<u8>>);
+/// A map entry as bytes: the key and the value.
+type Entry = (Vec<u8>, Vec<u8>);
 
-/// Every entry of a per-CPU map; keys deleted while iterating are skipped.
-fn percpu_entries(map: &impl MapCore) -> Result<Vec<PerCpuEntry>> {
+/// Entries copied per BPF_MAP_LOOKUP_BATCH call.
+const BATCH: u32 = 4096;
+
+/// Every entry of a hash map: in batches of [`BATCH`] (one syscall each),
+/// or key by key where the kernel has no batch lookup for this map type.
+fn entries(map: &impl MapCore) -> Result<Vec<Entry>> {
+    if let Ok(batch) = map.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY) {
+        let out: Vec<Entry> = batch.collect();
+        if !out.is_empty() || map.keys().next().is_none() {
+            return Ok(out);
+        }
+    }
     let mut out = Vec::new();
     for kb in map.keys() {
-        if let Some(per_cpu) = map.lookup_percpu(&kb, MapFlags::ANY)? {
-            out.push((kb, per_cpu));
+        if let Some(v) = map.lookup(&kb, MapFlags::ANY)? {
+            out.push((kb, v));
         }
     }
     Ok(out)
@@ -222,7 +232,7 @@ impl Observer {
     }
 
     fn read_exits(&self, ival: &ClosedInterval, snap: &mut RawSnapshot) -> Result<()> {
-        for (kb, per_cpu) in percpu_entries(&self.skel.maps.exit_stats)? {
+        for (kb, vb) in entries(&self.skel.maps.exit_stats)? {
             let Some(k) = pod::<exit_key>(&kb) else {
                 continue;
             };
@@ -239,7 +249,7 @@ impl Observer {
             // Summed into the entry: an isa value this build does not know
             // shares the `Unknown` key with the others.
             let v = snap.exits.entry(key).or_default();
-            for c in per_cpu.iter().filter_map(|b| pod::<exit_val>(b)) {
+            if let Some(c) = pod::<exit_val>(&vb) {
                 v.count += c.count;
                 v.timed += c.timed;
                 v.sum_ns += c.sum_ns;
@@ -252,13 +262,8 @@ impl Observer {
     }
 
     fn read_vcpus(&self, snap: &mut RawSnapshot) -> Result<()> {
-        let map = &self.skel.maps.vcpus;
-        for kb in map.keys() {
-            let Some(tid) = pod::<u32>(&kb) else { continue };
-            let Some(b) = map.lookup(&kb, MapFlags::ANY)? else {
-                continue;
-            };
-            let Some(v) = pod::<vcpu_val>(&b) else {
+        for (kb, b) in entries(&self.skel.maps.vcpus)? {
+            let (Some(tid), Some(v)) = (pod::<u32>(&kb), pod::<vcpu_val>(&b)) else {
                 continue;
             };
             let val = VcpuVal {
@@ -276,17 +281,18 @@ impl Observer {
     }
 
     fn read_cgroups(&self, ival: &ClosedInterval, snap: &mut RawSnapshot) -> Result<()> {
-        for (kb, per_cpu) in percpu_entries(&self.skel.maps.cg_stats)? {
-            let Some(id) = pod::<u64>(&kb) else { continue };
-            let mut v = CgVal::default();
-            for c in per_cpu.iter().filter_map(|b| pod::<cg_val>(b)) {
-                v.cpu_ns += c.cpu_ns;
-                v.rq_count += c.rq_count;
-                v.rq_sum_ns += c.rq_sum_ns;
-                v.rq_max_ns = v.rq_max_ns.max(c.rq_max_ns);
-                v.rq_interval_max_ns = v.rq_interval_max_ns.max(ival.max(&c.rq_imax));
-                add_hist(&mut v.hist, &c.hist);
-            }
+        for (kb, vb) in entries(&self.skel.maps.cg_stats)? {
+            let (Some(id), Some(c)) = (pod::<u64>(&kb), pod::<cg_val>(&vb)) else {
+                continue;
+            };
+            let v = CgVal {
+                cpu_ns: c.cpu_ns,
+                rq_count: c.rq_count,
+                rq_sum_ns: c.rq_sum_ns,
+                rq_max_ns: c.rq_max_ns,
+                rq_interval_max_ns: ival.max(&c.rq_imax),
+                hist: c.hist,
+            };
             snap.cgroups.insert(id, v);
         }
         Ok(())
@@ -308,16 +314,15 @@ impl Observer {
     }
 
     fn read_pairs(&self, snap: &mut RawSnapshot) -> Result<()> {
-        for (kb, per_cpu) in percpu_entries(&self.skel.maps.pairs)? {
-            let Some(k) = pod::<pair_key>(&kb) else {
+        for (kb, vb) in entries(&self.skel.maps.pairs)? {
+            let (Some(k), Some(c)) = (pod::<pair_key>(&kb), pod::<pair_val>(&vb)) else {
                 continue;
             };
-            let mut v = PairVal::default();
-            for c in per_cpu.iter().filter_map(|b| pod::<pair_val>(b)) {
-                v.wait_count += c.wait_count;
-                v.wait_ns += c.wait_ns;
-                v.preemptions += c.preemptions;
-            }
+            let v = PairVal {
+                wait_count: c.wait_count,
+                wait_ns: c.wait_ns,
+                preemptions: c.preemptions,
+            };
             snap.pairs.insert((k.victim, k.culprit), v);
         }
         Ok(())

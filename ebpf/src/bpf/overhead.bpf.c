@@ -18,16 +18,32 @@ char LICENSE[] SEC("license") = "GPL";
  * resetting maps under the programs' feet. */
 volatile u64 epoch;
 
+/* *p = max(*p, v), safe against other CPUs updating the same value (the
+ * maps are shared, not per-CPU: see the maps below). A few tries: losing
+ * to a steady stream of larger values is harmless. */
+static __always_inline void atomic_max(u64 *p, u64 v)
+{
+	u64 old = *p;
+#pragma unroll
+	for (int i = 0; i < 4 && v > old; i++) {
+		u64 seen = __sync_val_compare_and_swap(p, old, v);
+		if (seen == old)
+			break;
+		old = seen;
+	}
+}
+
 static __always_inline void ival_max_add(struct ival_max *m, u64 v)
 {
 	u64 e = epoch;
 	u32 s = e & 1;
-	if (m->epoch[s] != e) {
-		m->epoch[s] = e;
+	u64 seen = m->epoch[s];
+	/* The first writer of a new interval claims the slot and resets it;
+	 * the others (and later events) raise it. */
+	if (seen != e && __sync_val_compare_and_swap(&m->epoch[s], seen, e) == seen)
 		m->max_ns[s] = v;
-	} else if (v > m->max_ns[s]) {
-		m->max_ns[s] = v;
-	}
+	else
+		atomic_max(&m->max_ns[s], v);
 }
 
 struct exit_start {
@@ -42,8 +58,14 @@ struct exit_start {
  * most CULPRITS cgroups are told apart per wait. */
 #define CULPRITS 4
 
+/* Memory: the maps are shared hashes, not per-CPU ones: a per-CPU value is
+ * multiplied by the number of possible CPUs (a 320-byte value in 16384
+ * slots is 1.3 GiB at 256 CPUs). Counters shared between CPUs are updated
+ * atomically; exit_stats is keyed by thread, and a thread runs on one CPU
+ * at a time. The loader sizes each map from the command line
+ * (observer.rs), and reports the kernel memory they take. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, struct exit_key);
 	__type(value, struct exit_val);
@@ -90,15 +112,15 @@ struct {
 } oncpu SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 8192);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
 	__type(key, u64);
 	__type(value, struct cg_val);
 } cg_stats SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 16384);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
 	__type(key, struct pair_key);
 	__type(value, struct pair_val);
 } pairs SEC(".maps");
@@ -421,7 +443,7 @@ int handle_sched_switch(u64 *ctx)
 		if (o->pend_ns && o->pend_cg != prev_cg) {
 			struct cg_val *f = cg_of(o->pend_cg);
 			if (f)
-				f->cpu_ns += o->pend_ns;
+				__sync_fetch_and_add(&f->cpu_ns, o->pend_ns);
 			o->pend_ns = 0;
 		}
 		o->pend_cg = prev_cg;
@@ -436,7 +458,7 @@ int handle_sched_switch(u64 *ctx)
 		record_wake(prev_pid, now);
 		struct pair_val *p = pair_of(prev_cg, next_cg);
 		if (p)
-			p->preemptions++;
+			__sync_fetch_and_add(&p->preemptions, 1);
 	}
 
 	/* Close prev's stretch (idle included, as cgroup 0). */
@@ -457,16 +479,15 @@ int handle_sched_switch(u64 *ctx)
 			*st = state & VCPU_FLAG;
 			struct cg_val *c = cg_of(next_cg);
 			if (c && o->pend_ns && o->pend_cg == next_cg) {
-				c->cpu_ns += o->pend_ns;
+				__sync_fetch_and_add(&c->cpu_ns, o->pend_ns);
 				o->pend_ns = 0;
 			}
 			if (c) {
-				c->rq_count++;
-				c->rq_sum_ns += delta;
-				if (delta > c->rq_max_ns)
-					c->rq_max_ns = delta;
+				__sync_fetch_and_add(&c->rq_count, 1);
+				__sync_fetch_and_add(&c->rq_sum_ns, delta);
+				atomic_max(&c->rq_max_ns, delta);
 				ival_max_add(&c->rq_imax, delta);
-				c->hist[log2_slot(delta)]++;
+				__sync_fetch_and_add(&c->hist[log2_slot(delta)], 1);
 			}
 			/* Split the wait over the stretches that overlap it. */
 			u64 who[CULPRITS] = {};
@@ -501,8 +522,8 @@ int handle_sched_switch(u64 *ctx)
 			if (delta > attributed) {
 				struct pair_val *p = pair_of(next_cg, CULPRIT_UNKNOWN);
 				if (p) {
-					p->wait_count++;
-					p->wait_ns += delta - attributed;
+					__sync_fetch_and_add(&p->wait_count, 1);
+					__sync_fetch_and_add(&p->wait_ns, delta - attributed);
 				}
 			}
 #pragma unroll
@@ -511,8 +532,8 @@ int handle_sched_switch(u64 *ctx)
 					continue;
 				struct pair_val *p = pair_of(next_cg, who[j]);
 				if (p) {
-					p->wait_count++;
-					p->wait_ns += ns[j];
+					__sync_fetch_and_add(&p->wait_count, 1);
+					__sync_fetch_and_add(&p->wait_ns, ns[j]);
 				}
 			}
 			struct vcpu_val *v = (state & VCPU_FLAG)
@@ -520,8 +541,7 @@ int handle_sched_switch(u64 *ctx)
 			if (v) {
 				__sync_fetch_and_add(&v->rq_count, 1);
 				__sync_fetch_and_add(&v->rq_sum_ns, delta);
-				if (delta > v->rq_max_ns)
-					v->rq_max_ns = delta;
+				atomic_max(&v->rq_max_ns, delta);
 			}
 		}
 	}
