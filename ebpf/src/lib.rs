@@ -12,6 +12,7 @@ pub mod intf {
 }
 pub mod kernel;
 pub mod kvm_guest;
+pub mod memory;
 pub mod observer;
 pub mod prom;
 pub mod reasons;

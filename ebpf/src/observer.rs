@@ -6,6 +6,7 @@
 //! any point leaves the kernel as it was.
 
 use crate::kernel::{btf_tracepoints, check_privileges, task_slots};
+use crate::memory::MapSizes;
 use crate::skel::{OverheadSkel, OverheadSkelBuilder};
 use anyhow::{Context, Result, bail};
 use libbpf_rs::Link;
@@ -48,6 +49,8 @@ pub struct ObserverOptions {
     /// Also attach an empty sched_switch program (`calib_noop`) whose run
     /// time is the per-event floor; for the overhead bench.
     pub calibrate: bool,
+    /// Entries of the maps that grow with the host (flags `--max-*`).
+    pub sizes: MapSizes,
 }
 
 impl Default for ObserverOptions {
@@ -57,6 +60,7 @@ impl Default for ObserverOptions {
             vms: true,
             containers: true,
             calibrate: false,
+            sizes: MapSizes::default(),
         }
     }
 }
@@ -240,7 +244,7 @@ fn load_what_loads(
 ) -> Result<OverheadSkel<'static>> {
     loop {
         take_libbpf_log();
-        let err = match load(wanted) {
+        let err = match load(wanted, &opts.sizes) {
             Ok(skel) => return Ok(skel),
             Err(e) => e,
         };
@@ -267,7 +271,7 @@ fn load_what_loads(
 }
 
 /// Open the embedded object, keep only `wanted` and load it into the kernel.
-fn load(wanted: &[&str]) -> Result<OverheadSkel<'static>> {
+fn load(wanted: &[&str], sizes: &MapSizes) -> Result<OverheadSkel<'static>> {
     // The skeleton borrows its open object for 'static; the box is a
     // pointer-sized handle, and the object it points to is freed when the
     // skeleton drops, so leaking the box costs a few bytes per observer.
@@ -281,10 +285,19 @@ fn load(wanted: &[&str]) -> Result<OverheadSkel<'static>> {
         prog.set_autoload(wanted.contains(&name.as_str()));
     }
     // One 8-byte slot per possible pid: 32 MiB at systemd's 4194304.
-    open.maps
-        .task_state
-        .set_max_entries(task_slots())
-        .context("cannot size the per-task map")?;
+    let m = &mut open.maps;
+    let sized = [
+        (&mut m.task_state, task_slots()),
+        (&mut m.exit_stats, sizes.exits),
+        (&mut m.exit_start, sizes.vcpus),
+        (&mut m.vcpus, sizes.vcpus),
+        (&mut m.cg_stats, sizes.cgroups),
+        (&mut m.pairs, sizes.pairs),
+    ];
+    for (map, n) in sized {
+        map.set_max_entries(n)
+            .with_context(|| format!("cannot size map {:?} to {n}", map.name()))?;
+    }
     open.load()
         .map_err(|e| anyhow::anyhow!("the kernel refused to load the BPF programs: {e}"))
 }
@@ -352,6 +365,26 @@ impl Observer {
                 take_libbpf_log()
             ),
         }
+    }
+
+    /// Kernel memory taken by the observer's maps, as the kernel reports it
+    /// (fdinfo memlock), summed.
+    pub fn map_memory_bytes(&self) -> u64 {
+        self.map_memory().iter().map(|(_, n)| n).sum()
+    }
+
+    /// Each map's kernel memory, as the kernel reports it.
+    pub fn map_memory(&self) -> Vec<(String, u64)> {
+        use libbpf_rs::MapCore;
+        use std::os::fd::{AsFd, AsRawFd};
+        self.skel
+            .object()
+            .maps()
+            .filter_map(|m| {
+                let n = crate::memory::fd_memlock(m.as_fd().as_raw_fd())?;
+                Some((m.name().to_string_lossy().into_owned(), n))
+            })
+            .collect()
     }
 
     /// File descriptors of the attached programs, for run-time statistics.

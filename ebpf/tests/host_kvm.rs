@@ -297,3 +297,49 @@ fn a_reused_vcpu_tid_is_not_counted_in_the_dead_vm() {
         "and so are its exit counters"
     );
 }
+
+/// The memory figure the design is judged by (`memory::total_bytes` at 256
+/// CPUs) is computed; here the same computation for this host's CPUs is
+/// checked against the kernel's own accounting of each map (fdinfo
+/// memlock), with map sizes from the command-line defaults and smaller ones.
+#[test]
+fn map_memory_computation_matches_the_kernels_accounting() {
+    use livehost_ebpf::memory::{self, MapSizes};
+    util::require_root();
+    let cpus = memory::possible_cpus();
+    let small = MapSizes {
+        exits: 1000,
+        cgroups: 3000,
+        pairs: 5000,
+        vcpus: 100,
+    };
+    for sizes in [MapSizes::default(), small] {
+        let obs = Observer::start(&ObserverOptions {
+            sizes,
+            ..Default::default()
+        })
+        .expect("observer starts");
+        let measured = obs.map_memory();
+        let shapes = memory::shapes(&sizes, livehost_ebpf::kernel::task_slots());
+        for shape in &shapes {
+            let est = memory::map_bytes(shape, cpus);
+            let got = measured
+                .iter()
+                .find(|(n, _)| n == shape.name)
+                .map(|(_, b)| *b)
+                .unwrap_or_else(|| panic!("map {} not reported: {measured:?}", shape.name));
+            // Fixed headers (struct bpf_htab, bpf_array: < 2 KiB) are left out.
+            let diff = got.abs_diff(est);
+            assert!(
+                diff <= 2048 + got / 50,
+                "{}: computed {est}, kernel says {got} ({cpus} CPUs, {sizes:?})",
+                shape.name
+            );
+        }
+        eprintln!(
+            "{sizes:?}: kernel {} bytes, computed {} ({cpus} CPUs)",
+            obs.map_memory_bytes(),
+            memory::total_bytes(&sizes, livehost_ebpf::kernel::task_slots(), cpus)
+        );
+    }
+}

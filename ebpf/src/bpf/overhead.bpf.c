@@ -71,19 +71,20 @@ struct {
 	__type(value, struct exit_val);
 } exit_stats SEC(".maps");
 
-/* Keyed by tid: the exit a vCPU thread is handling right now. LRU: the
- * last exit of a vCPU (HLT to user space, VM teardown) is never followed
- * by kvm_entry, and dead threads must not fill the map. */
+/* Keyed by tid: the exit a vCPU thread is handling right now. The last
+ * exit of a vCPU (HLT to user space, VM teardown) is never followed by
+ * kvm_entry: sched_process_exit deletes the dead thread's entry. (Not an
+ * LRU: its per-CPU free lists would evict live entries on a many-CPU host.) */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 8192);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
 	__type(key, u32);
 	__type(value, struct exit_start);
 } exit_start SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 8192);
+	__uint(max_entries, 4096);
 	__type(key, u32);
 	__type(value, struct vcpu_val);
 } vcpus SEC(".maps");

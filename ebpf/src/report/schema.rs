@@ -24,6 +24,9 @@ pub struct Report {
     /// Failed map inserts since start, by counter name (`intf::DropCounter`).
     pub drops: BTreeMap<String, u64>,
     pub programs: Programs,
+    /// Kernel memory of the observer's maps (bytes, fdinfo memlock), at start.
+    #[serde(default)]
+    pub map_memory_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
