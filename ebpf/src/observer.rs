@@ -46,9 +46,12 @@ pub struct ObserverOptions {
     pub vms: bool,
     /// Load the scheduler programs.
     pub containers: bool,
-    /// Also attach an empty sched_switch program (`calib_noop`) whose run
-    /// time is the per-event floor; for the overhead bench.
+    /// Also attach an empty program (`calib_<tracepoint>`) on each hook
+    /// whose run time is the per-event floor; for the overhead bench.
     pub calibrate: bool,
+    /// Attach only those empty programs, on the hooks the real ones would
+    /// use (the bench's "empty programs" leg); nothing is measured.
+    pub empty: bool,
     /// Entries of the maps that grow with the host (flags `--max-*`).
     pub sizes: MapSizes,
 }
@@ -60,6 +63,7 @@ impl Default for ObserverOptions {
             vms: true,
             containers: true,
             calibrate: false,
+            empty: false,
             sizes: MapSizes::default(),
         }
     }
@@ -137,10 +141,31 @@ fn skip_reason(
 fn plan(opts: &ObserverOptions) -> Result<(Vec<&'static str>, Vec<Skipped>)> {
     let (mut wanted, skipped) = plan_by_btf(opts);
     enough_left(opts, &wanted, &skipped)?;
-    if opts.calibrate {
-        wanted.push("calib_noop");
+    let calibs: Vec<&'static str> = wanted.iter().filter_map(|w| calib_of(w)).collect();
+    if opts.empty {
+        wanted = calibs;
+    } else if opts.calibrate {
+        wanted.extend(calibs);
     }
     Ok((wanted, skipped))
+}
+
+/// The empty program on the same hook as `program` (`handle_X` → `calib_X`).
+pub fn calib_of(program: &str) -> Option<&'static str> {
+    const CALIBS: [&str; 8] = [
+        "calib_kvm_exit",
+        "calib_kvm_entry",
+        "calib_kvm_userspace_exit",
+        "calib_kvm_pio",
+        "calib_sched_wakeup",
+        "calib_sched_wakeup_new",
+        "calib_sched_switch",
+        "calib_sched_process_exit",
+    ];
+    let hook = program.strip_prefix("handle_")?;
+    CALIBS
+        .into_iter()
+        .find(|c| c.strip_prefix("calib_") == Some(hook))
 }
 
 /// Split the programs into those whose tracepoint BTF knows and the rest.

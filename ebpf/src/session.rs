@@ -229,6 +229,7 @@ impl Session {
             vms: !c.containers_only,
             containers: !c.vm_only,
             calibrate: false,
+            empty: false,
             sizes,
         };
         let observer = Observer::start(&oopts).map_err(refused)?;

@@ -552,11 +552,21 @@ int handle_sched_switch(u64 *ctx)
 	return 0;
 }
 
-/* Calibration only (the bench): an empty program on sched_switch, whose
- * run time is the per-event floor of this kernel and machine (trampoline,
- * stats clock reads), to compare the real programs against. */
-SEC("tp_btf/sched_switch")
-int calib_noop(u64 *ctx)
-{
-	return 0;
-}
+/* Calibration only (the bench): empty programs on the observer's hooks,
+ * whose run time is the per-event floor of this kernel and machine
+ * (trampoline, stats clock reads), to compare the real programs against;
+ * loaded alone they are the "empty programs" leg of the bench. */
+#define CALIB(tp)                      \
+	SEC("tp_btf/" #tp)             \
+	int calib_##tp(u64 *ctx)       \
+	{                              \
+		return 0;              \
+	}
+CALIB(kvm_exit)
+CALIB(kvm_entry)
+CALIB(kvm_userspace_exit)
+CALIB(kvm_pio)
+CALIB(sched_wakeup)
+CALIB(sched_wakeup_new)
+CALIB(sched_switch)
+CALIB(sched_process_exit)
