@@ -76,8 +76,11 @@ fn spread(v: &[f64]) -> String {
 
 /// Added cost of the observer over that of empty programs on the same hooks
 /// (1.0: the observer costs no more than attaching anything there at all).
-fn ratio(none: f64, empty: f64, observer: f64) -> f64 {
-    (observer - none) / (empty - none).max(1.0)
+fn ratio(none: f64, empty: f64, observer: f64) -> String {
+    if empty - none <= 0.0 {
+        return "n/a (the empty programs added nothing measurable: noise)".into();
+    }
+    format!("{:.2}", (observer - none) / (empty - none))
 }
 
 /// Rounds of three legs, in turn: nothing attached, empty programs on the
@@ -108,7 +111,7 @@ fn legs(name: &str, unit: &str, f: &dyn Fn() -> f64) -> [f64; 3] {
         spread(&runs[2]),
     );
     println!(
-        "{:<28} added: empty {:+.0}, observer {:+.0} {unit}; observer/empty added-time ratio {:.2}",
+        "{:<28} added: empty {:+.0}, observer {:+.0} {unit}; observer/empty added-time ratio {}",
         "",
         m[1] - m[0],
         m[2] - m[0],

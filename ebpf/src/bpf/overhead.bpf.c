@@ -414,6 +414,68 @@ static __always_inline u32 prev_task_state(u64 *ctx, struct task_struct *prev)
 	return BPF_CORE_READ((struct task_struct___pre514 *)prev, state);
 }
 
+/* Waits shorter than this go wholesale to whoever ran last on the CPU:
+ * splitting them costs a loop and several hash lookups on the hottest
+ * path, and a noisy neighbour shows in long waits, not in these. */
+#define SHORT_WAIT_NS 50000ULL
+
+static __always_inline void add_wait(u64 victim, u64 culprit, u64 ns)
+{
+	struct pair_val *p = pair_of(victim, culprit);
+	if (p) {
+		__sync_fetch_and_add(&p->wait_count, 1);
+		__sync_fetch_and_add(&p->wait_ns, ns);
+	}
+}
+
+/* Split a wait [t0, now) of cgroup `victim` over the stretches of this
+ * CPU's ring that overlap it. */
+static __always_inline void attribute_wait(struct oncpu *o, u64 victim, u64 last,
+					   u64 t0, u64 now)
+{
+	u64 delta = now > t0 ? now - t0 : 0;
+	if (delta < SHORT_WAIT_NS) {
+		add_wait(victim, last, delta);
+		return;
+	}
+	u64 who[CULPRITS] = {};
+	u64 ns[CULPRITS] = {};
+	u64 attributed = 0;
+	u32 head = o->head;
+#pragma unroll
+	for (int i = 0; i < SEGS; i++) {
+		struct seg *sg = &o->segs[(head - 1 - i) & (SEGS - 1)];
+		if (sg->end <= t0 || sg->end == 0)
+			break;
+		u64 from = sg->start > t0 ? sg->start : t0;
+		u64 to = sg->end < now ? sg->end : now;
+		if (to <= from)
+			continue;
+		u64 ov = to - from;
+		attributed += ov;
+		int placed = 0;
+#pragma unroll
+		for (int j = 0; j < CULPRITS; j++) {
+			if (!placed && (ns[j] == 0 || who[j] == sg->cgid)) {
+				who[j] = sg->cgid;
+				ns[j] += ov;
+				placed = 1;
+			}
+		}
+		if (!placed)
+			ns[CULPRITS - 1] += ov; /* rare: >4 cgroups in one wait */
+	}
+	/* Waited on another CPU before migrating, or longer than the ring
+	 * remembers: say so rather than guess. */
+	if (delta > attributed)
+		add_wait(victim, CULPRIT_UNKNOWN, delta - attributed);
+#pragma unroll
+	for (int j = 0; j < CULPRITS; j++) {
+		if (ns[j])
+			add_wait(victim, who[j], ns[j]);
+	}
+}
+
 SEC("tp_btf/sched_switch")
 int handle_sched_switch(u64 *ctx)
 {
@@ -490,53 +552,7 @@ int handle_sched_switch(u64 *ctx)
 				ival_max_add(&c->rq_imax, delta);
 				__sync_fetch_and_add(&c->hist[log2_slot(delta)], 1);
 			}
-			/* Split the wait over the stretches that overlap it. */
-			u64 who[CULPRITS] = {};
-			u64 ns[CULPRITS] = {};
-			u64 attributed = 0;
-			u32 head = o->head;
-#pragma unroll
-			for (int i = 0; i < SEGS; i++) {
-				struct seg *sg = &o->segs[(head - 1 - i) & (SEGS - 1)];
-				if (sg->end <= t0 || sg->end == 0)
-					break;
-				u64 from = sg->start > t0 ? sg->start : t0;
-				u64 to = sg->end < now ? sg->end : now;
-				if (to <= from)
-					continue;
-				u64 ov = to - from;
-				attributed += ov;
-				int placed = 0;
-#pragma unroll
-				for (int j = 0; j < CULPRITS; j++) {
-					if (!placed && (ns[j] == 0 || who[j] == sg->cgid)) {
-						who[j] = sg->cgid;
-						ns[j] += ov;
-						placed = 1;
-					}
-				}
-				if (!placed)
-					ns[CULPRITS - 1] += ov; /* rare: >4 cgroups in one wait */
-			}
-			/* Waited on another CPU before migrating, or longer than the
-			 * ring remembers: say so rather than guess. */
-			if (delta > attributed) {
-				struct pair_val *p = pair_of(next_cg, CULPRIT_UNKNOWN);
-				if (p) {
-					__sync_fetch_and_add(&p->wait_count, 1);
-					__sync_fetch_and_add(&p->wait_ns, delta - attributed);
-				}
-			}
-#pragma unroll
-			for (int j = 0; j < CULPRITS; j++) {
-				if (!ns[j])
-					continue;
-				struct pair_val *p = pair_of(next_cg, who[j]);
-				if (p) {
-					__sync_fetch_and_add(&p->wait_count, 1);
-					__sync_fetch_and_add(&p->wait_ns, ns[j]);
-				}
-			}
+			attribute_wait(o, next_cg, prev_cg, t0, now);
 			struct vcpu_val *v = (state & VCPU_FLAG)
 				? bpf_map_lookup_elem(&vcpus, &next_pid) : 0;
 			if (v) {
