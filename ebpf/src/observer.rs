@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Which tracepoint each program needs, and whether it is part of the VM or
 /// the container half.
@@ -82,6 +82,8 @@ pub struct Observer {
     /// The BPF side's `epoch` (the current interval), in the .bss map's
     /// mmapped page, which lives as long as `skel`.
     pub(crate) epoch: &'static AtomicU64,
+    /// `switch_state_source` of the BPF side (same page).
+    switch_state: &'static AtomicU32,
     links: Vec<Link>,
     pub attached: Vec<String>,
     pub skipped: Vec<Skipped>,
@@ -327,8 +329,11 @@ fn load(wanted: &[&str], sizes: &MapSizes) -> Result<OverheadSkel<'static>> {
         .map_err(|e| anyhow::anyhow!("the kernel refused to load the BPF programs: {e}"))
 }
 
-/// The BPF side's `epoch`, in the program's memory-mapped .bss.
-fn mapped_epoch(skel: &mut OverheadSkel<'static>) -> Result<&'static AtomicU64> {
+/// The BPF side's `epoch` and `switch_state_source`, in the program's
+/// memory-mapped .bss.
+fn mapped_globals(
+    skel: &mut OverheadSkel<'static>,
+) -> Result<(&'static AtomicU64, &'static AtomicU32)> {
     let Some(bss) = skel.maps.bss_data.take() else {
         bail!(
             "the kernel did not let the BPF program's globals be memory-mapped \
@@ -338,7 +343,12 @@ fn mapped_epoch(skel: &mut OverheadSkel<'static>) -> Result<&'static AtomicU64> 
     // SAFETY: the u64 is 8-byte aligned in a page that stays mapped while
     // the skeleton (moved into the Observer beside this reference) lives;
     // the kernel side only reads it, and all our accesses are atomic.
-    Ok(unsafe { AtomicU64::from_ptr(&mut bss.epoch) })
+    Ok(unsafe {
+        (
+            AtomicU64::from_ptr(&mut bss.epoch),
+            AtomicU32::from_ptr(&mut bss.switch_state_source),
+        )
+    })
 }
 
 impl Observer {
@@ -357,10 +367,11 @@ impl Observer {
         libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Info, libbpf_log)));
         let (mut wanted, mut skipped) = plan(opts)?;
         let mut skel = load_what_loads(opts, &mut wanted, &mut skipped)?;
-        let epoch = mapped_epoch(&mut skel)?;
+        let (epoch, switch_state) = mapped_globals(&mut skel)?;
         let mut obs = Observer {
             skel,
             epoch,
+            switch_state,
             links: Vec::new(),
             attached: Vec::new(),
             skipped,
@@ -390,6 +401,12 @@ impl Observer {
                 take_libbpf_log()
             ),
         }
+    }
+
+    /// Where sched_switch took prev's state from: 1 the tracepoint's fourth
+    /// argument (Linux 5.18+), 2 the task (older kernels), 0 not run yet.
+    pub fn switch_state_source(&self) -> u32 {
+        self.switch_state.load(Ordering::Relaxed)
     }
 
     /// Kernel memory taken by the observer's maps, as the kernel reports it

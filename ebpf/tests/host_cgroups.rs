@@ -405,6 +405,9 @@ fn exported_counters_never_decrease_while_cgroups_migrate() {
         violations.len()
     );
     assert_eq!(ran, 3, "every test cgroup got CPU time");
+    // This kernel's sched_switch passes prev_state: the load-time type match
+    // picked the argument, not the pre-5.18 fallback.
+    assert_eq!(obs.switch_state_source(), 1);
     assert!(snapshots >= 100, "only {snapshots} snapshots");
     assert!(
         violations.is_empty(),

@@ -224,10 +224,15 @@ static __always_inline u32 exit_reason(struct kvm_vcpu *vcpu, u32 isa)
 		struct vmcb *vmcb = BPF_CORE_READ(svm, vmcb);
 		return BPF_CORE_READ(vmcb, control.exit_code);
 	}
-	if (isa == ISA_VMX && bpf_core_type_exists(struct vcpu_vmx)) {
+	if (isa == ISA_VMX && bpf_core_field_exists(struct vcpu_vmx, exit_reason)) {
 		struct vcpu_vmx *vmx =
 			(void *)vcpu - bpf_core_field_offset(struct vcpu_vmx, vcpu);
 		return BPF_CORE_READ(vmx, exit_reason.full) & 0xffff;
+	}
+	if (isa == ISA_VMX && bpf_core_field_exists(struct vcpu_vmx___vt, vt)) {
+		struct vcpu_vmx___vt *vmx =
+			(void *)vcpu - bpf_core_field_offset(struct vcpu_vmx___vt, vcpu);
+		return BPF_CORE_READ(vmx, vt.exit_reason.full) & 0xffff;
 	}
 	return 0xffffffff;
 }

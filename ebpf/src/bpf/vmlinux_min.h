@@ -99,6 +99,17 @@ struct vcpu_vmx {
 	union vmx_exit_reason exit_reason;
 };
 
+/* kvm_intel from Linux 6.16: the fields VMX shares with TDX moved into
+ * `struct vcpu_vt vt` (exit_reason among them). */
+struct vcpu_vt {
+	union vmx_exit_reason exit_reason;
+};
+
+struct vcpu_vmx___vt {
+	struct kvm_vcpu vcpu;
+	struct vcpu_vt vt;
+};
+
 #pragma clang attribute pop
 
 #endif
