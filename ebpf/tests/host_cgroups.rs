@@ -64,10 +64,12 @@ fn hog_at(cg: &Path, nice: i32) -> util::KillOnDrop {
 /// `body` (a shell script) run in `cg`, pinned to CPU 0 by taskset
 /// (sched_setaffinity) at `nice`, all set before it starts.
 fn on_cpu0(cg: &Path, nice: i32, body: &str) -> util::KillOnDrop {
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nice -n {nice} taskset -c 0 sh -c '{body}'",
-        cg.display()
-    );
+    in_cgroup(cg, &format!("nice -n {nice} taskset -c 0 sh -c '{body}'"))
+}
+
+/// `command` (shell words) exec'd by a shell that first moved itself into `cg`.
+fn in_cgroup(cg: &Path, command: &str) -> util::KillOnDrop {
+    let script = format!("echo $$ > {}/cgroup.procs && exec {command}", cg.display());
     util::KillOnDrop(
         Command::new("sh")
             .args(["-c", &script])
@@ -335,17 +337,10 @@ fn interval_max_forgets_the_previous_interval() {
 /// move runs a short `taskset` child in the same cgroup): the cgroup's CPU
 /// time is pending on one CPU and then the other, flushed as cgroups change.
 fn hopper(cg: &Path) -> util::KillOnDrop {
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nice -n 10 sh -c \
+    in_cgroup(
+        cg,
+        "nice -n 10 sh -c \
          'while :; do taskset -pc 0 $$ >/dev/null; taskset -pc 1 $$ >/dev/null; done'",
-        cg.display()
-    );
-    util::KillOnDrop(
-        Command::new("sh")
-            .args(["-c", &script])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn sh"),
     )
 }
 

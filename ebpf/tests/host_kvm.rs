@@ -11,14 +11,19 @@ use livehost_ebpf::observer::{Observer, ObserverOptions};
 use livehost_ebpf::reasons::{KVM_EXIT_HLT, KVM_EXIT_IO};
 use livehost_ebpf::snapshot::ExitKey;
 
-#[test]
-fn counts_exactly_n_userspace_io_exits_for_the_vcpu_thread() {
+/// The observer without its container half, as root.
+fn vm_observer() -> Observer {
     util::require_root();
-    let obs = Observer::start(&ObserverOptions {
+    Observer::start(&ObserverOptions {
         containers: false,
         ..Default::default()
     })
-    .expect("observer starts");
+    .expect("observer starts")
+}
+
+#[test]
+fn counts_exactly_n_userspace_io_exits_for_the_vcpu_thread() {
+    let obs = vm_observer();
     assert!(
         obs.attached
             .iter()
@@ -254,12 +259,7 @@ fn spawn_with_pid(pid: u32, script: &str) -> Option<util::KillOnDrop> {
 /// the report), and the dead vCPU is forgotten after its final export.
 #[test]
 fn a_reused_vcpu_tid_is_not_counted_in_the_dead_vm() {
-    util::require_root();
-    let obs = Observer::start(&ObserverOptions {
-        containers: false,
-        ..Default::default()
-    })
-    .expect("observer starts");
+    let obs = vm_observer();
     let run = std::thread::spawn(|| run_pio_guest(100))
         .join()
         .unwrap()
