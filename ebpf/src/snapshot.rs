@@ -124,18 +124,89 @@ impl ClosedInterval {
 /// A map entry as bytes: the key and the value.
 type Entry = (Vec<u8>, Vec<u8>);
 
-/// Entries copied per BPF_MAP_LOOKUP_BATCH call.
+/// Entries asked for per BPF_MAP_LOOKUP_BATCH call.
 const BATCH: u32 = 4096;
 
-/// Every entry of a hash map: in batches of [`BATCH`] (one syscall each),
-/// or key by key where the kernel has no batch lookup for this map type.
+/// `union bpf_attr` for BPF_MAP_LOOKUP_BATCH (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Every entry of a hash map, in batches (one syscall per ~[`BATCH`]
+/// entries) or, where the kernel has no batch lookup, key by key. (A hash
+/// map's batch can come back short of `count` with more to follow: it ends
+/// at a bucket boundary, so only ENOENT means the end. libbpf-rs 0.27's
+/// batch iterator stops at the first short batch, hence this loop.)
 fn entries(map: &impl MapCore) -> Result<Vec<Entry>> {
-    if let Ok(batch) = map.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY) {
-        let out: Vec<Entry> = batch.collect();
-        if !out.is_empty() || map.keys().next().is_none() {
+    use std::os::fd::AsRawFd;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let (ks, vs) = (map.key_size() as usize, map.value_size() as usize);
+    let mut count = BATCH;
+    let mut keys = vec![0u8; ks * count as usize];
+    let mut values = vec![0u8; vs * count as usize];
+    let (mut token, mut next) = ([0u8; 8], [0u8; 8]);
+    let mut out = Vec::new();
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count,
+            map_fd: map.as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the kernel writes at most `count` keys and values into
+        // buffers sized for `count`, and a 4-byte bucket token into `next`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        let err = (ret < 0).then(std::io::Error::last_os_error);
+        let end = err.as_ref().and_then(|e| e.raw_os_error()) == Some(libc::ENOENT);
+        match err.as_ref().and_then(|e| e.raw_os_error()) {
+            None | Some(libc::ENOENT) => {}
+            // One bucket holds more than `count`: ask for more at once.
+            Some(libc::ENOSPC) if count < (1 << 20) => {
+                count *= 4;
+                keys.resize(ks * count as usize, 0);
+                values.resize(vs * count as usize, 0);
+                continue;
+            }
+            Some(_) if first => return entries_key_by_key(map),
+            Some(_) => return Err(err.unwrap().into()),
+        }
+        let n = attr.count as usize;
+        for i in 0..n {
+            out.push((
+                keys[i * ks..(i + 1) * ks].to_vec(),
+                values[i * vs..(i + 1) * vs].to_vec(),
+            ));
+        }
+        if end {
             return Ok(out);
         }
+        token = next;
+        first = false;
     }
+}
+
+/// Every entry, two syscalls per key; keys deleted meanwhile are skipped.
+fn entries_key_by_key(map: &impl MapCore) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     for kb in map.keys() {
         if let Some(v) = map.lookup(&kb, MapFlags::ANY)? {

@@ -411,3 +411,87 @@ fn exported_counters_never_decrease_while_cgroups_migrate() {
         &violations[..violations.len().min(5)]
     );
 }
+
+/// The scale the map sizes are for: 10,000 cgroups under the v2 root, one
+/// short-lived task in each (a shell moves itself into each and runs
+/// `true` there). With the default sizes every cgroup is accounted, within
+/// the memory budget; with a map too small for them, every one missing is
+/// counted in `drops`.
+#[test]
+fn ten_thousand_cgroups_are_each_accounted_or_counted_as_dropped() {
+    use livehost_ebpf::intf::DropCounter;
+    use livehost_ebpf::memory::MapSizes;
+    util::require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const N: usize = 10_000;
+    let resolver = Resolver::new();
+    let (parent, _) = TempCgroup::new(&resolver, "many");
+    let kids: Vec<(TempCgroup, u64)> = (0..N)
+        .map(|i| {
+            let dir = parent.0.join(format!("c{i}"));
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            let id = std::fs::metadata(&dir).unwrap().ino();
+            (TempCgroup(dir), id)
+        })
+        .collect();
+    let full = Observer::start(&ObserverOptions {
+        vms: false,
+        ..Default::default()
+    })
+    .expect("observer starts");
+    let small_sizes = MapSizes {
+        cgroups: 1000,
+        ..Default::default()
+    };
+    let small = Observer::start(&ObserverOptions {
+        vms: false,
+        sizes: small_sizes,
+        ..Default::default()
+    })
+    .expect("observer with a small cgroup map starts");
+    let list = std::env::temp_dir().join(format!("livehost-cgroups-{}", std::process::id()));
+    let paths: Vec<String> = kids
+        .iter()
+        .map(|(c, _)| c.0.display().to_string())
+        .collect();
+    std::fs::write(&list, paths.join("\n")).unwrap();
+    let script = format!(
+        "for d in $(cat {}); do echo $$ > $d/cgroup.procs && /bin/true; done",
+        list.display()
+    );
+    let st = Command::new("sh").args(["-c", &script]).status().unwrap();
+    assert!(st.success(), "the cgroup walk failed");
+    let _ = std::fs::remove_file(&list);
+    for (obs, expect_all) in [(&full, true), (&small, false)] {
+        let snap = obs.snapshot().unwrap();
+        let missing = kids
+            .iter()
+            .filter(|(_, id)| !snap.cgroups.contains_key(id))
+            .count() as u64;
+        let dropped = snap
+            .drops
+            .iter()
+            .find(|(d, _)| *d == DropCounter::Cgroups)
+            .map_or(0, |(_, n)| *n);
+        eprintln!(
+            "{} of {N} cgroups accounted, {missing} missing, cgroups drops {dropped}, maps {} bytes",
+            N as u64 - missing,
+            obs.map_memory_bytes()
+        );
+        assert!(
+            missing <= dropped,
+            "{missing} cgroups neither accounted nor dropped"
+        );
+        if expect_all {
+            assert_eq!(missing, 0, "the default map holds 10,000 cgroups");
+        } else {
+            assert!(
+                missing >= (N - 1000) as u64,
+                "a 1,000-entry map cannot hold them all"
+            );
+        }
+    }
+    drop((full, small));
+    // Children before the parent (TempCgroup removes on drop, in order).
+    drop(kids);
+}
