@@ -15,6 +15,7 @@ pub mod kvm_guest;
 pub mod memory;
 pub mod observer;
 pub mod prom;
+pub mod prom_top;
 pub mod reasons;
 pub mod report;
 pub mod session;

@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// Stop after this many seconds (default: until Ctrl-C / SIGTERM).
     #[arg(long)]
     pub duration: Option<f64>,
+    /// At most N cgroups get series of their own (the busiest when first
+    /// seen); all others are summed into cgroup="other". Default: all.
+    #[arg(long)]
+    pub top: Option<usize>,
 }
 
 /// Why a run failed, and the exit code that says so (`livehost_common::exit`).
@@ -365,6 +369,7 @@ pub fn serve(a: &ServeArgs) -> Result<(), Failure> {
             .unwrap_or_else(|_| a.listen.clone())
     );
     let start = Instant::now();
+    let mut top = a.top.map(crate::prom_top::TopCgroups::new);
     while !stopped() && total.is_none_or(|t| start.elapsed() < t) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -376,7 +381,13 @@ pub fn serve(a: &ServeArgs) -> Result<(), Failure> {
                     ..
                 } = &mut s;
                 let r = prom::handle(stream, || match observer.snapshot() {
-                    Ok(snap) => prom::render(&snap, resolver, &ropts.filter, &observer.attached),
+                    Ok(snap) => {
+                        let snap = match top.as_mut() {
+                            Some(t) => t.fold(&snap),
+                            None => snap,
+                        };
+                        prom::render(&snap, resolver, &ropts.filter, &observer.attached)
+                    }
                     Err(e) => format!("# overhead: cannot read maps: {e}\n"),
                 });
                 if let Err(e) = r {
