@@ -198,7 +198,16 @@ pub fn svm_reason_name(code: u32) -> Option<String> {
     }
 }
 
+/// User-space "exit" reasons of a KVM_RUN that failed (intf.h): no new exit.
+pub const USER_EXIT_RESTART: u32 = crate::intf::USER_EXIT_RESTART as u32;
+pub const USER_EXIT_ERROR: u32 = crate::intf::USER_EXIT_ERROR as u32;
+
 pub fn kvm_exit_name(code: u32) -> Option<&'static str> {
+    match code {
+        USER_EXIT_RESTART => return Some("restart"),
+        USER_EXIT_ERROR => return Some("error"),
+        _ => {}
+    }
     const NAMES: [&str; 41] = [
         "UNKNOWN",
         "EXCEPTION",
@@ -289,6 +298,8 @@ mod tests {
         assert_eq!(kvm_exit_name(KVM_EXIT_IO), Some("IO"));
         assert_eq!(kvm_exit_name(KVM_EXIT_HLT), Some("HLT"));
         assert_eq!(kvm_exit_name(99), None);
+        assert_eq!(kvm_exit_name(USER_EXIT_RESTART), Some("restart"));
+        assert_eq!(kvm_exit_name(USER_EXIT_ERROR), Some("error"));
         assert_eq!(hw_exit_name(KvmIsa::Svm, 0x7b), "io");
         assert_eq!(hw_exit_name(KvmIsa::Unknown, 0x7b), "0x7b");
         assert_eq!(exit_name(ExitKind::User, KvmIsa::Unknown, 99), "99");

@@ -344,3 +344,29 @@ fn map_memory_computation_matches_the_kernels_accounting() {
         );
     }
 }
+
+/// A KVM_RUN that fails (here: -EINTR, as a signal causes) leaves the run's
+/// exit_reason from an earlier exit. Such calls are counted as `restart`,
+/// not as that stale reason (before the fix: 50 `UNKNOWN` exits) and not
+/// in the EXITS total.
+#[test]
+fn interrupted_kvm_runs_are_counted_as_restarts_not_as_stale_exits() {
+    use livehost_ebpf::reasons::USER_EXIT_RESTART;
+    let obs = vm_observer();
+    let (pid, tid) = std::thread::spawn(|| livehost_ebpf::kvm_guest::interrupted_runs(50))
+        .join()
+        .unwrap()
+        .expect("KVM_RUN with immediate_exit");
+    let snap = obs.snapshot().unwrap();
+    let mine: Vec<_> = snap
+        .exits
+        .iter()
+        .filter(|(k, _)| k.tid == tid && k.tgid == pid)
+        .map(|(k, v)| (k.kind, k.reason, v.count))
+        .collect();
+    assert_eq!(
+        mine,
+        [(ExitKind::User, USER_EXIT_RESTART, 50)],
+        "only restarts for the thread"
+    );
+}

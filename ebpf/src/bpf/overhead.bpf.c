@@ -290,6 +290,10 @@ SEC("tp_btf/kvm_userspace_exit")
 int handle_kvm_userspace_exit(u64 *ctx)
 {
 	u32 reason = (u32)ctx[0];
+	int err = (int)ctx[1];
+	/* KVM_RUN failed: exit_reason is left from an earlier exit. */
+	if (err < 0)
+		reason = err == -4 /* EINTR */ ? USER_EXIT_RESTART : USER_EXIT_ERROR;
 	u64 id = bpf_get_current_pid_tgid();
 	struct exit_key k = {
 		.tgid = id >> 32, .tid = (u32)id, .reason = reason,

@@ -91,7 +91,18 @@ impl VcpuRow {
             rows.map(|e| e.count).sum()
         };
         let hw = sum(ExitKind::Hw);
-        if hw > 0 { hw } else { sum(ExitKind::User) }
+        if hw > 0 {
+            return hw;
+        }
+        // KVM_RUN calls that failed (restart, error) are not exits.
+        let failed = self.exits.iter().filter(|e| {
+            e.kind == ExitKind::User
+                && matches!(
+                    e.reason,
+                    crate::reasons::USER_EXIT_RESTART | crate::reasons::USER_EXIT_ERROR
+                )
+        });
+        sum(ExitKind::User) - failed.map(|e| e.count).sum::<u64>()
     }
 
     /// Time from hardware exit to re-entry, HLT exits left out.
