@@ -493,6 +493,14 @@ mod tests {
             },
             timed(7, 0),
         );
+        // Failed KVM_RUN calls (signals) are not exits.
+        let restart = ExitKey {
+            tgid: 11,
+            tid: 11,
+            reason: crate::reasons::USER_EXIT_RESTART,
+            ..user
+        };
+        cur.exits.insert(restart, timed(3, 0));
         let r = vm_report(&cur);
         let exits = |pid| r.vms.iter().find(|v| v.pid == pid).unwrap().exits;
         assert_eq!(exits(10), 5);
