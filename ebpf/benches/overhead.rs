@@ -1,15 +1,18 @@
 //! Overhead of the observer on the work it watches, measured in one run:
 //! a context-switch-heavy workload (two threads ping-ponging a byte over
 //! pipes) and a KVM exit-heavy workload (a guest doing port writes), each
-//! timed without and with the observer attached, alternating A/B/A/B so
-//! drift on this shared machine hits both sides alike; medians are compared.
-//! Then, with BPF_ENABLE_STATS on, the kernel's own per-program run time.
+//! timed with nothing attached, with empty programs on the observer's hooks
+//! and with the observer, in turn, so drift on this shared machine hits
+//! every leg alike; medians are compared, and the observer's added time is
+//! given as a ratio to the empty programs' (what any tracer on those hooks
+//! costs). Then, with BPF_ENABLE_STATS on, the kernel's own run time of
+//! each program beside the empty one on its hook.
 //!
 //! Run: `sudo cargo bench -p ebpf` (root: loads BPF, opens /dev/kvm).
 
 use livehost_ebpf::kernel::enable_run_time_stats;
 use livehost_ebpf::kvm_guest::run_pio_guest;
-use livehost_ebpf::observer::{Observer, ObserverOptions};
+use livehost_ebpf::observer::{Observer, ObserverOptions, calib_of};
 use std::io::{Read, Write};
 use std::time::Instant;
 
@@ -65,30 +68,97 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// A/B rounds: the observer is attached for the B half of each round.
-fn ab(name: &str, unit: &str, f: &dyn Fn() -> f64) -> (f64, f64) {
-    f(); // warm up
-    let (mut off, mut on) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        off.push(f());
-        let obs = Observer::start(&ObserverOptions::default()).expect("observer attaches");
-        on.push(f());
-        drop(obs);
+fn spread(v: &[f64]) -> String {
+    let lo = v.iter().cloned().fold(f64::MAX, f64::min);
+    let hi = v.iter().cloned().fold(0.0, f64::max);
+    format!("{lo:.0}..{hi:.0}")
+}
+
+/// Added cost of the observer over that of empty programs on the same hooks
+/// (1.0: the observer costs no more than attaching anything there at all).
+fn ratio(none: f64, empty: f64, observer: f64) -> String {
+    if empty - none <= 0.0 {
+        return "n/a (the empty programs added nothing measurable: noise)".into();
     }
-    let (a, b) = (median(off.clone()), median(on.clone()));
-    let spread = |v: &[f64]| {
-        let lo = v.iter().cloned().fold(f64::MAX, f64::min);
-        let hi = v.iter().cloned().fold(0.0, f64::max);
-        format!("{lo:.0}..{hi:.0}")
-    };
+    format!("{:.2}", (observer - none) / (empty - none))
+}
+
+/// Rounds of three legs, in turn: nothing attached, empty programs on the
+/// observer's hooks, the observer. Returns the medians.
+fn legs(name: &str, unit: &str, f: &dyn Fn() -> f64) -> [f64; 3] {
+    f(); // warm up
+    let mut runs: [Vec<f64>; 3] = Default::default();
+    for _ in 0..ROUNDS {
+        runs[0].push(f());
+        for (leg, empty) in [(1, true), (2, false)] {
+            let opts = ObserverOptions {
+                empty,
+                ..Default::default()
+            };
+            let obs = Observer::start(&opts).expect("observer attaches");
+            runs[leg].push(f());
+            drop(obs);
+        }
+    }
+    let m = [0, 1, 2].map(|i| median(runs[i].clone()));
     println!(
-        "{name:<28} without {a:>9.0} {unit} [{}]  with {b:>9.0} {unit} [{}]  ratio {:.3}  ({:+.1}%)",
-        spread(&off),
-        spread(&on),
-        b / a,
-        (b / a - 1.0) * 100.0
+        "{name:<28} none {:>8.0} [{}]  empty {:>8.0} [{}]  observer {:>8.0} [{}] {unit}",
+        m[0],
+        spread(&runs[0]),
+        m[1],
+        spread(&runs[1]),
+        m[2],
+        spread(&runs[2]),
     );
-    (a, b)
+    println!(
+        "{:<28} added: empty {:+.0}, observer {:+.0} {unit}; observer/empty added-time ratio {}",
+        "",
+        m[1] - m[0],
+        m[2] - m[0],
+        ratio(m[0], m[1], m[2])
+    );
+    m
+}
+
+/// The kernel's own run time per program (BPF_ENABLE_STATS), each real
+/// program beside the empty one on its hook, over one run of each workload.
+fn per_program() {
+    let stats = enable_run_time_stats().expect("BPF_ENABLE_STATS");
+    let obs = Observer::start(&ObserverOptions {
+        calibrate: true,
+        ..Default::default()
+    })
+    .expect("observer attaches");
+    ping_pong(ROUND_TRIPS);
+    kvm_exits(EXITS);
+    let all = obs.program_stats();
+    drop(obs);
+    drop(stats);
+    println!(
+        "\nper-program run time (BPF_ENABLE_STATS, one ping-pong + one KVM run, plus whatever else ran):"
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>12} {:>8}",
+        "program", "run_cnt", "ns/run", "empty ns/run", "ratio"
+    );
+    let per = |name: &str| {
+        all.iter().find(|(n, _, _)| n == name).map(|(_, cnt, ns)| {
+            (
+                *cnt,
+                if *cnt > 0 {
+                    *ns as f64 / *cnt as f64
+                } else {
+                    0.0
+                },
+            )
+        })
+    };
+    for (name, _, _) in all.iter().filter(|(n, _, _)| n.starts_with("handle_")) {
+        let (cnt, ns) = per(name).unwrap_or_default();
+        let floor = calib_of(name).and_then(per).map_or(0.0, |(_, ns)| ns);
+        let r = if floor > 0.0 { ns / floor } else { 0.0 };
+        println!("{name:<28} {cnt:>10} {ns:>10.1} {floor:>12.1} {r:>8.2}");
+    }
 }
 
 fn main() {
@@ -100,43 +170,17 @@ fn main() {
         "the overhead bench needs root: sudo cargo bench -p ebpf"
     );
     println!(
-        "overhead bench: {ROUNDS} A/B rounds, medians; host kernel {}",
+        "overhead bench: {ROUNDS} rounds of none / empty programs / observer, medians; host kernel {}",
         livehost_common::sysfs::read_attr("/proc/sys/kernel/osrelease").unwrap_or_default()
     );
-    let (pp_off, pp_on) = ab(&format!("pipe ping-pong x{ROUND_TRIPS}"), "ns/rt", &|| {
+    legs(&format!("pipe ping-pong x{ROUND_TRIPS}"), "ns/rt", &|| {
         ping_pong(ROUND_TRIPS)
     });
-    let (kv_off, kv_on) = ab(
+    legs(
         &format!("KVM port-write exits x{EXITS}"),
         "ns/exit",
         &|| kvm_exits(EXITS),
     );
-    println!(
-        "added per ping-pong round trip: {:.0} ns; per KVM exit: {:.0} ns (nested-virt host: exits are emulated, label accordingly)",
-        pp_on - pp_off,
-        kv_on - kv_off
-    );
-
-    // Per-program cost as the kernel measures it.
-    let stats = enable_run_time_stats().expect("BPF_ENABLE_STATS");
-    let obs = Observer::start(&ObserverOptions {
-        calibrate: true,
-        ..Default::default()
-    })
-    .expect("observer attaches");
-    ping_pong(ROUND_TRIPS);
-    kvm_exits(EXITS);
-    println!(
-        "\nper-program run time (BPF_ENABLE_STATS, during one ping-pong + one KVM run, plus whatever else ran):"
-    );
-    println!(
-        "{:<28} {:>12} {:>14} {:>10}",
-        "program", "run_cnt", "run_time_ns", "ns/run"
-    );
-    for (name, cnt, ns) in obs.program_stats() {
-        let per = if cnt > 0 { ns as f64 / cnt as f64 } else { 0.0 };
-        println!("{name:<28} {cnt:>12} {ns:>14} {per:>10.1}");
-    }
-    drop(obs);
-    drop(stats);
+    println!("(nested-virt host: KVM exits are emulated here, label accordingly)");
+    per_program();
 }

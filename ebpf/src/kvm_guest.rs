@@ -24,6 +24,26 @@ pub struct GuestRun {
     pub elapsed_ns: u64,
 }
 
+/// Call KVM_RUN `n` times on a fresh vCPU with `immediate_exit` set: each
+/// returns -EINTR at once, without running the guest (what a signal to the
+/// vCPU thread does). Returns the calling thread's (pid, tid).
+pub fn interrupted_runs(n: u32) -> Result<(u32, u32)> {
+    let kvm = Kvm::open().context("is KVM available and are you root?")?;
+    let vm = Vm::new(&kvm, MEM_SIZE)?;
+    let mut vcpu = vm.vcpu(&kvm, Mode::Real, GUEST_ADDR)?;
+    let fd = vcpu.fd();
+    fd.set_kvm_immediate_exit(1);
+    for _ in 0..n {
+        match fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => bail!("KVM_RUN with immediate_exit: want EINTR, got {other:?}"),
+        }
+    }
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() } as u32;
+    Ok((std::process::id(), tid))
+}
+
 /// Run a guest doing `n` (>= 1) port writes on the calling thread. The run
 /// is bounded by a deadline generous for the slowest (emulating) host; a
 /// guest that exits any other way is reported as an error.

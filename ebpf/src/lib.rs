@@ -12,8 +12,10 @@ pub mod intf {
 }
 pub mod kernel;
 pub mod kvm_guest;
+pub mod memory;
 pub mod observer;
 pub mod prom;
+pub mod prom_top;
 pub mod reasons;
 pub mod report;
 pub mod session;

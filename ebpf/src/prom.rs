@@ -183,13 +183,22 @@ fn vcpu_metrics(o: &mut String, snap: &RawSnapshot, filter: &Filter) {
 /// The kept cgroups by id, with their `cgroup` (path) and `container` labels.
 type CgroupLabels = Vec<(u64, Vec<(&'static str, String)>)>;
 
+/// A cgroup's `cgroup` label: its path, "other" for the sum of the cgroups
+/// without series of their own (`--top`), `#id` once it is gone.
+fn cgroup_name(resolver: &mut Resolver, id: u64) -> String {
+    if id == crate::prom_top::OTHER {
+        return "other".into();
+    }
+    resolver.path(id).unwrap_or_else(|| format!("#{id}"))
+}
+
 fn cgroup_labels(snap: &RawSnapshot, resolver: &mut Resolver, filter: &Filter) -> CgroupLabels {
     let mut ids: Vec<u64> = snap.cgroups.keys().copied().collect();
     ids.sort();
     ids.retain(|i| filter.keeps_cgroup(*i));
     ids.iter()
         .map(|id| {
-            let path = resolver.path(*id).unwrap_or_else(|| format!("#{id}"));
+            let path = cgroup_name(resolver, *id);
             let container = cgroup::container_name(&path).unwrap_or_default();
             (*id, vec![("cgroup", path), ("container", container)])
         })
@@ -257,9 +266,7 @@ fn preemption_metrics(
         let by = if *culprit == CULPRIT_IDLE {
             class.as_str().to_string()
         } else {
-            resolver
-                .path(*culprit)
-                .unwrap_or_else(|| format!("#{culprit}"))
+            cgroup_name(resolver, *culprit)
         };
         let mut l = vl.clone();
         l.push(("by", by));
@@ -293,6 +300,7 @@ type CpuFileValue<'a> = dyn Fn(&CpuFiles) -> Option<String> + 'a;
 fn cgroup_file_metrics(o: &mut String, resolver: &Resolver, named: &CgroupLabels) {
     let files: Vec<_> = named
         .iter()
+        .filter(|(id, _)| *id != crate::prom_top::OTHER)
         .map(|(_, l)| (l, cgroup::cpu_files(&resolver.mounts, &l[0].1)))
         .collect();
     let seconds = |usec: Option<u64>| usec.map(|u| (u as f64 / 1e6).to_string());

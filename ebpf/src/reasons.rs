@@ -14,6 +14,10 @@ pub const KVM_EXIT_HLT: u32 = 5;
 pub const SVM_EXIT_IOIO: u32 = 0x7b;
 /// SVM exit code of a nested page fault.
 pub const SVM_EXIT_NPF: u32 = 0x400;
+/// HLT exits (their exit-to-entry time is the guest idling).
+pub const SVM_EXIT_HLT: u32 = 0x078;
+pub const SVM_EXIT_IDLE_HLT: u32 = 0x0a6;
+pub const VMX_EXIT_HLT: u32 = 12;
 
 /// Which table an exit's `reason` code belongs to (`isa` in JSON): the
 /// vendor's for hardware exits, KVM's `KVM_EXIT_*` for user-space exits, a
@@ -168,7 +172,12 @@ pub fn svm_reason_name(code: u32) -> Option<String> {
         0x08d => "xsetbv",
         0x08e => "rdpru",
         0x08f => "write_efer_trap",
-        0x0a0 => "invpcid",
+        // arch/x86/include/uapi/asm/svm.h: 0x0a0 is INVLPGB, INVPCID is 0x0a2.
+        0x0a0 => "invlpgb",
+        0x0a1 => "invlpgb_sync",
+        0x0a2 => "invpcid",
+        0x0a3 => "mcommit",
+        0x0a4 => "tlbsync",
         0x0a5 => "buslock",
         0x0a6 => "idle-halt",
         0x400 => "npf",
@@ -189,7 +198,16 @@ pub fn svm_reason_name(code: u32) -> Option<String> {
     }
 }
 
+/// User-space "exit" reasons of a KVM_RUN that failed (intf.h): no new exit.
+pub const USER_EXIT_RESTART: u32 = crate::intf::USER_EXIT_RESTART as u32;
+pub const USER_EXIT_ERROR: u32 = crate::intf::USER_EXIT_ERROR as u32;
+
 pub fn kvm_exit_name(code: u32) -> Option<&'static str> {
+    match code {
+        USER_EXIT_RESTART => return Some("restart"),
+        USER_EXIT_ERROR => return Some("error"),
+        _ => {}
+    }
     const NAMES: [&str; 41] = [
         "UNKNOWN",
         "EXCEPTION",
@@ -269,12 +287,19 @@ mod tests {
         assert_eq!(svm_reason_name(0x4e).as_deref(), Some("PF_excp"));
         assert_eq!(svm_reason_name(0x13).as_deref(), Some("write_cr3"));
         assert_eq!(svm_reason_name(0x1234), None);
+        // The codes around AMD's TLB instructions, as the kernel's svm.h has them.
+        assert_eq!(svm_reason_name(0x0a0).as_deref(), Some("invlpgb"));
+        assert_eq!(svm_reason_name(0x0a1).as_deref(), Some("invlpgb_sync"));
+        assert_eq!(svm_reason_name(0x0a2).as_deref(), Some("invpcid"));
+        assert_eq!(svm_reason_name(0x0a4).as_deref(), Some("tlbsync"));
         assert_eq!(vmx_reason_name(30), Some("IO_INSTRUCTION"));
         assert_eq!(vmx_reason_name(48), Some("EPT_VIOLATION"));
         assert_eq!(vmx_reason_name(5), None);
         assert_eq!(kvm_exit_name(KVM_EXIT_IO), Some("IO"));
         assert_eq!(kvm_exit_name(KVM_EXIT_HLT), Some("HLT"));
         assert_eq!(kvm_exit_name(99), None);
+        assert_eq!(kvm_exit_name(USER_EXIT_RESTART), Some("restart"));
+        assert_eq!(kvm_exit_name(USER_EXIT_ERROR), Some("error"));
         assert_eq!(hw_exit_name(KvmIsa::Svm, 0x7b), "io");
         assert_eq!(hw_exit_name(KvmIsa::Unknown, 0x7b), "0x7b");
         assert_eq!(exit_name(ExitKind::User, KvmIsa::Unknown, 99), "99");

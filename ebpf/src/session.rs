@@ -3,6 +3,7 @@
 //! signal. The binary parses arguments into these types and calls them.
 
 use crate::cgroup::{self, Resolver};
+use crate::memory::MapSizes;
 use crate::observer::{Observer, ObserverOptions};
 use crate::report::{self, Filter, Programs, Report, ReportOptions};
 use crate::snapshot::RawSnapshot;
@@ -33,6 +34,18 @@ pub struct Selection {
     /// Flag a cgroup as a noisy-neighbour victim above this p99 run-queue wait (ms).
     #[arg(long, default_value_t = 5.0)]
     pub noisy_p99_ms: f64,
+    /// Most cgroups tracked at once (a full map counts its misses in `drops`).
+    #[arg(long, default_value_t = MapSizes::default().cgroups)]
+    pub max_cgroups: u32,
+    /// Most (waiting cgroup, cgroup that held the CPU) pairs tracked.
+    #[arg(long, default_value_t = MapSizes::default().pairs)]
+    pub max_pairs: u32,
+    /// Most vCPU threads tracked.
+    #[arg(long, default_value_t = MapSizes::default().vcpus)]
+    pub max_vcpus: u32,
+    /// Most (vCPU thread, exit reason) counters.
+    #[arg(long, default_value_t = MapSizes::default().exits)]
+    pub max_exits: u32,
     /// Kernel BTF directory (vmlinux and module BTF); for testing other kernels' BTF.
     #[arg(long, default_value = "/sys/kernel/btf", hide_short_help = true)]
     pub btf_dir: PathBuf,
@@ -78,6 +91,10 @@ pub struct ServeArgs {
     /// Stop after this many seconds (default: until Ctrl-C / SIGTERM).
     #[arg(long)]
     pub duration: Option<f64>,
+    /// At most N cgroups get series of their own (the busiest when first
+    /// seen); all others are summed into cgroup="other". Default: all.
+    #[arg(long)]
+    pub top: Option<usize>,
 }
 
 /// Why a run failed, and the exit code that says so (`livehost_common::exit`).
@@ -171,10 +188,33 @@ fn filter(c: &Selection, resolver: &mut Resolver) -> Result<Filter> {
 }
 
 /// A loaded observer with what turns its snapshots into reports.
+/// The `--max-*` flags, checked: each at least 1 and at most 2^24 entries.
+fn map_sizes(c: &Selection) -> Result<MapSizes> {
+    const MOST: u32 = 1 << 24;
+    for (flag, v) in [
+        ("--max-cgroups", c.max_cgroups),
+        ("--max-pairs", c.max_pairs),
+        ("--max-vcpus", c.max_vcpus),
+        ("--max-exits", c.max_exits),
+    ] {
+        if v == 0 || v > MOST {
+            bail!("{flag} must be between 1 and {MOST}, got {v}");
+        }
+    }
+    Ok(MapSizes {
+        exits: c.max_exits,
+        cgroups: c.max_cgroups,
+        pairs: c.max_pairs,
+        vcpus: c.max_vcpus,
+    })
+}
+
 struct Session {
     observer: Observer,
     resolver: Resolver,
     ropts: ReportOptions,
+    /// The maps' kernel memory, measured once at start (they are preallocated).
+    map_memory_bytes: u64,
 }
 
 impl Session {
@@ -185,6 +225,7 @@ impl Session {
                 "--noisy-p99-ms must be a positive number of milliseconds"
             )));
         }
+        let sizes = map_sizes(c).map_err(usage)?;
         let mut resolver = Resolver::new();
         let filter = filter(c, &mut resolver).map_err(refused)?;
         let oopts = ObserverOptions {
@@ -192,9 +233,12 @@ impl Session {
             vms: !c.containers_only,
             containers: !c.vm_only,
             calibrate: false,
+            empty: false,
+            sizes,
         };
         let observer = Observer::start(&oopts).map_err(refused)?;
         Ok(Session {
+            map_memory_bytes: observer.map_memory_bytes(),
             observer,
             resolver,
             ropts: ReportOptions {
@@ -213,7 +257,8 @@ impl Session {
             attached: self.observer.attached.clone(),
             skipped: self.observer.skipped.clone(),
         };
-        let r = report::build(&cur, Some(prev), &mut self.resolver, programs, &self.ropts);
+        let mut r = report::build(&cur, Some(prev), &mut self.resolver, programs, &self.ropts);
+        r.map_memory_bytes = self.map_memory_bytes;
         *prev = cur;
         Ok(r)
     }
@@ -229,6 +274,11 @@ impl Session {
                 s.program, s.tracepoint, s.reason
             ));
         }
+        p.note(format!(
+            "maps: {:.1} MiB of kernel memory ({} possible CPUs; --max-* flags size them)",
+            self.map_memory_bytes as f64 / (1u64 << 20) as f64,
+            crate::memory::possible_cpus()
+        ));
         p.note(format!(
             "attached {} programs: {}",
             o.attached.len(),
@@ -319,6 +369,7 @@ pub fn serve(a: &ServeArgs) -> Result<(), Failure> {
             .unwrap_or_else(|_| a.listen.clone())
     );
     let start = Instant::now();
+    let mut top = a.top.map(crate::prom_top::TopCgroups::new);
     while !stopped() && total.is_none_or(|t| start.elapsed() < t) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -330,7 +381,13 @@ pub fn serve(a: &ServeArgs) -> Result<(), Failure> {
                     ..
                 } = &mut s;
                 let r = prom::handle(stream, || match observer.snapshot() {
-                    Ok(snap) => prom::render(&snap, resolver, &ropts.filter, &observer.attached),
+                    Ok(snap) => {
+                        let snap = match top.as_mut() {
+                            Some(t) => t.fold(&snap),
+                            None => snap,
+                        };
+                        prom::render(&snap, resolver, &ropts.filter, &observer.attached)
+                    }
                     Err(e) => format!("# overhead: cannot read maps: {e}\n"),
                 });
                 if let Err(e) = r {

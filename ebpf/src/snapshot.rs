@@ -59,6 +59,8 @@ pub struct VcpuVal {
     pub rq_count: u64,
     pub rq_sum_ns: u64,
     pub rq_max_ns: u64,
+    /// The thread exited: this snapshot is the entry's final export.
+    pub exited: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -119,15 +121,96 @@ impl ClosedInterval {
     }
 }
 
-/// A map entry as bytes: the key, and the value on each CPU.
-type PerCpuEntry = (Vec<u8>, Vec<Vec<u8>>);
+/// A map entry as bytes: the key and the value.
+type Entry = (Vec<u8>, Vec<u8>);
 
-/// Every entry of a per-CPU map; keys deleted while iterating are skipped.
-fn percpu_entries(map: &impl MapCore) -> Result<Vec<PerCpuEntry>> {
+/// Entries asked for per BPF_MAP_LOOKUP_BATCH call.
+const BATCH: u32 = 4096;
+
+/// `union bpf_attr` for BPF_MAP_LOOKUP_BATCH (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Every entry of a hash map, in batches (one syscall per ~[`BATCH`]
+/// entries) or, where the kernel has no batch lookup, key by key. (A hash
+/// map's batch can come back short of `count` with more to follow: it ends
+/// at a bucket boundary, so only ENOENT means the end. libbpf-rs 0.27's
+/// batch iterator stops at the first short batch, hence this loop.)
+fn entries(map: &impl MapCore) -> Result<Vec<Entry>> {
+    use std::os::fd::AsRawFd;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let (ks, vs) = (map.key_size() as usize, map.value_size() as usize);
+    let mut count = BATCH;
+    let mut keys = vec![0u8; ks * count as usize];
+    let mut values = vec![0u8; vs * count as usize];
+    let (mut token, mut next) = ([0u8; 8], [0u8; 8]);
+    let mut out = Vec::new();
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count,
+            map_fd: map.as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the kernel writes at most `count` keys and values into
+        // buffers sized for `count`, and a 4-byte bucket token into `next`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        let err = (ret < 0).then(std::io::Error::last_os_error);
+        let end = err.as_ref().and_then(|e| e.raw_os_error()) == Some(libc::ENOENT);
+        match err.as_ref().and_then(|e| e.raw_os_error()) {
+            None | Some(libc::ENOENT) => {}
+            // One bucket holds more than `count`: ask for more at once.
+            Some(libc::ENOSPC) if count < (1 << 20) => {
+                count *= 4;
+                keys.resize(ks * count as usize, 0);
+                values.resize(vs * count as usize, 0);
+                continue;
+            }
+            Some(_) if first => return entries_key_by_key(map),
+            Some(_) => return Err(err.unwrap().into()),
+        }
+        let n = attr.count as usize;
+        for i in 0..n {
+            out.push((
+                keys[i * ks..(i + 1) * ks].to_vec(),
+                values[i * vs..(i + 1) * vs].to_vec(),
+            ));
+        }
+        if end {
+            return Ok(out);
+        }
+        token = next;
+        first = false;
+    }
+}
+
+/// Every entry, two syscalls per key; keys deleted meanwhile are skipped.
+fn entries_key_by_key(map: &impl MapCore) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     for kb in map.keys() {
-        if let Some(per_cpu) = map.lookup_percpu(&kb, MapFlags::ANY)? {
-            out.push((kb, per_cpu));
+        if let Some(v) = map.lookup(&kb, MapFlags::ANY)? {
+            out.push((kb, v));
         }
     }
     Ok(out)
@@ -155,13 +238,72 @@ impl Observer {
         // After cg_stats: a flush racing these two reads is missed for one
         // snapshot (and seen in the next), never counted twice.
         self.add_pending_cpu(&mut snap)?;
+        self.keep_cpu_monotonic(&mut snap);
         self.read_pairs(&mut snap)?;
         self.read_drops(&mut snap)?;
+        self.forget_exited(&snap)?;
         Ok(snap)
     }
 
+    /// A cgroup's CPU time is cg_stats plus the per-CPU pending stretch, read
+    /// one after the other: a stretch counted as pending in one snapshot can
+    /// be flushed into an entry this snapshot had already read, and be
+    /// missed once. Each total is a lower bound of the truth, so the largest
+    /// seen so far is too: exporting it keeps the counter from going back
+    /// (the missed stretch shows up in a later snapshot).
+    fn keep_cpu_monotonic(&self, snap: &mut RawSnapshot) {
+        let Ok(mut floor) = self.cpu_floor.lock() else {
+            return;
+        };
+        for (id, v) in snap.cgroups.iter_mut() {
+            let f = floor.entry(*id).or_insert(0);
+            v.cpu_ns = v.cpu_ns.max(*f);
+            *f = v.cpu_ns;
+        }
+    }
+
+    /// Exited vCPU threads have had their final export in `snap`: delete
+    /// their entries (vcpus, and their exit counters) so the maps do not
+    /// fill with the dead. An entry reused by a new thread since the read
+    /// (another tgid, or no longer exited) is left alone.
+    fn forget_exited(&self, snap: &RawSnapshot) -> Result<()> {
+        let dead: Vec<(u32, u32)> = snap
+            .vcpus
+            .iter()
+            .filter(|(_, v)| v.exited)
+            .map(|(tid, v)| (*tid, v.tgid))
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let vcpus = &self.skel.maps.vcpus;
+        for (tid, tgid) in &dead {
+            let still_dead = vcpus
+                .lookup(as_bytes(tid), MapFlags::ANY)?
+                .and_then(|b| pod::<vcpu_val>(&b))
+                .is_some_and(|v| v.tgid == *tgid && v.exited != 0);
+            if still_dead {
+                let _ = vcpus.delete(as_bytes(tid));
+            }
+        }
+        for k in snap.exits.keys() {
+            if !dead.contains(&(k.tid, k.tgid)) {
+                continue;
+            }
+            let raw = exit_key {
+                tgid: k.tgid,
+                tid: k.tid,
+                reason: k.reason,
+                kind: k.kind.raw() as u16,
+                isa: k.isa.raw() as u16,
+            };
+            let _ = self.skel.maps.exit_stats.delete(as_bytes(&raw));
+        }
+        Ok(())
+    }
+
     fn read_exits(&self, ival: &ClosedInterval, snap: &mut RawSnapshot) -> Result<()> {
-        for (kb, per_cpu) in percpu_entries(&self.skel.maps.exit_stats)? {
+        for (kb, vb) in entries(&self.skel.maps.exit_stats)? {
             let Some(k) = pod::<exit_key>(&kb) else {
                 continue;
             };
@@ -178,7 +320,7 @@ impl Observer {
             // Summed into the entry: an isa value this build does not know
             // shares the `Unknown` key with the others.
             let v = snap.exits.entry(key).or_default();
-            for c in per_cpu.iter().filter_map(|b| pod::<exit_val>(b)) {
+            if let Some(c) = pod::<exit_val>(&vb) {
                 v.count += c.count;
                 v.timed += c.timed;
                 v.sum_ns += c.sum_ns;
@@ -191,13 +333,8 @@ impl Observer {
     }
 
     fn read_vcpus(&self, snap: &mut RawSnapshot) -> Result<()> {
-        let map = &self.skel.maps.vcpus;
-        for kb in map.keys() {
-            let Some(tid) = pod::<u32>(&kb) else { continue };
-            let Some(b) = map.lookup(&kb, MapFlags::ANY)? else {
-                continue;
-            };
-            let Some(v) = pod::<vcpu_val>(&b) else {
+        for (kb, b) in entries(&self.skel.maps.vcpus)? {
+            let (Some(tid), Some(v)) = (pod::<u32>(&kb), pod::<vcpu_val>(&b)) else {
                 continue;
             };
             let val = VcpuVal {
@@ -207,6 +344,7 @@ impl Observer {
                 rq_count: v.rq_count,
                 rq_sum_ns: v.rq_sum_ns,
                 rq_max_ns: v.rq_max_ns,
+                exited: v.exited != 0,
             };
             snap.vcpus.insert(tid, val);
         }
@@ -214,17 +352,18 @@ impl Observer {
     }
 
     fn read_cgroups(&self, ival: &ClosedInterval, snap: &mut RawSnapshot) -> Result<()> {
-        for (kb, per_cpu) in percpu_entries(&self.skel.maps.cg_stats)? {
-            let Some(id) = pod::<u64>(&kb) else { continue };
-            let mut v = CgVal::default();
-            for c in per_cpu.iter().filter_map(|b| pod::<cg_val>(b)) {
-                v.cpu_ns += c.cpu_ns;
-                v.rq_count += c.rq_count;
-                v.rq_sum_ns += c.rq_sum_ns;
-                v.rq_max_ns = v.rq_max_ns.max(c.rq_max_ns);
-                v.rq_interval_max_ns = v.rq_interval_max_ns.max(ival.max(&c.rq_imax));
-                add_hist(&mut v.hist, &c.hist);
-            }
+        for (kb, vb) in entries(&self.skel.maps.cg_stats)? {
+            let (Some(id), Some(c)) = (pod::<u64>(&kb), pod::<cg_val>(&vb)) else {
+                continue;
+            };
+            let v = CgVal {
+                cpu_ns: c.cpu_ns,
+                rq_count: c.rq_count,
+                rq_sum_ns: c.rq_sum_ns,
+                rq_max_ns: c.rq_max_ns,
+                rq_interval_max_ns: ival.max(&c.rq_imax),
+                hist: c.hist,
+            };
             snap.cgroups.insert(id, v);
         }
         Ok(())
@@ -246,16 +385,15 @@ impl Observer {
     }
 
     fn read_pairs(&self, snap: &mut RawSnapshot) -> Result<()> {
-        for (kb, per_cpu) in percpu_entries(&self.skel.maps.pairs)? {
-            let Some(k) = pod::<pair_key>(&kb) else {
+        for (kb, vb) in entries(&self.skel.maps.pairs)? {
+            let (Some(k), Some(c)) = (pod::<pair_key>(&kb), pod::<pair_val>(&vb)) else {
                 continue;
             };
-            let mut v = PairVal::default();
-            for c in per_cpu.iter().filter_map(|b| pod::<pair_val>(b)) {
-                v.wait_count += c.wait_count;
-                v.wait_ns += c.wait_ns;
-                v.preemptions += c.preemptions;
-            }
+            let v = PairVal {
+                wait_count: c.wait_count,
+                wait_ns: c.wait_ns,
+                preemptions: c.preemptions,
+            };
             snap.pairs.insert((k.victim, k.culprit), v);
         }
         Ok(())

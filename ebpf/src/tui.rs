@@ -81,7 +81,10 @@ fn vm_table(r: &Report) -> Table<'static> {
     ];
     Table::new(rows, widths.into_iter().chain([Constraint::Fill(1)]))
         .header(Row::new(header).style(bold()))
-        .block(Block::bordered().title(" VMs / vCPUs (by exit time + run-queue delay) "))
+        .block(
+            Block::bordered()
+                .title(" VMs / vCPUs (by host cost: busy exit time or run-queue delay) "),
+        )
 }
 
 fn cgroup_table(r: &Report) -> Table<'static> {

@@ -317,15 +317,91 @@ fn top_on_a_terminal_draws_the_tables_and_restores_the_terminal() {
         }
     }
     let squeezed: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    let all = livehost_ebpf::observer::PROGRAMS.len();
     for want in [
-        "VMs/vCPUs",
+        "VMs/vCPUs(byhostcost:",
         "Cgroups(byrun-queuewait)",
         "WAITEDBEHIND",
-        "programs7/7",
+        &format!("programs{all}/{all}"),
     ] {
         assert!(
             squeezed.contains(want),
             "{want} missing from the drawn screen: {squeezed}"
         );
+    }
+}
+
+/// `serve --top 2` on a host where new cgroups keep appearing: at most 2
+/// cgroups get series of their own plus `cgroup="other"`, and no scraped
+/// CPU counter ever decreases across the churn.
+#[test]
+fn serve_top_bounds_cgroup_series_and_counters_never_decrease() {
+    util::require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let root = livehost_ebpf::cgroup::Resolver::new()
+        .mounts
+        .v2
+        .expect("a cgroup v2 hierarchy");
+    let port = util::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _serve = util::KillOnDrop(
+        Command::new(OVERHEAD)
+            .args(["serve", "--listen", &addr, "--duration", "60", "--top", "2"])
+            .args(["--containers-only"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let cpu_series = |body: &str| -> std::collections::BTreeMap<String, f64> {
+        body.lines()
+            .filter_map(|l| l.strip_prefix("overhead_cgroup_cpu_seconds_total{cgroup=\""))
+            .filter_map(|l| {
+                let (name, rest) = l.split_once('"')?;
+                let v = rest.rsplit(' ').next()?.parse().ok()?;
+                Some((name.to_string(), v))
+            })
+            .collect()
+    };
+    let mut last = std::collections::BTreeMap::<String, f64>::new();
+    let mut dirs = RemovedOnDrop(Vec::new());
+    for round in 0..6 {
+        // A new cgroup with a short task in it, between scrapes.
+        let dir = root.join(format!("livehost-test-{}-top{round}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done",
+            dir.display()
+        );
+        Command::new("sh").args(["-c", &script]).status().unwrap();
+        dirs.0.push(dir);
+        let got = util::wait_for(Duration::from_secs(20), || {
+            util::http_get(&addr, "/metrics", Duration::from_secs(2))
+                .ok()
+                .filter(|(s, b)| s.contains("200") && !cpu_series(b).is_empty())
+        });
+        let (_, body) = got.expect("overhead serve answers /metrics");
+        let series = cpu_series(&body);
+        assert!(series.len() <= 3, "round {round}: {series:?}");
+        for (name, v) in &series {
+            if let Some(prev) = last.get(name) {
+                assert!(v >= prev, "{name} went back: {prev} -> {v}");
+            }
+        }
+        last = series;
+    }
+    assert!(
+        last.contains_key("other"),
+        "new cgroups summed into other: {last:?}"
+    );
+}
+
+/// Empty cgroup directories, removed (last first) even when a test fails.
+struct RemovedOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
     }
 }

@@ -64,10 +64,12 @@ fn hog_at(cg: &Path, nice: i32) -> util::KillOnDrop {
 /// `body` (a shell script) run in `cg`, pinned to CPU 0 by taskset
 /// (sched_setaffinity) at `nice`, all set before it starts.
 fn on_cpu0(cg: &Path, nice: i32, body: &str) -> util::KillOnDrop {
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nice -n {nice} taskset -c 0 sh -c '{body}'",
-        cg.display()
-    );
+    in_cgroup(cg, &format!("nice -n {nice} taskset -c 0 sh -c '{body}'"))
+}
+
+/// `command` (shell words) exec'd by a shell that first moved itself into `cg`.
+fn in_cgroup(cg: &Path, command: &str) -> util::KillOnDrop {
+    let script = format!("echo $$ > {}/cgroup.procs && exec {command}", cg.display());
     util::KillOnDrop(
         Command::new("sh")
             .args(["-c", &script])
@@ -329,4 +331,167 @@ fn interval_max_forgets_the_previous_interval() {
         b.rq_p99_ns <= b.rq_interval_max_ns,
         "p99 clipped to the interval's max: {b:?}"
     );
+}
+
+/// A shell in `cg` that keeps moving itself between CPU 0 and CPU 1 (each
+/// move runs a short `taskset` child in the same cgroup): the cgroup's CPU
+/// time is pending on one CPU and then the other, flushed as cgroups change.
+fn hopper(cg: &Path) -> util::KillOnDrop {
+    in_cgroup(
+        cg,
+        "nice -n 10 sh -c \
+         'while :; do taskset -pc 0 $$ >/dev/null; taskset -pc 1 $$ >/dev/null; done'",
+    )
+}
+
+/// Every counter a snapshot exports is cumulative, so no snapshot may show
+/// less than the one before. Snapshots are taken back to back while tasks
+/// in three cgroups hop between CPUs: before the fix a cgroup's CPU time
+/// counted as pending on a CPU in one snapshot could be flushed into an
+/// entry the next had already read, and its CPU time went backwards.
+#[test]
+fn exported_counters_never_decrease_while_cgroups_migrate() {
+    util::require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let resolver = Resolver::new();
+    let cgs: Vec<_> = (0..3)
+        .map(|i| TempCgroup::new(&resolver, &format!("hop{i}")))
+        .collect();
+    let obs = Observer::start(&ObserverOptions {
+        vms: false,
+        ..Default::default()
+    })
+    .expect("observer starts");
+    let _tasks: Vec<_> = cgs.iter().map(|(cg, _)| hopper(&cg.0)).collect();
+    let mut prev = obs.snapshot().unwrap();
+    let mut violations = Vec::new();
+    let mut snapshots = 0;
+    let end = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < end {
+        let cur = obs.snapshot().unwrap();
+        snapshots += 1;
+        for (id, p) in &prev.cgroups {
+            let c = cur.cgroups.get(id).copied().unwrap_or_default();
+            for (what, a, b) in [
+                ("cpu_ns", p.cpu_ns, c.cpu_ns),
+                ("rq_count", p.rq_count, c.rq_count),
+                ("rq_sum_ns", p.rq_sum_ns, c.rq_sum_ns),
+            ] {
+                if b < a {
+                    violations.push(format!("cgroup {id} {what}: {a} -> {b}"));
+                }
+            }
+        }
+        for (k, p) in &prev.pairs {
+            let c = cur.pairs.get(k).copied().unwrap_or_default();
+            if c.wait_ns < p.wait_ns || c.wait_count < p.wait_count {
+                violations.push(format!("pair {k:?}: {p:?} -> {c:?}"));
+            }
+        }
+        prev = cur;
+    }
+    let ours: Vec<u64> = cgs.iter().map(|(_, id)| *id).collect();
+    let ran = ours
+        .iter()
+        .filter(|id| prev.cgroups.get(id).is_some_and(|v| v.cpu_ns > 0))
+        .count();
+    eprintln!(
+        "{snapshots} snapshots, {} violations, {ran}/3 test cgroups ran",
+        violations.len()
+    );
+    assert_eq!(ran, 3, "every test cgroup got CPU time");
+    // This kernel's sched_switch passes prev_state: the load-time type match
+    // picked the argument, not the pre-5.18 fallback.
+    assert_eq!(obs.switch_state_source(), 1);
+    assert!(snapshots >= 100, "only {snapshots} snapshots");
+    assert!(
+        violations.is_empty(),
+        "{} counters went back, first: {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
+}
+
+/// The scale the map sizes are for: 10,000 cgroups under the v2 root, one
+/// short-lived task in each (a shell moves itself into each and runs
+/// `true` there). With the default sizes every cgroup is accounted, within
+/// the memory budget; with a map too small for them, every one missing is
+/// counted in `drops`.
+#[test]
+fn ten_thousand_cgroups_are_each_accounted_or_counted_as_dropped() {
+    use livehost_ebpf::intf::DropCounter;
+    use livehost_ebpf::memory::MapSizes;
+    util::require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const N: usize = 10_000;
+    let resolver = Resolver::new();
+    let (parent, _) = TempCgroup::new(&resolver, "many");
+    let kids: Vec<(TempCgroup, u64)> = (0..N)
+        .map(|i| {
+            let dir = parent.0.join(format!("c{i}"));
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            let id = std::fs::metadata(&dir).unwrap().ino();
+            (TempCgroup(dir), id)
+        })
+        .collect();
+    let full = Observer::start(&ObserverOptions {
+        vms: false,
+        ..Default::default()
+    })
+    .expect("observer starts");
+    let small_sizes = MapSizes {
+        cgroups: 1000,
+        ..Default::default()
+    };
+    let small = Observer::start(&ObserverOptions {
+        vms: false,
+        sizes: small_sizes,
+        ..Default::default()
+    })
+    .expect("observer with a small cgroup map starts");
+    let list = std::env::temp_dir().join(format!("livehost-cgroups-{}", std::process::id()));
+    let paths: Vec<String> = kids
+        .iter()
+        .map(|(c, _)| c.0.display().to_string())
+        .collect();
+    std::fs::write(&list, paths.join("\n")).unwrap();
+    let script = format!(
+        "for d in $(cat {}); do echo $$ > $d/cgroup.procs && /bin/true; done",
+        list.display()
+    );
+    let st = Command::new("sh").args(["-c", &script]).status().unwrap();
+    assert!(st.success(), "the cgroup walk failed");
+    let _ = std::fs::remove_file(&list);
+    for (obs, expect_all) in [(&full, true), (&small, false)] {
+        let snap = obs.snapshot().unwrap();
+        let missing = kids
+            .iter()
+            .filter(|(_, id)| !snap.cgroups.contains_key(id))
+            .count() as u64;
+        let dropped = snap
+            .drops
+            .iter()
+            .find(|(d, _)| *d == DropCounter::Cgroups)
+            .map_or(0, |(_, n)| *n);
+        eprintln!(
+            "{} of {N} cgroups accounted, {missing} missing, cgroups drops {dropped}, maps {} bytes",
+            N as u64 - missing,
+            obs.map_memory_bytes()
+        );
+        assert!(
+            missing <= dropped,
+            "{missing} cgroups neither accounted nor dropped"
+        );
+        if expect_all {
+            assert_eq!(missing, 0, "the default map holds 10,000 cgroups");
+        } else {
+            assert!(
+                missing >= (N - 1000) as u64,
+                "a 1,000-entry map cannot hold them all"
+            );
+        }
+    }
+    drop((full, small));
+    // Children before the parent (TempCgroup removes on drop, in order).
+    drop(kids);
 }

@@ -18,6 +18,11 @@
 /* pair_key.culprit values that are not a cgroup id. */
 #define CULPRIT_IDLE 0                        /* the CPU was idle */
 #define CULPRIT_UNKNOWN 0xffffffffffffffffULL /* not attributable */
+/* kvm_userspace_exit reasons for a KVM_RUN that returned an error (the
+ * run's exit_reason is then stale, not a new exit): interrupted by a
+ * signal (-EINTR, "restart" as the kernel prints it) or another error. */
+#define USER_EXIT_RESTART 0x10000
+#define USER_EXIT_ERROR 0x10001
 /* Size of the drops array (room to add counters without resizing). */
 #define DROP_SLOTS 8
 
@@ -68,6 +73,10 @@ struct vcpu_val {
 	__u64 rq_count;
 	__u64 rq_sum_ns;
 	__u64 rq_max_ns;
+	/* 1 once the thread exited (sched_process_exit): user space exports
+	 * the entry one last time, then deletes it. */
+	__u32 exited;
+	__u32 _pad;
 };
 
 struct cg_val {

@@ -65,6 +65,7 @@ struct css_set {
 };
 
 struct task_struct {
+	unsigned int __state;
 	int pid;
 	int tgid;
 	struct css_set *cgroups;
@@ -96,6 +97,17 @@ union vmx_exit_reason {
 struct vcpu_vmx {
 	struct kvm_vcpu vcpu;
 	union vmx_exit_reason exit_reason;
+};
+
+/* kvm_intel from Linux 6.16: the fields VMX shares with TDX moved into
+ * `struct vcpu_vt vt` (exit_reason among them). */
+struct vcpu_vt {
+	union vmx_exit_reason exit_reason;
+};
+
+struct vcpu_vmx___vt {
+	struct kvm_vcpu vcpu;
+	struct vcpu_vt vt;
 };
 
 #pragma clang attribute pop

@@ -107,6 +107,14 @@ fn clip(interval_max: u64, max: u64) -> u64 {
     if interval_max > 0 { interval_max } else { max }
 }
 
+/// What the host cost a VM in the interval, for ranking: the larger of its
+/// busy exit time (HLT left out: an idle guest costs nothing) and its vCPUs'
+/// run-queue delay. Never their sum: a vCPU preempted while handling an
+/// exit waits inside the exit's time too.
+pub fn host_cost_ns(vm: &VmRow) -> u64 {
+    vm.busy_exit_ns.max(vm.rq_delay_ns)
+}
+
 /// `prev` None: the interval is everything since the observer started.
 fn delta_exit(cur: &ExitVal, prev: Option<&ExitVal>) -> ExitVal {
     let Some(p) = prev else {
@@ -188,7 +196,10 @@ impl Interval<'_> {
             if !f.keeps_pid(v.tgid) {
                 continue;
             }
-            let p = self.prev.and_then(|p| p.vcpus.get(tid));
+            let p = self
+                .prev
+                .and_then(|p| p.vcpus.get(tid))
+                .filter(|p| p.tgid == v.tgid);
             if v.rq_count > p.map(|p| p.rq_count).unwrap_or(0) {
                 vms.entry(v.tgid).or_default().entry(*tid).or_default();
             }
@@ -200,9 +211,11 @@ impl Interval<'_> {
         exits.sort_by(|a, b| b.sum_ns.cmp(&a.sum_ns).then(b.count.cmp(&a.count)));
         let seen = self.cur.vcpus.get(&tid);
         let v = seen.copied().unwrap_or_default();
+        // A tid reused by another process starts from zero.
         let pv = self
             .prev
             .and_then(|p| p.vcpus.get(&tid))
+            .filter(|p| p.tgid == v.tgid)
             .copied()
             .unwrap_or_default();
         VcpuRow {
@@ -229,16 +242,15 @@ impl Interval<'_> {
                 VmRow {
                     pid,
                     comm: comm_or(pid, seen.map(|v| &v.comm)),
-                    exits: all_exits().filter(|e| e.is_exit()).map(|e| e.count).sum(),
+                    exits: vcpus.iter().map(VcpuRow::exit_count).sum(),
                     exit_ns: all_exits().map(|e| e.sum_ns).sum(),
+                    busy_exit_ns: vcpus.iter().map(VcpuRow::busy_exit_ns).sum(),
                     rq_delay_ns: vcpus.iter().map(|v| v.rq_delay_ns).sum(),
                     vcpus,
                 }
             })
             .collect();
-        rows.sort_by(|a, b| {
-            (b.exit_ns + b.rq_delay_ns, b.exits).cmp(&(a.exit_ns + a.rq_delay_ns, a.exits))
-        });
+        rows.sort_by_key(|r| std::cmp::Reverse((host_cost_ns(r), r.exits)));
         rows
     }
 
@@ -373,6 +385,7 @@ pub fn build(
             .map(|(d, n)| (d.name().to_string(), *n))
             .collect(),
         programs,
+        map_memory_bytes: 0,
     }
 }
 
@@ -410,11 +423,118 @@ mod tests {
     /// back: the same JSON, so readers can rely on these types.
     #[test]
     fn a_record_line_reads_back_through_the_schema_types() {
-        let line = r#"{"schema":1,"ts_unix_ms":1795337722371,"interval_s":2.000323581,"vms":[{"pid":22360,"comm":"kvm-pio-guest","exits":501,"exit_ns":0,"rq_delay_ns":10901,"vcpus":[{"tid":22360,"vcpu_id":-1,"comm":"kvm-pio-guest","rq_delay_ns":10901,"rq_waits":3,"exits":[{"kind":"user","isa":"kvm","reason":2,"name":"IO","count":500,"timed":0,"sum_ns":0,"max_ns":0,"interval_max_ns":0,"p50_ns":0,"p99_ns":0},{"kind":"pio_out","isa":"port","reason":1296,"name":"0x510","count":500,"timed":0,"sum_ns":0,"max_ns":0,"interval_max_ns":0,"p50_ns":0,"p99_ns":0},{"kind":"hw","isa":"svm","reason":123,"name":"io","count":1,"timed":1,"sum_ns":5,"max_ns":5,"interval_max_ns":5,"p50_ns":5,"p99_ns":5}]}]}],"cgroups":[{"id":1,"path":"/","container":null,"cpu_ns":7,"rq_waits":2,"rq_sum_ns":9,"rq_p50_ns":3,"rq_p99_ns":7,"rq_max_ns":7,"rq_interval_max_ns":7,"preempted_by":[{"cgroup_id":0,"path":null,"class":"idle","wait_ns":4,"waits":1,"preemptions":0},{"cgroup_id":18446744073709551615,"path":null,"class":"unknown","wait_ns":5,"waits":1,"preemptions":0}],"cpu_files":{"nr_periods":3,"nr_throttled":1,"throttled_usec":10,"pressure_some_avg10":0.5,"pressure_some_total_usec":99,"source":"v1"},"noisy":false}],"noisy":[],"drops":{"cgroups":0,"exit_start":0,"exit_stats":0,"pairs":0,"vcpus":0,"wakeups":0},"programs":{"attached":["handle_kvm_exit"],"skipped":[{"program":"handle_kvm_pio","tracepoint":"kvm_pio","reason":"not requested (filter)"}]}}"#;
+        let line = r#"{"schema":1,"ts_unix_ms":1795337722371,"interval_s":2.000323581,"vms":[{"pid":22360,"comm":"kvm-pio-guest","exits":501,"exit_ns":0,"busy_exit_ns":0,"rq_delay_ns":10901,"vcpus":[{"tid":22360,"vcpu_id":-1,"comm":"kvm-pio-guest","rq_delay_ns":10901,"rq_waits":3,"exits":[{"kind":"user","isa":"kvm","reason":2,"name":"IO","count":500,"timed":0,"sum_ns":0,"max_ns":0,"interval_max_ns":0,"p50_ns":0,"p99_ns":0},{"kind":"pio_out","isa":"port","reason":1296,"name":"0x510","count":500,"timed":0,"sum_ns":0,"max_ns":0,"interval_max_ns":0,"p50_ns":0,"p99_ns":0},{"kind":"hw","isa":"svm","reason":123,"name":"io","count":1,"timed":1,"sum_ns":5,"max_ns":5,"interval_max_ns":5,"p50_ns":5,"p99_ns":5}]}]}],"cgroups":[{"id":1,"path":"/","container":null,"cpu_ns":7,"rq_waits":2,"rq_sum_ns":9,"rq_p50_ns":3,"rq_p99_ns":7,"rq_max_ns":7,"rq_interval_max_ns":7,"preempted_by":[{"cgroup_id":0,"path":null,"class":"idle","wait_ns":4,"waits":1,"preemptions":0},{"cgroup_id":18446744073709551615,"path":null,"class":"unknown","wait_ns":5,"waits":1,"preemptions":0}],"cpu_files":{"nr_periods":3,"nr_throttled":1,"throttled_usec":10,"pressure_some_avg10":0.5,"pressure_some_total_usec":99,"source":"v1"},"noisy":false}],"noisy":[],"drops":{"cgroups":0,"exit_start":0,"exit_stats":0,"pairs":0,"vcpus":0,"wakeups":0},"programs":{"attached":["handle_kvm_exit"],"skipped":[{"program":"handle_kvm_pio","tracepoint":"kvm_pio","reason":"not requested (filter)"}]},"map_memory_bytes":21495808}"#;
         let r: Report = serde_json::from_str(line).unwrap();
         assert_eq!(r.vms[0].vcpus[0].exits[1].kind, ExitKind::PioOut);
         assert_eq!(r.cgroups[0].cpu_files.source, Some(CpuSource::V1));
         assert_eq!(serde_json::to_string(&r).unwrap(), line);
+    }
+
+    fn hw(tgid: u32, reason: u32) -> ExitKey {
+        ExitKey {
+            tgid,
+            tid: tgid,
+            kind: crate::intf::ExitKind::Hw,
+            isa: crate::intf::KvmIsa::Svm,
+            reason,
+        }
+    }
+
+    fn timed(count: u64, sum_ns: u64) -> ExitVal {
+        ExitVal {
+            count,
+            timed: count,
+            sum_ns,
+            max_ns: sum_ns,
+            ..Default::default()
+        }
+    }
+
+    fn vm_report(cur: &RawSnapshot) -> Report {
+        let opts = ReportOptions {
+            filter: Filter {
+                vm_only: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let programs = Programs {
+            attached: vec![],
+            skipped: vec![],
+        };
+        build(cur, None, &mut Resolver::new(), programs, &opts)
+    }
+
+    /// On real hardware each I/O exit shows twice (hardware, then to user
+    /// space): the EXITS total counts it once.
+    #[test]
+    fn an_io_exit_seen_in_hardware_and_user_space_counts_once() {
+        let mut cur = RawSnapshot::default();
+        cur.exits.insert(hw(10, 0x7b), timed(5, 5_000));
+        let user = ExitKey {
+            kind: crate::intf::ExitKind::User,
+            isa: crate::intf::KvmIsa::Unknown,
+            reason: 2,
+            ..hw(10, 0)
+        };
+        cur.exits.insert(user, timed(5, 0));
+        let pio = ExitKey {
+            kind: crate::intf::ExitKind::PioOut,
+            reason: 0x510,
+            ..user
+        };
+        cur.exits.insert(pio, timed(5, 0));
+        // Where no hardware exit is observed (emulated exits), user ones count.
+        cur.exits.insert(
+            ExitKey {
+                tgid: 11,
+                tid: 11,
+                ..user
+            },
+            timed(7, 0),
+        );
+        // Failed KVM_RUN calls (signals) are not exits.
+        let restart = ExitKey {
+            tgid: 11,
+            tid: 11,
+            reason: crate::reasons::USER_EXIT_RESTART,
+            ..user
+        };
+        cur.exits.insert(restart, timed(3, 0));
+        let r = vm_report(&cur);
+        let exits = |pid| r.vms.iter().find(|v| v.pid == pid).unwrap().exits;
+        assert_eq!(exits(10), 5);
+        assert_eq!(exits(11), 7);
+        assert_eq!(text::vcpu_cells(&r.vms[0], &r.vms[0].vcpus[0])[4], "5");
+    }
+
+    /// An idle VM (long HLT exits) does not outrank a busy one, and run-queue
+    /// delay is not added on top of exit time (it overlaps it).
+    #[test]
+    fn vms_rank_by_busy_exit_time_or_run_queue_delay_never_their_sum() {
+        let mut cur = RawSnapshot::default();
+        cur.exits.insert(hw(1, 0x078), timed(1, 9_000_000_000)); // idle: HLT
+        cur.exits.insert(hw(1, 0x7b), timed(2, 1_000));
+        cur.exits.insert(hw(2, 0x7b), timed(100, 50_000_000));
+        cur.exits.insert(hw(3, 0x7b), timed(100, 40_000_000));
+        for (tid, rq) in [(2u32, 30_000_000u64), (3, 45_000_000)] {
+            cur.vcpus.insert(
+                tid,
+                crate::snapshot::VcpuVal {
+                    tgid: tid,
+                    rq_count: 1,
+                    rq_sum_ns: rq,
+                    ..Default::default()
+                },
+            );
+        }
+        let r = vm_report(&cur);
+        let order: Vec<u32> = r.vms.iter().map(|v| v.pid).collect();
+        // 2: max(50, 30) = 50 ms; 3: max(40, 45) = 45 ms (their sums would
+        // rank 3 first: 85 > 80); 1: 1 us busy, whatever its HLT time.
+        assert_eq!(order, [2, 3, 1]);
+        assert_eq!(r.vms[2].busy_exit_ns, 1_000);
+        assert_eq!(r.vms[2].exit_ns, 9_000_001_000);
     }
 
     /// The JSON names of the drop counters come from intf.h's enum.

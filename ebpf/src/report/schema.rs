@@ -24,6 +24,9 @@ pub struct Report {
     /// Failed map inserts since start, by counter name (`intf::DropCounter`).
     pub drops: BTreeMap<String, u64>,
     pub programs: Programs,
+    /// Kernel memory of the observer's maps (bytes, fdinfo memlock), at start.
+    #[serde(default)]
+    pub map_memory_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,8 +39,14 @@ pub struct Programs {
 pub struct VmRow {
     pub pid: u32,
     pub comm: String,
+    /// Exits of the VM, each counted once: a vCPU's hardware exits where
+    /// they are observed (a user-space exit follows a hardware one there),
+    /// its user-space exits otherwise.
     pub exits: u64,
     pub exit_ns: u64,
+    /// `exit_ns` without HLT exits (time the guest was idle, not a cost).
+    #[serde(default)]
+    pub busy_exit_ns: u64,
     pub rq_delay_ns: u64,
     pub vcpus: Vec<VcpuRow>,
 }
@@ -74,7 +83,54 @@ pub struct ExitRow {
     pub p99_ns: u64,
 }
 
+impl VcpuRow {
+    /// The vCPU's exits, each counted once (see [`VmRow::exits`]).
+    pub fn exit_count(&self) -> u64 {
+        let sum = |kind| -> u64 {
+            let rows = self.exits.iter().filter(|e| e.kind == kind);
+            rows.map(|e| e.count).sum()
+        };
+        let hw = sum(ExitKind::Hw);
+        if hw > 0 {
+            return hw;
+        }
+        // KVM_RUN calls that failed (restart, error) are not exits.
+        let failed = self.exits.iter().filter(|e| {
+            e.kind == ExitKind::User
+                && matches!(
+                    e.reason,
+                    crate::reasons::USER_EXIT_RESTART | crate::reasons::USER_EXIT_ERROR
+                )
+        });
+        sum(ExitKind::User) - failed.map(|e| e.count).sum::<u64>()
+    }
+
+    /// Time from hardware exit to re-entry, HLT exits left out.
+    pub fn busy_exit_ns(&self) -> u64 {
+        self.exits
+            .iter()
+            .filter(|e| e.kind == ExitKind::Hw && !e.is_halt())
+            .map(|e| e.sum_ns)
+            .sum()
+    }
+}
+
 impl ExitRow {
+    /// A hardware exit for HLT: its exit-to-entry time is the guest idling.
+    pub fn is_halt(&self) -> bool {
+        self.kind == ExitKind::Hw
+            && match self.isa {
+                ReasonTable::Svm => {
+                    matches!(
+                        self.reason,
+                        crate::reasons::SVM_EXIT_HLT | crate::reasons::SVM_EXIT_IDLE_HLT
+                    )
+                }
+                ReasonTable::Vmx => self.reason == crate::reasons::VMX_EXIT_HLT,
+                _ => false,
+            }
+    }
+
     /// Whether the row counts exits of the vCPU (hardware or to user space);
     /// port I/O rows detail user-space exits already counted.
     pub fn is_exit(&self) -> bool {

@@ -13,7 +13,8 @@ pub fn us(ns: u64) -> String {
 }
 
 /// The VM table's cells for one vCPU, shared by the text and terminal
-/// views: pid, tid, vcpu id, comm, exits (hw + user), exit ms, run-queue
+/// views: pid, tid, vcpu id, comm, exits (hw, or user where no hw exit is
+/// seen), exit ms, run-queue
 /// delay ms, the top three exit reasons (count, average us when timed).
 pub fn vcpu_cells(vm: &VmRow, v: &VcpuRow) -> [String; 8] {
     let top: Vec<String> = v
@@ -25,12 +26,7 @@ pub fn vcpu_cells(vm: &VmRow, v: &VcpuRow) -> [String; 8] {
             None => format!("{}/{} {}", e.kind.name(), e.name, e.count),
         })
         .collect();
-    let exits: u64 = v
-        .exits
-        .iter()
-        .filter(|e| e.is_exit())
-        .map(|e| e.count)
-        .sum();
+    let exits = v.exit_count();
     [
         vm.pid.to_string(),
         v.tid.to_string(),
@@ -108,7 +104,10 @@ pub fn render_text(r: &Report, max_rows: usize) -> String {
             let _ = writeln!(s, "note: {} skipped: {}", sk.tracepoint, sk.reason);
         }
     }
-    let _ = writeln!(s, "\nVMs (by exit time + vCPU run-queue delay)");
+    let _ = writeln!(
+        s,
+        "\nVMs (by host cost: busy exit time or vCPU run-queue delay, the larger)"
+    );
     let _ = writeln!(
         s,
         "{:>8} {:>8} {:>5} {:<16} {:>9} {:>10} {:>10}  top exits (count, avg us)",
