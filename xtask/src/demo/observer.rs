@@ -262,6 +262,7 @@ pub mod tests {
             schema: livehost_ebpf::schema::SCHEMA_VERSION,
             ts_unix_ms: end_ms,
             interval_s: secs,
+            map_memory_bytes: 0,
             vms: Vec::new(),
             cgroups: vec![CgroupRow {
                 id: 7,
