@@ -91,8 +91,9 @@ struct cg_val {
 /* victim cgroup waited while culprit held the CPU (wait_ns: the overlap;
  * wait_count: waits it took part in), or was preempted by it. culprit
  * CULPRIT_IDLE: the CPU was idle (wakeup latency); CULPRIT_UNKNOWN: not
- * attributable (the wait began on another CPU, or outlived the per-CPU
- * history). */
+ * attributable (the wait outlived the per-CPU history). A wait that began
+ * on another CPU is split by the history of the CPU the task is switched
+ * in on: a known limit (docs/notes/ebpf.md). */
 struct pair_key {
 	__u64 victim;
 	__u64 culprit;

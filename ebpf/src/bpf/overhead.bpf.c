@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /* The overhead observer's in-kernel half: aggregates KVM exits per vCPU
- * thread and scheduler delay per cgroup into per-CPU maps. Nothing is sent
- * per event; user space reads the maps on its own schedule. */
+ * thread and scheduler delay per cgroup into shared hash maps (updated
+ * atomically; only the per-CPU scheduler state and the drop counters are
+ * per-CPU). Nothing is sent per event; user space reads the maps on its
+ * own schedule. */
 #pragma clang diagnostic ignored "-Wvisibility"
 #include "vmlinux_min.h"
 #include <bpf/bpf_helpers.h>
