@@ -968,16 +968,18 @@ fn wait_extends_while_pending_falls_and_signals() {
     use std::time::{Duration, Instant};
     let (d, paths) = tree();
     let r = d.path().to_path_buf();
-    for pid in 200..204 {
+    for pid in 200..205 {
         write(&r, &format!("proc/{pid}/task/{pid}/patch_state"), "0\n");
     }
     write(&r, "sys/kernel/livepatch/hp_b/signal", "");
-    // "The kernel" switches one task every 250 ms, then completes: 1.25 s,
-    // past the 1 s timeout.
+    // "The kernel" switches one task every 400 ms, then completes: 2.4 s,
+    // past the 2 s timeout. Each step is well inside the 1 s (timeout / 2)
+    // that a fall in the pending count buys, so scheduling noise on a
+    // loaded machine cannot make a progressing transition look stalled.
     let kr = r.clone();
     let kernel = std::thread::spawn(move || {
-        for pid in [100, 200, 201, 202, 203] {
-            std::thread::sleep(Duration::from_millis(250));
+        for pid in [100, 200, 201, 202, 203, 204] {
+            std::thread::sleep(Duration::from_millis(400));
             write(&kr, &format!("proc/{pid}/task/{pid}/patch_state"), "1\n");
         }
         write(&kr, "sys/kernel/livepatch/hp_b/transition", "0\n");
@@ -986,7 +988,7 @@ fn wait_extends_while_pending_falls_and_signals() {
     let w = Watch {
         paths: &paths,
         name: "hp_b",
-        timeout: Duration::from_secs(1),
+        timeout: Duration::from_secs(2),
         poll: Duration::from_millis(5),
         progress: &quiet,
         interruptible: false,
