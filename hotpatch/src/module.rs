@@ -377,53 +377,17 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo> {
         ));
     }
 
-    let this_module_name = view
-        .section_by_name(".gnu.linkonce.this_module")
-        .and_then(|i| view.data(i))
-        .and_then(|d| d.get(THIS_MODULE_NAME_OFFSET..))
-        .and_then(|d| c_string(&d[..d.len().min(MODULE_NAME_LEN)]))
-        .filter(|s| is_module_name(s));
-    // The name becomes a file name under the state dir and a sysfs path:
-    // only what the kernel itself accepts as a module name is taken.
-    let modinfo_name = first("name");
-    if let Some(n) = &modinfo_name
-        && !is_module_name(n)
-    {
-        warnings.push(format!(
-            "modinfo name {n:?} is not a valid module name; ignored"
-        ));
-    }
-    let modinfo_name = modinfo_name.filter(|s| is_module_name(s));
-    if let (Some(a), Some(b)) = (&this_module_name, &modinfo_name)
-        && a != b
-    {
-        warnings.push(format!(
-            "module name differs: struct module says {a:?}, modinfo says {b:?}"
-        ));
-    }
-
+    let name = module_name(&view, first("name"), &mut warnings);
     let (klp_rela_objects, klp_symbols) = view.klp_sections();
-    let kpatch = view.kpatch_funcs();
-    let (replace, objects) = match view.klp_patch() {
-        Ok((r, objs)) if !objs.is_empty() || kpatch.is_empty() => (r, objs),
-        // A kpatch-build module: its metadata says what it patches;
-        // `replace` is only known once loaded (sysfs, 6.11+).
-        Ok(_) => (None, kpatch),
-        Err(_) if !kpatch.is_empty() => (None, kpatch),
-        Err(e) => {
-            if first("livepatch").as_deref() == Some("Y") {
-                warnings.push(format!("could not follow the klp_patch structure: {e}"));
-            }
-            (None, Vec::new())
-        }
-    };
+    let livepatch = first("livepatch").as_deref() == Some("Y");
+    let (replace, objects) = patched_objects(&view, livepatch, &mut warnings);
 
     Ok(ModuleInfo {
         size: bytes.len() as u64,
         sha256: sha256_hex(bytes),
-        name: this_module_name.or(modinfo_name),
+        name,
         vermagic: first("vermagic"),
-        livepatch: first("livepatch").as_deref() == Some("Y"),
+        livepatch,
         license: first("license"),
         depends: first("depends")
             .map(|d| {
@@ -446,6 +410,63 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo> {
         modinfo,
         warnings,
     })
+}
+
+/// The module's name: `struct module`'s, else modinfo's. The name becomes
+/// a file name under the state dir and a sysfs path, so only what the
+/// kernel itself accepts as a module name is taken.
+fn module_name(
+    view: &View,
+    modinfo_name: Option<String>,
+    warnings: &mut Vec<String>,
+) -> Option<String> {
+    let this_module_name = view
+        .section_by_name(".gnu.linkonce.this_module")
+        .and_then(|i| view.data(i))
+        .and_then(|d| d.get(THIS_MODULE_NAME_OFFSET..))
+        .and_then(|d| c_string(&d[..d.len().min(MODULE_NAME_LEN)]))
+        .filter(|s| is_module_name(s));
+    if let Some(n) = &modinfo_name
+        && !is_module_name(n)
+    {
+        warnings.push(format!(
+            "modinfo name {n:?} is not a valid module name; ignored"
+        ));
+    }
+    let modinfo_name = modinfo_name.filter(|s| is_module_name(s));
+    if let (Some(a), Some(b)) = (&this_module_name, &modinfo_name)
+        && a != b
+    {
+        warnings.push(format!(
+            "module name differs: struct module says {a:?}, modinfo says {b:?}"
+        ));
+    }
+
+    this_module_name.or(modinfo_name)
+}
+
+/// What the patch replaces: the klp_patch structure's objects, or for a
+/// kpatch-build module (which builds its klp_patch at run time) its
+/// `.kpatch.funcs` metadata; `replace` where the structure says.
+fn patched_objects(
+    view: &View,
+    livepatch: bool,
+    warnings: &mut Vec<String>,
+) -> (Option<bool>, Vec<PatchedObject>) {
+    let kpatch = view.kpatch_funcs();
+    match view.klp_patch() {
+        Ok((r, objs)) if !objs.is_empty() || kpatch.is_empty() => (r, objs),
+        // A kpatch-build module: its metadata says what it patches;
+        // `replace` is only known once loaded (sysfs, 6.11+).
+        Ok(_) => (None, kpatch),
+        Err(_) if !kpatch.is_empty() => (None, kpatch),
+        Err(e) => {
+            if livepatch {
+                warnings.push(format!("could not follow the klp_patch structure: {e}"));
+            }
+            (None, Vec::new())
+        }
+    }
 }
 
 fn parse_modinfo(data: &[u8]) -> Vec<(String, String)> {
