@@ -90,6 +90,9 @@ pub struct Observer {
     /// Per cgroup, the CPU time last exported (see `snapshot`): counters
     /// never go back.
     pub(crate) cpu_floor: Mutex<std::collections::HashMap<u64, u64>>,
+    /// To tell removed cgroups (None: no v2 mount, nothing is forgotten).
+    pub(crate) cgroup_fs: Option<crate::dead_cgroups::CgroupFs>,
+    pub(crate) forgotten: Mutex<crate::dead_cgroups::Forgotten>,
 }
 
 static LIBBPF_LOG: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -376,6 +379,8 @@ impl Observer {
             attached: Vec::new(),
             skipped,
             cpu_floor: Mutex::default(),
+            cgroup_fs: crate::dead_cgroups::CgroupFs::open(),
+            forgotten: Mutex::default(),
         };
         for name in wanted {
             obs.attach(name)?;

@@ -92,7 +92,7 @@ fn pod<T: Copy + Default>(bytes: &[u8]) -> Option<T> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
 }
 
-fn as_bytes<T: Copy>(v: &T) -> &[u8] {
+pub(crate) fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a #[repr(C)] plain-data key without padding (checked by
     // the layout of intf.h: every key is made of naturally aligned fields
     // filling the struct), so all its bytes are initialised.
@@ -242,6 +242,7 @@ impl Observer {
         self.read_pairs(&mut snap)?;
         self.read_drops(&mut snap)?;
         self.forget_exited(&snap)?;
+        self.forget_dead_cgroups(&mut snap)?;
         Ok(snap)
     }
 

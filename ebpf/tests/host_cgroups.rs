@@ -495,3 +495,60 @@ fn ten_thousand_cgroups_are_each_accounted_or_counted_as_dropped() {
     // Children before the parent (TempCgroup removes on drop, in order).
     drop(kids);
 }
+
+/// A removed cgroup is exported at most once more after its removal and
+/// then forgotten: its `cg_stats` entry (and its pairs) leave the maps, so
+/// a host with cgroup churn does not fill them.
+#[test]
+fn removed_cgroups_are_forgotten_after_a_final_export() {
+    util::require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let resolver = Resolver::new();
+    let (cg, id) = TempCgroup::new(&resolver, "gone");
+    let obs = Observer::start(&ObserverOptions {
+        vms: false,
+        ..Default::default()
+    })
+    .expect("observer starts");
+    let mut task = on_cpu0(&cg.0, 0, "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done");
+    let _ = task.0.wait();
+    let before = obs.snapshot().unwrap();
+    assert!(before.cgroups.contains_key(&id), "cgroup {id} not accounted");
+    let ids_before = obs.cg_stats_ids();
+    assert!(ids_before.contains(&id), "cgroup {id} not in cg_stats");
+    drop(cg);
+    let cgroup_gone = util::wait_for(Duration::from_secs(2), || {
+        (!resolver.mounts.v2.as_ref().unwrap().join(format!(
+            "livehost-test-{}-gone",
+            std::process::id()
+        ))
+        .exists())
+        .then_some(())
+    });
+    assert!(cgroup_gone.is_some(), "rmdir failed");
+    let after = [obs.snapshot().unwrap(), obs.snapshot().unwrap()];
+    // Counted over the ids present before: cgroups other work on the host
+    // creates meanwhile do not hide the drop.
+    let ids_after = obs.cg_stats_ids();
+    let (keys_before, keys_after) = (
+        ids_before.len(),
+        ids_before.iter().filter(|i| ids_after.contains(i)).count(),
+    );
+    eprintln!(
+        "cg_stats keys: {keys_before} before, {keys_after} of them after removal ({} in all)",
+        ids_after.len()
+    );
+    assert!(!ids_after.contains(&id), "cgroup {id} still in cg_stats");
+    assert!(
+        !after[1].cgroups.contains_key(&id),
+        "exported again in the second snapshot after removal"
+    );
+    assert!(
+        !(after[1].pairs.keys()).any(|(v, c)| *v == id || *c == id),
+        "pairs still name it"
+    );
+    assert!(
+        keys_after < keys_before,
+        "cg_stats did not shrink: {keys_before} -> {keys_after}"
+    );
+}
