@@ -113,7 +113,10 @@ impl TopCgroups {
     fn retire_gone(&mut self, snap: &RawSnapshot) {
         for (id, v) in &self.last_cgroups {
             if !snap.cgroups.contains_key(id) {
-                add_cg(self.retired_cgroups.entry(self.label_of(*id)).or_default(), v);
+                add_cg(
+                    self.retired_cgroups.entry(self.label_of(*id)).or_default(),
+                    v,
+                );
             }
         }
         for (key, v) in &self.last_pairs {

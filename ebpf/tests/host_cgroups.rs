@@ -513,16 +513,21 @@ fn removed_cgroups_are_forgotten_after_a_final_export() {
     let mut task = on_cpu0(&cg.0, 0, "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done");
     let _ = task.0.wait();
     let before = obs.snapshot().unwrap();
-    assert!(before.cgroups.contains_key(&id), "cgroup {id} not accounted");
+    assert!(
+        before.cgroups.contains_key(&id),
+        "cgroup {id} not accounted"
+    );
     let ids_before = obs.cg_stats_ids();
     assert!(ids_before.contains(&id), "cgroup {id} not in cg_stats");
     drop(cg);
     let cgroup_gone = util::wait_for(Duration::from_secs(2), || {
-        (!resolver.mounts.v2.as_ref().unwrap().join(format!(
-            "livehost-test-{}-gone",
-            std::process::id()
-        ))
-        .exists())
+        (!resolver
+            .mounts
+            .v2
+            .as_ref()
+            .unwrap()
+            .join(format!("livehost-test-{}-gone", std::process::id()))
+            .exists())
         .then_some(())
     });
     assert!(cgroup_gone.is_some(), "rmdir failed");
