@@ -1653,3 +1653,50 @@ fn load_installed_stops_when_the_budget_is_spent() {
         assert!(why.contains("--budget of 0.15s"), "{why}");
     }
 }
+
+/// `--force` whose `force` write the kernel refuses while the patch is
+/// still in transition: outcome `force-failed`, exit 8, in the JSON report
+/// and the journal; the loaded record is not marked forced. Refused
+/// because the transition finished first: a plain `loaded`, exit 0.
+#[test]
+fn force_write_refused_mid_transition_is_exit_8_and_journalled() {
+    use hotpatch::Outcome;
+    use hotpatch::load::{LoadOptions, after_stall};
+    use hotpatch::testelf::ModuleSpec;
+    use livehost_common::progress::Progress;
+    use std::time::Duration;
+    let (d, paths) = tree();
+    // A directory: every write to `force` fails, as the kernel's EINVAL.
+    mkdir(d.path(), "sys/kernel/livepatch/hp_b/force");
+    let f = d.path().join("hp_b.ko");
+    std::fs::write(&f, ModuleSpec::simple("hp_b").build().bytes).unwrap();
+    let opts = LoadOptions {
+        force: true,
+        timeout: Duration::from_millis(200),
+        poll: Duration::from_millis(5),
+        ..LoadOptions::default()
+    };
+    let quiet = Progress::silent();
+    let r = after_stall(&paths, &f, &opts, &quiet, Duration::from_secs(1)).unwrap();
+    assert_eq!(r.outcome, Outcome::ForceFailed, "{r:?}");
+    assert_eq!(r.outcome.exit_code(), 8);
+    let v = serde_json::to_value(&r).unwrap();
+    assert_eq!(v["outcome"], "force-failed", "{v}");
+    assert_eq!(v["stalled_tasks"][0]["pid"], 100, "{v}");
+    assert!(
+        r.messages.iter().any(|m| m.contains("--force failed")),
+        "{r:?}"
+    );
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    let e = j.last().unwrap();
+    assert_eq!(e.module.as_deref(), Some("hp_b"));
+    assert_eq!(e.op, JournalOp::Load);
+    assert_eq!(e.result, JournalResult::ForceFailed);
+    // The kernel finished first: nothing was forced.
+    write(d.path(), "sys/kernel/livepatch/hp_b/transition", "0\n");
+    let r = after_stall(&paths, &f, &opts, &quiet, Duration::from_secs(1)).unwrap();
+    assert_eq!(r.outcome, Outcome::Loaded, "{r:?}");
+    assert_eq!(r.outcome.exit_code(), 0);
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    assert_eq!(j.last().unwrap().result, JournalResult::Ok);
+}
