@@ -131,8 +131,10 @@ pub fn load_installed(
         } else if let Some(why) = &not_this_build {
             skip(why.clone())
         } else if left.is_some_and(|l| l.is_zero()) {
+            // The budget as given (`{}`, not rounded): a 0.5 s budget
+            // must not read as "0s".
             skip(format!(
-                "the run's --budget of {:.0}s is spent; not loaded",
+                "the run's --budget of {}s is spent; not loaded",
                 opts.budget.unwrap_or_default().as_secs_f64()
             ))
         } else if let Some(why) = stacked_on_missing(&missing, &funcs) {

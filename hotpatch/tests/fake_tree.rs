@@ -1567,3 +1567,136 @@ fn status_prometheus_textfile_is_scraped_by_prometheus() {
     let hp_b = got.split("\"patch\":\"hp_b\"").nth(1).unwrap();
     assert!(hp_b.contains(",\"1\"]"), "{got}");
 }
+
+/// `load --installed --budget`: once the run's budget is spent, no further
+/// module is loaded; each one left is skipped (journalled as refused, with
+/// the reason naming the budget as given) and the run exits 3 (README:
+/// "modules not started when it is spent are skipped (exit 3)"). The first
+/// module here is already loaded (exit 0 on its own) and `on_each` holds
+/// the loop past the budget after it, as a slow first transition would: the
+/// exit code 3 comes from the budget alone.
+#[test]
+fn load_installed_stops_when_the_budget_is_spent() {
+    use hotpatch::InstalledResult;
+    use hotpatch::load::LoadOptions;
+    use hotpatch::testelf::ModuleSpec;
+    use livehost_common::progress::Progress;
+    use std::time::Duration;
+    let (d, paths) = tree();
+    let put = |name: &str| {
+        let bytes = ModuleSpec::simple(name).build().bytes;
+        let f = d.path().join(format!("{name}.ko"));
+        std::fs::write(&f, &bytes).unwrap();
+        let sha = hotpatch::module::sha256_hex(&bytes);
+        hotpatch::state::install(&paths, REL, name, &sha, &f).unwrap();
+        sha
+    };
+    let sha_a = put("hp_a");
+    put("hp_t");
+    put("hp_c");
+    hotpatch::state::save_loaded(
+        &paths,
+        &hotpatch::state::LoadedRecord {
+            name: "hp_a".into(),
+            sha256: sha_a,
+            path: "/x/hp_a.ko".into(),
+            replace: Some(false),
+            loaded_unix_ms: 0,
+            forced: false,
+            boot_id: None,
+            meta: Default::default(),
+            module_build_id: None,
+        },
+    )
+    .unwrap();
+    let budget = Duration::from_millis(150);
+    let opts = LoadOptions {
+        budget: Some(budget),
+        ..LoadOptions::default()
+    };
+    let mut seen = 0;
+    let run = hotpatch::boot::load_installed(&paths, &opts, &Progress::silent(), |_| {
+        seen += 1;
+        if seen == 1 {
+            // The first module's "transition" outlasts the whole budget.
+            std::thread::sleep(budget * 2);
+        }
+    })
+    .unwrap();
+    assert_eq!(run.results.len(), 3, "{run:?}");
+    assert_eq!(seen, 3, "each result is reported as it happens");
+    assert!(
+        matches!(&run.results[0], InstalledResult::AlreadyLoaded { module, .. } if module == "hp_a"),
+        "{run:?}"
+    );
+    for (r, name) in run.results[1..].iter().zip(["hp_t", "hp_c"]) {
+        match r {
+            InstalledResult::Skipped { module, skipped } => {
+                assert_eq!(module, name);
+                assert_eq!(skipped, "the run's --budget of 0.15s is spent; not loaded");
+            }
+            other => panic!("{name} should be skipped for the budget: {other:?}"),
+        }
+    }
+    assert_eq!(run.exit_code(), 3);
+    // Each skipped one is journalled once, as refused, and never begun.
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    for name in ["hp_t", "hp_c"] {
+        let e: Vec<_> = j
+            .iter()
+            .filter(|e| e.module.as_deref() == Some(name))
+            .collect();
+        assert_eq!(e.len(), 1, "{name}: {e:?}");
+        assert_eq!(e[0].op, JournalOp::Load);
+        assert_eq!(e[0].result, JournalResult::Refused);
+        let why = e[0].detail["reasons"][0].as_str().unwrap();
+        assert!(why.contains("--budget of 0.15s"), "{why}");
+    }
+}
+
+/// `--force` whose `force` write the kernel refuses while the patch is
+/// still in transition: outcome `force-failed`, exit 8, in the JSON report
+/// and the journal; the loaded record is not marked forced. Refused
+/// because the transition finished first: a plain `loaded`, exit 0.
+#[test]
+fn force_write_refused_mid_transition_is_exit_8_and_journalled() {
+    use hotpatch::Outcome;
+    use hotpatch::load::{LoadOptions, after_stall};
+    use hotpatch::testelf::ModuleSpec;
+    use livehost_common::progress::Progress;
+    use std::time::Duration;
+    let (d, paths) = tree();
+    // A directory: every write to `force` fails, as the kernel's EINVAL.
+    mkdir(d.path(), "sys/kernel/livepatch/hp_b/force");
+    let f = d.path().join("hp_b.ko");
+    std::fs::write(&f, ModuleSpec::simple("hp_b").build().bytes).unwrap();
+    let opts = LoadOptions {
+        force: true,
+        timeout: Duration::from_millis(200),
+        poll: Duration::from_millis(5),
+        ..LoadOptions::default()
+    };
+    let quiet = Progress::silent();
+    let r = after_stall(&paths, &f, &opts, &quiet, Duration::from_secs(1)).unwrap();
+    assert_eq!(r.outcome, Outcome::ForceFailed, "{r:?}");
+    assert_eq!(r.outcome.exit_code(), 8);
+    let v = serde_json::to_value(&r).unwrap();
+    assert_eq!(v["outcome"], "force-failed", "{v}");
+    assert_eq!(v["stalled_tasks"][0]["pid"], 100, "{v}");
+    assert!(
+        r.messages.iter().any(|m| m.contains("--force failed")),
+        "{r:?}"
+    );
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    let e = j.last().unwrap();
+    assert_eq!(e.module.as_deref(), Some("hp_b"));
+    assert_eq!(e.op, JournalOp::Load);
+    assert_eq!(e.result, JournalResult::ForceFailed);
+    // The kernel finished first: nothing was forced.
+    write(d.path(), "sys/kernel/livepatch/hp_b/transition", "0\n");
+    let r = after_stall(&paths, &f, &opts, &quiet, Duration::from_secs(1)).unwrap();
+    assert_eq!(r.outcome, Outcome::Loaded, "{r:?}");
+    assert_eq!(r.outcome.exit_code(), 0);
+    let j = hotpatch::state::read_journal(&paths).unwrap();
+    assert_eq!(j.last().unwrap().result, JournalResult::Ok);
+}

@@ -263,6 +263,31 @@ fn load_watched(
     }
 }
 
+/// What `load` does once the transition of `file`'s module, already
+/// inserted, did not finish within `waited`: force it (`--force`), leave
+/// it, or roll it back, journalled. Public so the fake-tree tests drive
+/// this decision against a fake /sys, where no finit_module can run.
+pub fn after_stall(
+    paths: &Paths,
+    file: &Path,
+    opts: &LoadOptions,
+    progress: &Progress,
+    waited: Duration,
+) -> Result<LoadReport> {
+    let info = module::inspect_file(file)?;
+    let mut report = LoadReport::new(file, &info, check::preflight(paths, &info));
+    let l = Loading {
+        paths,
+        opts,
+        progress,
+        name: info.name.clone().context("module has no name")?,
+        sha256: info.sha256.clone(),
+        meta: info.meta(),
+    };
+    report.outcome = Outcome::Stalled;
+    Ok(stall::handle(&l, report, waited, None))
+}
+
 /// The preflight, plus (for `load --installed`) the check that the file is
 /// still the one that was installed.
 fn vetted_preflight(
