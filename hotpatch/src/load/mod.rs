@@ -222,14 +222,7 @@ fn load_watched(
         report.messages.extend(warnings);
         return Ok(report);
     }
-    let l = Loading {
-        paths,
-        opts,
-        progress,
-        name: info.name.clone().context("module has no name")?,
-        sha256: info.sha256.clone(),
-        meta: info.meta(),
-    };
+    let l = Loading::new(paths, opts, progress, &info)?;
     let before: BTreeSet<String> = paths.patches().into_iter().map(|p| p.name).collect();
     let probe = opts
         .measure
@@ -276,14 +269,7 @@ pub fn after_stall(
 ) -> Result<LoadReport> {
     let info = module::inspect_file(file)?;
     let mut report = LoadReport::new(file, &info, check::preflight(paths, &info));
-    let l = Loading {
-        paths,
-        opts,
-        progress,
-        name: info.name.clone().context("module has no name")?,
-        sha256: info.sha256.clone(),
-        meta: info.meta(),
-    };
+    let l = Loading::new(paths, opts, progress, &info)?;
     report.outcome = Outcome::Stalled;
     Ok(stall::handle(&l, report, waited, None))
 }
@@ -326,7 +312,23 @@ struct Loading<'a> {
     meta: crate::module::PatchMeta,
 }
 
-impl Loading<'_> {
+impl<'a> Loading<'a> {
+    fn new(
+        paths: &'a Paths,
+        opts: &'a LoadOptions,
+        progress: &'a Progress,
+        info: &ModuleInfo,
+    ) -> Result<Loading<'a>> {
+        Ok(Loading {
+            paths,
+            opts,
+            progress,
+            name: info.name.clone().context("module has no name")?,
+            sha256: info.sha256.clone(),
+            meta: info.meta(),
+        })
+    }
+
     /// Journal an outcome of this load under the patch's name and hash;
     /// returns the warning to show if the journal could not be written.
     fn journal(
