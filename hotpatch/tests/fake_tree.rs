@@ -135,6 +135,22 @@ fn gnu_notes(id: &[u8]) -> Vec<u8> {
     n
 }
 
+/// A load record as hotpatch writes one for `name`, loaded from `path`
+/// with hash `sha256` (no replace, not forced, no boot or build id).
+fn loaded(name: &str, sha256: String, path: &str) -> hotpatch::state::LoadedRecord {
+    hotpatch::state::LoadedRecord {
+        name: name.into(),
+        sha256,
+        path: path.into(),
+        replace: Some(false),
+        loaded_unix_ms: 0,
+        forced: false,
+        boot_id: None,
+        meta: Default::default(),
+        module_build_id: None,
+    }
+}
+
 fn check_of(p: &check::Preflight, id: CheckId) -> &check::Check {
     p.check(id)
         .unwrap_or_else(|| panic!("no check {id}: {p:?}"))
@@ -587,21 +603,7 @@ fn load_installed_refuses_a_changed_file() {
     let sha_a = put("hp_a");
     put("hp_c");
     // hp_a is loaded from the same file: recorded by hotpatch, registered.
-    hotpatch::state::save_loaded(
-        &paths,
-        &hotpatch::state::LoadedRecord {
-            name: "hp_a".into(),
-            sha256: sha_a,
-            path: "/x/hp_a.ko".into(),
-            replace: Some(false),
-            loaded_unix_ms: 0,
-            forced: false,
-            boot_id: None,
-            meta: Default::default(),
-            module_build_id: None,
-        },
-    )
-    .unwrap();
+    hotpatch::state::save_loaded(&paths, &loaded("hp_a", sha_a, "/x/hp_a.ko")).unwrap();
     // Someone changes the installed hp_t after install.
     let sha_t = hotpatch::state::read_manifest(&paths, REL).unwrap().modules[0]
         .sha256
@@ -935,17 +937,11 @@ fn enable_waits_or_says_what_to_run() {
     std::fs::write(&f, b"now").unwrap();
     hotpatch::state::save_loaded(
         &paths,
-        &hotpatch::state::LoadedRecord {
-            name: "hp_old".into(),
-            sha256: hotpatch::module::sha256_hex(b"then"),
-            path: f.display().to_string(),
-            replace: Some(false),
-            loaded_unix_ms: 0,
-            forced: false,
-            boot_id: None,
-            meta: Default::default(),
-            module_build_id: None,
-        },
+        &loaded(
+            "hp_old",
+            hotpatch::module::sha256_hex(b"then"),
+            &f.display().to_string(),
+        ),
     )
     .unwrap();
     let e = format!("{:#}", enable("hp_old", 1).unwrap_err());
@@ -1144,15 +1140,8 @@ fn status_says_whether_the_host_matches_its_installed_set() {
     let sha = hotpatch::module::sha256_hex(&bytes);
     hotpatch::state::install(&paths, REL, "hp_a", &sha, &f).unwrap();
     let rec = hotpatch::state::LoadedRecord {
-        name: "hp_a".into(),
-        sha256: sha.clone(),
-        path: f.display().to_string(),
-        replace: Some(false),
-        loaded_unix_ms: 0,
-        forced: false,
-        boot_id: None,
-        meta: Default::default(),
         module_build_id: Some("deadbeef".into()),
+        ..loaded("hp_a", sha.clone(), &f.display().to_string())
     };
     hotpatch::state::save_loaded(&paths, &rec).unwrap();
     // The loaded hp_a is the module the record describes (same build id).
@@ -1594,21 +1583,7 @@ fn load_installed_stops_when_the_budget_is_spent() {
     let sha_a = put("hp_a");
     put("hp_t");
     put("hp_c");
-    hotpatch::state::save_loaded(
-        &paths,
-        &hotpatch::state::LoadedRecord {
-            name: "hp_a".into(),
-            sha256: sha_a,
-            path: "/x/hp_a.ko".into(),
-            replace: Some(false),
-            loaded_unix_ms: 0,
-            forced: false,
-            boot_id: None,
-            meta: Default::default(),
-            module_build_id: None,
-        },
-    )
-    .unwrap();
+    hotpatch::state::save_loaded(&paths, &loaded("hp_a", sha_a, "/x/hp_a.ko")).unwrap();
     let budget = Duration::from_millis(150);
     let opts = LoadOptions {
         budget: Some(budget),
